@@ -1,0 +1,3 @@
+//! Subcommands: one file each, each with its clap `Args` and a `run` function.
+
+pub mod score;

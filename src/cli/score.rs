@@ -1,0 +1,54 @@
+//! `unlearn score`: per-sample teacher-forced NLL of a dataset under a model.
+
+use std::path::PathBuf;
+
+use crate::data::{read_records, tokenize_all, Overflow, Tokenizer};
+use crate::eval::metrics::MinKRounding;
+use crate::eval::score::{summarize, token_logprobs, write_scores};
+use crate::model::{load_model, parse_device, parse_kind};
+use crate::Result;
+
+#[derive(clap::Args, Debug)]
+pub struct ScoreArgs {
+    /// HF model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Dataset file: JSON array, JSON arrays per line or JSON lines; QA or text records.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output JSON lines, one per sample: index, tokens, nll, sum_nll, min_k_40.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Truncate each sample to this many tokens.
+    #[arg(long, default_value_t = 512)]
+    pub max_len: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Compute dtype: fp32 or bf16.
+    #[arg(long, default_value = "fp32")]
+    pub dtype: String,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Score only the first N samples.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+pub fn run(args: &ScoreArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let loaded = load_model(&args.model, parse_kind(&args.dtype)?, device)?;
+    let tok = Tokenizer::from_model_dir(&args.model, &loaded.config)?;
+    let mut records = read_records(&args.data)?;
+    if let Some(n) = args.limit {
+        records.truncate(n);
+    }
+    let examples = tokenize_all(&tok, &records, args.max_len, Overflow::Truncate)
+        .map_err(|e| crate::other!("{}: {e}", args.data.display()))?;
+    let lps = token_logprobs(&loaded.model, &examples, tok.pad_id(), args.batch_size, "score");
+    let scores: Vec<_> = lps.iter().enumerate().map(|(i, lp)| summarize(i, lp, MinKRounding::Floor)).collect();
+    write_scores(&args.out, &scores)?;
+    let mean = scores.iter().map(|s| s.nll).sum::<f64>() / scores.len() as f64;
+    tracing::info!("scored {} samples, mean NLL {mean:.4} -> {}", scores.len(), args.out.display());
+    Ok(())
+}

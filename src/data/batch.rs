@@ -1,0 +1,148 @@
+//! Records → token examples → padded batches. The one place that decides which tokens are
+//! targets, shared by training, `score` and evaluation so that they can never disagree.
+//!
+//! QA records are formatted as `"Question: {q}\nAnswer:"` followed by `" {a}"` and EOS; the prompt
+//! is tokenized with the tokenizer's specials (BOS for Llama), the answer without, and only the
+//! answer tokens (EOS included) are targets. Text records are tokenized with specials and every
+//! token after the first is a target.
+
+use tch::{Device, Kind, Tensor};
+
+use super::formats::Record;
+use super::tokenizer::Tokenizer;
+use crate::error::Result;
+
+/// The plain QA prompt format (the one TOFU used for Phi-1.5).
+pub fn qa_prompt(question: &str) -> String {
+    format!("Question: {question}\nAnswer:")
+}
+
+/// The answer continuation that follows [`qa_prompt`].
+pub fn qa_answer(answer: &str) -> String {
+    format!(" {answer}")
+}
+
+/// A tokenized sample: `ids[n_context..]` are the targets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub ids: Vec<i64>,
+    /// Leading tokens that are context only (the prompt, or the first token of a text).
+    pub n_context: usize,
+}
+
+impl Example {
+    pub fn n_targets(&self) -> usize {
+        self.ids.len().saturating_sub(self.n_context.max(1))
+    }
+}
+
+/// How long text is handled when it exceeds `max_len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Keep the first `max_len` tokens (MUSE-News forget set in the mean-teacher recipe).
+    Truncate,
+    /// Split into consecutive `max_len`-token chunks (MUSE-Books, pretraining text).
+    Chunk,
+}
+
+/// Tokenize one record. QA answers are cut at `max_len` total tokens; a prompt that leaves no room
+/// for any answer token is an error naming the record.
+pub fn tokenize(tok: &Tokenizer, rec: &Record, max_len: usize, overflow: Overflow) -> Result<Vec<Example>> {
+    match rec {
+        Record::Qa { question, answer } => {
+            let mut ids = tok.encode(&qa_prompt(question), true)?;
+            let n_context = ids.len();
+            ids.extend(tok.encode(&qa_answer(answer), false)?);
+            ids.push(tok.eos_id()?);
+            if n_context >= max_len {
+                return Err(crate::other!(
+                    "a question is {n_context} tokens, which leaves no answer token within max_len {max_len}: {question:?}"
+                ));
+            }
+            ids.truncate(max_len);
+            Ok(vec![Example { ids, n_context }])
+        }
+        Record::Text(text) => {
+            let ids = tok.encode(text, true)?;
+            if ids.len() < 2 {
+                return Ok(vec![]);
+            }
+            Ok(match overflow {
+                Overflow::Truncate => vec![Example { ids: ids[..ids.len().min(max_len)].to_vec(), n_context: 1 }],
+                Overflow::Chunk => ids
+                    .chunks(max_len)
+                    .filter(|c| c.len() >= 2)
+                    .map(|c| Example { ids: c.to_vec(), n_context: 1 })
+                    .collect(),
+            })
+        }
+    }
+}
+
+/// Tokenize a list of records (flattening chunks), failing with the index of a bad record.
+pub fn tokenize_all(tok: &Tokenizer, records: &[Record], max_len: usize, overflow: Overflow) -> Result<Vec<Example>> {
+    let mut out = Vec::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        let ex = tokenize(tok, r, max_len, overflow).map_err(|e| crate::other!("record {i}: {e}"))?;
+        out.extend(ex);
+    }
+    Ok(out)
+}
+
+/// A right-padded batch on a device.
+pub struct Batch {
+    /// `[b, t]` int64 token ids, padding = pad id.
+    pub input_ids: Tensor,
+    /// `[b, t]` int64, 1 for real tokens.
+    pub attention_mask: Tensor,
+    /// `[b, t-1]` float, 1 where `input_ids[:, j+1]` is a target predicted at position j.
+    pub target_mask: Tensor,
+    /// Number of target tokens in the batch.
+    pub n_targets: i64,
+}
+
+impl Batch {
+    pub fn size(&self) -> i64 {
+        self.input_ids.size()[0]
+    }
+
+    /// Targets `[b, t-1]`: the input ids shifted left by one.
+    pub fn targets(&self) -> Tensor {
+        let t = self.input_ids.size()[1];
+        self.input_ids.narrow(1, 1, t - 1)
+    }
+}
+
+/// Right-pad examples into a batch (padding at the end, so positions 0..len are the natural ones
+/// and transformers' default position ids agree).
+pub fn collate(examples: &[&Example], pad_id: i64, device: Device) -> Batch {
+    let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(2).max(2);
+    let b = examples.len();
+    let mut ids = vec![pad_id; b * t];
+    let mut mask = vec![0i64; b * t];
+    let mut targets = vec![0f32; b * (t - 1)];
+    let mut n_targets = 0i64;
+    for (r, e) in examples.iter().enumerate() {
+        ids[r * t..r * t + e.ids.len()].copy_from_slice(&e.ids);
+        mask[r * t..r * t + e.ids.len()].fill(1);
+        for j in e.n_context.max(1)..e.ids.len() {
+            targets[r * (t - 1) + j - 1] = 1.0;
+            n_targets += 1;
+        }
+    }
+    let shape = [b as i64, t as i64];
+    Batch {
+        input_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
+        attention_mask: Tensor::from_slice(&mask).view(shape).to_device(device),
+        target_mask: Tensor::from_slice(&targets).view([b as i64, t as i64 - 1]).to_device(device),
+        n_targets,
+    }
+}
+
+/// Per-token log-probability of each target, `[b, t-1]` fp32 (zero where not a target).
+/// Computed in fp32 whatever the model dtype, as the reference losses do.
+pub fn target_logprobs(logits_btv: &Tensor, batch: &Batch) -> Tensor {
+    let t = logits_btv.size()[1];
+    let lp = logits_btv.narrow(1, 0, t - 1).log_softmax(-1, Kind::Float);
+    lp.gather(-1, &batch.targets().unsqueeze(-1), false).squeeze_dim(-1) * &batch.target_mask
+}

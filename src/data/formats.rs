@@ -1,0 +1,97 @@
+//! Dataset files → records. Understands the layouts found in TOFU and MUSE:
+//! a JSON array; several JSON arrays, one per line (TOFU `full.json`, `retainNN.json`); JSON lines;
+//! elements that are strings (MUSE raw text) or objects with `question`/`answer`,
+//! `prompt`/`response` (TOFU `forgetXX.json`), `prompt`/`gt` (MUSE VerbMem) or `text`.
+//! A `.txt` file is plain text: documents separated by blank lines.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{Error, IoContext, Result};
+
+/// One training or scoring sample.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    /// A question and its answer; losses and scores use the answer tokens only.
+    Qa { question: String, answer: String },
+    /// Raw text; every token after the first is a target.
+    Text(String),
+}
+
+/// Read all records of a dataset file.
+pub fn read_records(path: &Path) -> Result<Vec<Record>> {
+    let values = read_json_values(path)?;
+    let records = values.iter().enumerate().map(|(i, v)| to_record(v, path, i)).collect::<Result<Vec<_>>>()?;
+    if records.is_empty() {
+        return Err(Error::format(path, "contains no records"));
+    }
+    Ok(records)
+}
+
+/// The JSON elements of a file: one array, one array per line, or JSON lines (flattened).
+/// `.txt` files become one string element per blank-line-separated document.
+pub fn read_json_values(path: &Path) -> Result<Vec<Value>> {
+    if !path.exists() {
+        return Err(Error::format(path, "file not found"));
+    }
+    let text = std::fs::read_to_string(path).at(path)?;
+    if text.trim().is_empty() {
+        return Err(Error::format(path, "file is empty"));
+    }
+    if path.extension().is_some_and(|e| e == "txt") {
+        let docs: Vec<Value> = text
+            .split("\n\n")
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(|d| Value::String(d.to_string()))
+            .collect();
+        return Ok(docs);
+    }
+    if let Ok(v) = serde_json::from_str::<Value>(&text) {
+        return Ok(flatten(v));
+    }
+    let mut out = vec![];
+    for (lineno, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line).map_err(|e| {
+            Error::format(path, format!("line {}: not JSON ({e}); expected a JSON array or JSON lines", lineno + 1))
+        })?;
+        out.extend(flatten(v));
+    }
+    Ok(out)
+}
+
+fn flatten(v: Value) -> Vec<Value> {
+    match v {
+        Value::Array(items) => items,
+        other => vec![other],
+    }
+}
+
+fn to_record(v: &Value, path: &Path, i: usize) -> Result<Record> {
+    match v {
+        Value::String(s) => Ok(Record::Text(s.clone())),
+        Value::Object(obj) => {
+            let s = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_string);
+            for (qk, ak) in [("question", "answer"), ("prompt", "response"), ("prompt", "gt")] {
+                if let (Some(question), Some(answer)) = (s(qk), s(ak)) {
+                    return Ok(Record::Qa { question, answer });
+                }
+            }
+            if let Some(text) = s("text") {
+                return Ok(Record::Text(text));
+            }
+            let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+            Err(Error::format(
+                path,
+                format!(
+                    "record {i}: keys {keys:?} are not a known layout (expected question/answer, prompt/response, prompt/gt or text)"
+                ),
+            ))
+        }
+        other => Err(Error::format(path, format!("record {i}: expected a string or an object, found {other}"))),
+    }
+}

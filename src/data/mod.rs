@@ -1,0 +1,9 @@
+//! Data: dataset files to records, tokenization, batching and loaders.
+
+pub mod batch;
+pub mod formats;
+pub mod tokenizer;
+
+pub use batch::{collate, tokenize, tokenize_all, Batch, Example, Overflow};
+pub use formats::{read_records, Record};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,100 @@
+//! `tokenizer.json` through the `tokenizers` crate (SentencePiece-style Llama-2 and byte-level BPE
+//! Llama-3/SmolLM2 tokenizers alike), plus the special-token ids the trainer needs.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::model::Config;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+    eos_id: Option<i64>,
+    pad_id: i64,
+}
+
+impl Tokenizer {
+    /// Load `dir/tokenizer.json` and check it fits the model's embedding table.
+    pub fn from_model_dir(dir: &Path, cfg: &Config) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::format(dir, "no tokenizer.json in this directory"));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
+        let n = inner.get_vocab_size(true) as i64;
+        if n > cfg.vocab_size {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "tokenizer has {n} tokens but config.json says vocab_size {}: tokenizer and model do not belong together",
+                    cfg.vocab_size
+                ),
+            ));
+        }
+        let named = |key: &str| -> Option<i64> {
+            let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+            let v: Value = serde_json::from_str(&text).ok()?;
+            let tok = match v.get(key)? {
+                Value::String(s) => s.clone(),
+                Value::Object(o) => o.get("content")?.as_str()?.to_string(),
+                _ => return None,
+            };
+            inner.token_to_id(&tok).map(i64::from)
+        };
+        let eos_id = cfg.eos_token_ids.first().copied().or_else(|| named("eos_token"));
+        let pad_id = cfg.pad_token_id.or_else(|| named("pad_token")).or(eos_id).unwrap_or(0);
+        Ok(Tokenizer { inner, path, eos_id, pad_id })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Token ids of `text`; `special` adds the tokenizer's own specials (e.g. Llama's BOS),
+    /// as `tokenizer(text)` does in transformers.
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<i64>> {
+        let enc = self
+            .inner
+            .encode(text, special)
+            .map_err(|e| Error::format(&self.path, format!("cannot encode text: {e}")))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    pub fn decode(&self, ids: &[i64], skip_special: bool) -> Result<String> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        self.inner
+            .decode(&ids, skip_special)
+            .map_err(|e| Error::format(&self.path, format!("cannot decode ids: {e}")))
+    }
+
+    /// End-of-sequence id: `eos_token_id` of config.json, else `eos_token` of tokenizer_config.json.
+    pub fn eos_id(&self) -> Result<i64> {
+        self.eos_id
+            .ok_or_else(|| Error::format(&self.path, "no eos_token_id in config.json nor eos_token in tokenizer_config.json"))
+    }
+
+    /// Padding id (pad token if any, else EOS, as the reference trainers do).
+    pub fn pad_id(&self) -> i64 {
+        self.pad_id
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// A fingerprint of the vocabulary, to detect two models with different tokenizers.
+    pub fn vocab_fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut vocab: Vec<(String, u32)> = self.inner.get_vocab(true).into_iter().collect();
+        vocab.sort_by_key(|(_, id)| *id);
+        let mut h = Sha256::new();
+        for (tok, id) in vocab {
+            h.update(id.to_le_bytes());
+            h.update(tok.as_bytes());
+        }
+        format!("{:x}", h.finalize())
+    }
+}

@@ -1,0 +1,4 @@
+//! Evaluation: scoring, MUSE and TOFU metrics, reports.
+
+pub mod metrics;
+pub mod score;

@@ -1,0 +1,76 @@
+//! Teacher-forced per-sample scoring: the token log-probabilities of each example's targets.
+//! Backs `unlearn score`, MUSE PrivLeak and the TOFU probabilities.
+
+use std::path::Path;
+
+use tch::Tensor;
+
+use crate::data::batch::{collate, target_logprobs, Example};
+use crate::error::Result;
+use crate::eval::metrics::{min_k_score, MinKRounding};
+use crate::model::Llama;
+use crate::progress::Progress;
+
+/// Target-token log-probabilities for every example, in input order. Examples are batched by
+/// length (fewer pad tokens) and run under `no_grad`.
+pub fn token_logprobs(model: &Llama, examples: &[Example], pad_id: i64, batch_size: usize, label: &str) -> Vec<Vec<f64>> {
+    let _guard = tch::no_grad_guard();
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].ids.len()));
+    let mut out = vec![vec![]; examples.len()];
+    let bar = Progress::new(examples.len() as u64, label);
+    for chunk in order.chunks(batch_size.max(1)) {
+        let exs: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
+        let batch = collate(&exs, pad_id, model.device());
+        let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask), None);
+        let lp = target_logprobs(&logits, &batch).to_device(tch::Device::Cpu).to_kind(tch::Kind::Double);
+        for (row, &i) in chunk.iter().enumerate() {
+            let ex = &examples[i];
+            let first = ex.n_context.max(1);
+            let vals = lp.get(row as i64).narrow(0, first as i64 - 1, (ex.ids.len() - first) as i64);
+            out[i] = Vec::<f64>::try_from(&vals.contiguous()).expect("f64 tensor to vec");
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish();
+    out
+}
+
+/// One line of `unlearn score` output.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SampleScore {
+    pub index: usize,
+    /// Number of scored (target) tokens.
+    pub tokens: usize,
+    /// Mean negative log-likelihood per scored token.
+    pub nll: f64,
+    pub sum_nll: f64,
+    /// MUSE's Min-40% score (`None` when the sample is too short for any token to be selected).
+    pub min_k_40: Option<f64>,
+}
+
+pub fn summarize(index: usize, logprobs: &[f64], rounding: MinKRounding) -> SampleScore {
+    let sum_nll: f64 = -logprobs.iter().sum::<f64>();
+    SampleScore {
+        index,
+        tokens: logprobs.len(),
+        nll: sum_nll / logprobs.len().max(1) as f64,
+        sum_nll,
+        min_k_40: min_k_score(logprobs, 0.4, rounding),
+    }
+}
+
+/// Write scores as JSON lines, atomically.
+pub fn write_scores(path: &Path, scores: &[SampleScore]) -> Result<()> {
+    let mut text = String::new();
+    for s in scores {
+        text.push_str(&serde_json::to_string(s).expect("scores serialize"));
+        text.push('\n');
+    }
+    crate::model::weights::write_atomic(path, text.as_bytes())
+}
+
+/// Mean of a tensor's values as f64 (helper for logging).
+pub fn mean_f64(t: &Tensor) -> f64 {
+    t.mean(tch::Kind::Double).double_value(&[])
+}

@@ -1,0 +1,16 @@
+//! `unlearn`: make a Llama-family language model forget a chosen forget set while keeping what it
+//! should know, data-parallel across MPI ranks, and ship the result as a verified ONNX artifact.
+//!
+//! Layout (see ARCHITECTURE.md): `model` knows nothing of ranks or methods; `methods` turn
+//! forget/retain batches into gradients and know nothing of reduction; `dist` moves flat buffers and
+//! knows nothing of methods; `train` is where the three meet.
+
+pub mod cli;
+pub mod data;
+pub mod dist;
+pub mod error;
+pub mod eval;
+pub mod model;
+pub mod progress;
+
+pub use error::{Error, Result};
