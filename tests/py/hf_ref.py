@@ -181,6 +181,28 @@ def cmd_score(a):
             f.write(json.dumps(o) + "\n")
 
 
+def cmd_generate(a):
+    """Greedy generate() for each prompt separately (no padding)."""
+    model = load(a.model, "fp32")
+    with open(a.prompts) as f:
+        prompts = json.load(f)
+    eos = model.config.eos_token_id
+    out = []
+    for p in prompts:
+        with torch.no_grad():
+            g = model.generate(torch.tensor([p]), max_new_tokens=a.max_new_tokens, do_sample=False,
+                               eos_token_id=eos, pad_token_id=eos)
+        new = g[0, len(p):].tolist()
+        eos_list = eos if isinstance(eos, list) else [eos]
+        for i, t in enumerate(new):
+            if t in eos_list:
+                new = new[:i]
+                break
+        out.append(new)
+    with open(a.out, "w") as f:
+        json.dump(out, f)
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -211,6 +233,12 @@ def main():
     sc.add_argument("--max-len", type=int, default=512)
     sc.add_argument("--limit", type=int, default=None)
     sc.set_defaults(f=cmd_score)
+    ge = sub.add_parser("generate")
+    ge.add_argument("--model", required=True)
+    ge.add_argument("--prompts", required=True)
+    ge.add_argument("--out", required=True)
+    ge.add_argument("--max-new-tokens", type=int, default=20)
+    ge.set_defaults(f=cmd_generate)
     a = p.parse_args()
     a.f(a)
 
