@@ -24,6 +24,8 @@ enum LogFormat {
 enum Command {
     /// Per-sample teacher-forced NLL of a dataset (JSON lines out).
     Score(cli::score::ScoreArgs),
+    /// Import a llama.cpp GGUF model into an HF model directory (f32 weights, tokenizer.json).
+    ImportGguf(cli::import_gguf::ImportGgufArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -41,6 +43,7 @@ fn main() {
     init_logging(args.log_format);
     let result = match &args.command {
         Command::Score(a) => cli::score::run(a),
+        Command::ImportGguf(a) => cli::import_gguf::run(a),
     };
     if let Err(e) = result {
         tracing::error!("{e}");

@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod formats;
+pub mod gguf_tokenizer;
 pub mod tokenizer;
 
 pub use batch::{collate, tokenize, tokenize_all, Batch, Example, Overflow};
