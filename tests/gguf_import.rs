@@ -285,20 +285,25 @@ fn truncated_gguf_is_rejected() {
     }
 }
 
-#[test]
-fn unsupported_tensor_type_is_rejected() {
+/// A tiny GGUF made by gguf-py's GGUFWriter with `make-gguf` options `opts`, in its own tempdir.
+fn crafted_gguf(name: &str, opts: &[&str]) -> (tempfile::TempDir, PathBuf) {
     let _g = heavy();
     let tmp = tempfile::tempdir().unwrap();
-    let bad = tmp.path().join("q5k.gguf");
-    run_py("gguf_ref.py", &["make-gguf", "--out", bad.to_str().unwrap(), "--bad-type", "Q5_K"]);
+    let path = tmp.path().join(name);
+    let mut args = vec!["make-gguf", "--out", path.to_str().unwrap()];
+    args.extend_from_slice(opts);
+    run_py("gguf_ref.py", &args);
+    (tmp, path)
+}
+
+#[test]
+fn unsupported_tensor_type_is_rejected() {
+    let (_tmp, bad) = crafted_gguf("q5k.gguf", &["--bad-type", "Q5_K"]);
     assert_import_fails(&bad, &["unsupported GGUF tensor type Q5_K", "blk.0.ffn_down.weight"]);
 }
 
 #[test]
 fn non_llama_architecture_is_rejected() {
-    let _g = heavy();
-    let tmp = tempfile::tempdir().unwrap();
-    let bad = tmp.path().join("qwen2.gguf");
-    run_py("gguf_ref.py", &["make-gguf", "--out", bad.to_str().unwrap(), "--arch", "qwen2"]);
+    let (_tmp, bad) = crafted_gguf("qwen2.gguf", &["--arch", "qwen2"]);
     assert_import_fails(&bad, &["unsupported GGUF architecture `qwen2`"]);
 }
