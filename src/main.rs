@@ -26,6 +26,8 @@ enum Command {
     Run(cli::run::RunArgs),
     /// Per-sample teacher-forced NLL of a dataset (JSON lines out).
     Score(cli::score::ScoreArgs),
+    /// Import a llama.cpp GGUF model into an HF model directory (f32 weights, tokenizer.json).
+    ImportGguf(cli::import_gguf::ImportGgufArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -58,6 +60,7 @@ fn main() {
     let result = match &args.command {
         Command::Run(a) => cli::run::run(a),
         Command::Score(a) => cli::score::run(a),
+        Command::ImportGguf(a) => cli::import_gguf::run(a),
     };
     if let Err(e) = result {
         if multi_rank {

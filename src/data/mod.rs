@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod formats;
+pub mod gguf_tokenizer;
 pub mod loader;
 pub mod tokenizer;
 

@@ -247,6 +247,12 @@ impl HfWriter {
         Ok(HfWriter { out: out.to_path_buf(), tmp, kind, plan, specs, current: None, finished: false })
     }
 
+    /// The temporary directory being filled, for extra files (tokenizer, generation config) that
+    /// must be published together with the weights.
+    pub fn staging_dir(&self) -> &Path {
+        &self.tmp
+    }
+
     /// The position the next tensor must have: (shard, index in shard).
     fn next_slot(&self) -> Option<(usize, usize)> {
         match &self.current {
