@@ -1,10 +1,16 @@
 //! Metric implementations with the exact semantics of the reference code (rouge_score, sklearn,
 //! scipy, MUSE, TOFU). Each is checked against the Python reference in tests/metrics.rs.
 
+pub mod means;
 pub mod mink;
 pub mod porter;
+pub mod privleak;
+pub mod roc;
 pub mod rouge;
 
+pub use means::{hmean, mean, pairwise_sum};
 pub use mink::{min_k_score, MinKRounding};
 pub use porter::PorterStemmer;
+pub use privleak::{muse_auc, privleak, AUC_RETRAIN_BOOKS, AUC_RETRAIN_NEWS};
+pub use roc::{roc_auc, roc_curve, trapezoid_area, RocCurve};
 pub use rouge::{lcs_len, rouge_l, rouge_l_tokens, RougeL, RougeScorer, RougeTokenizer};
