@@ -11,6 +11,7 @@ pub mod privleak;
 pub mod roc;
 pub mod rouge;
 mod smirnov;
+pub mod tofu;
 
 pub use ks::{ks_2samp, ks_2samp_pvalue, KsMethod, KsResult, KS_MAX_EXACT_N};
 pub use means::{hmean, mean, pairwise_sum};
