@@ -28,6 +28,10 @@ enum Command {
     Score(cli::score::ScoreArgs),
     /// Import a llama.cpp GGUF model into an HF model directory (f32 weights, tokenizer.json).
     ImportGguf(cli::import_gguf::ImportGgufArgs),
+    /// Evaluate a model on MUSE or TOFU (sharded under mpirun); report.json/.md, samples.jsonl, plots.
+    Eval(cli::eval::EvalArgs),
+    /// Compare finished evaluations (and plot training runs): report.md, comparison.json, SVGs.
+    Report(cli::report::ReportArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -61,6 +65,8 @@ fn main() {
         Command::Run(a) => cli::run::run(a),
         Command::Score(a) => cli::score::run(a),
         Command::ImportGguf(a) => cli::import_gguf::run(a),
+        Command::Eval(a) => cli::eval::run(a),
+        Command::Report(a) => cli::report::run(a),
     };
     if let Err(e) = result {
         if multi_rank {

@@ -6,6 +6,7 @@
 //! scalars (norms, losses, checksums). Gradients are SUM-reduced: every rank normalises its loss by
 //! the *global* token count of the micro-batch, so the sum is the single-process gradient.
 
+pub mod gather;
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;

@@ -21,19 +21,31 @@ pub fn token_logprobs(model: &Llama, examples: &[Example], pad_id: i64, batch_si
     let bar = Progress::new(examples.len() as u64, label);
     for chunk in order.chunks(batch_size.max(1)) {
         let exs: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
-        let batch = collate(&exs, pad_id, model.device());
-        let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask), None);
-        let lp = target_logprobs(&logits, &batch).to_device(tch::Device::Cpu).to_kind(tch::Kind::Double);
-        for (row, &i) in chunk.iter().enumerate() {
-            let ex = &examples[i];
-            let first = ex.n_context.max(1);
-            let vals = lp.get(row as i64).narrow(0, first as i64 - 1, (ex.ids.len() - first) as i64);
-            out[i] = Vec::<f64>::try_from(&vals.contiguous()).expect("f64 tensor to vec");
+        for (lp, &i) in batch_logprobs(model, &exs, pad_id).into_iter().zip(chunk) {
+            out[i] = lp;
         }
         bar.inc(chunk.len() as u64);
     }
     bar.finish();
     out
+}
+
+/// Target-token log-probabilities of one batch, exactly as given (one forward pass, no re-ordering),
+/// so that callers can fix the batch composition themselves (sharded evaluation).
+pub fn batch_logprobs(model: &Llama, examples: &[&Example], pad_id: i64) -> Vec<Vec<f64>> {
+    let _guard = tch::no_grad_guard();
+    let batch = collate(examples, pad_id, model.device());
+    let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask), None);
+    let lp = target_logprobs(&logits, &batch).to_device(tch::Device::Cpu).to_kind(tch::Kind::Double);
+    examples
+        .iter()
+        .enumerate()
+        .map(|(row, ex)| {
+            let first = ex.n_context.max(1);
+            let vals = lp.get(row as i64).narrow(0, first as i64 - 1, (ex.ids.len() - first) as i64);
+            Vec::<f64>::try_from(&vals.contiguous()).expect("f64 tensor to vec")
+        })
+        .collect()
 }
 
 /// One line of `unlearn score` output.

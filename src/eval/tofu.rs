@@ -1,0 +1,309 @@
+//! TOFU (Maini et al. 2024) evaluation with the legacy `locuslab/tofu` definitions
+//! (see `metrics::tofu`), on the four evaluation sets: the forget split's `_perturbed` file,
+//! `retain_perturbed`, `real_authors_perturbed` and `world_facts_perturbed`.
+//!
+//! Every probability is the length-normalized probability of an answer in our data pipeline's
+//! documented QA format (`data::batch::qa_prompt` with specials, then `qa_answer` + EOS as
+//! targets), the format training uses; mean NLL L over those target tokens, P = exp(-L).
+//! Generation for ROUGE starts from the same prompt (greedy, up to 200 new tokens, stop at EOS),
+//! decoded without specials; ROUGE-L recall with the Porter stemmer against the answer.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::data::{existing, read_objects, str_field, str_list_field, take};
+use super::metrics::tofu::{
+    answer_prob, forget_quality, forget_truth_ratio, mean_answer_prob, mean_normalized_true_prob, model_utility, normalized_true_prob,
+    truth_stat, utility_truth_ratio, UtilityTriple,
+};
+use super::metrics::{mean, RougeScorer};
+use super::report::{Metric, SampleRow};
+use super::shard::EvalCtx;
+use super::text::decode;
+use crate::data::batch::{qa_prompt, tokenize, Example, Overflow};
+use crate::data::Record;
+use crate::error::{Error, Result};
+
+/// The four TOFU evaluation sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetKind {
+    Forget,
+    Retain,
+    RealAuthors,
+    WorldFacts,
+}
+
+impl SetKind {
+    pub const ALL: [SetKind; 4] = [SetKind::Forget, SetKind::Retain, SetKind::RealAuthors, SetKind::WorldFacts];
+    pub fn key(self) -> &'static str {
+        match self {
+            SetKind::Forget => "forget",
+            SetKind::Retain => "retain",
+            SetKind::RealAuthors => "real_authors",
+            SetKind::WorldFacts => "world_facts",
+        }
+    }
+    fn file(self, forget: &str) -> String {
+        match self {
+            SetKind::Forget => format!("{forget}_perturbed.json"),
+            SetKind::Retain => "retain_perturbed.json".into(),
+            SetKind::RealAuthors => "real_authors_perturbed.json".into(),
+            SetKind::WorldFacts => "world_facts_perturbed.json".into(),
+        }
+    }
+    /// Forget and retain sets compare the paraphrased answer with the perturbed ones; real
+    /// authors and world facts compare the answer itself.
+    fn has_paraphrase(self) -> bool {
+        matches!(self, SetKind::Forget | SetKind::Retain)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TofuItem {
+    pub question: String,
+    pub answer: String,
+    pub paraphrased: Option<String>,
+    pub perturbed: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TofuSet {
+    pub kind: SetKind,
+    pub file: PathBuf,
+    pub items: Vec<TofuItem>,
+}
+
+/// Read one evaluation set, checking every record's keys.
+pub fn load_set(dir: &Path, forget: &str, kind: SetKind, limit: Option<usize>) -> Result<TofuSet> {
+    let file = existing(dir, &kind.file(forget))?;
+    let items = read_objects(&file)?
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            Ok(TofuItem {
+                question: str_field(&file, i, r, "question")?,
+                answer: str_field(&file, i, r, "answer")?,
+                paraphrased: if kind.has_paraphrase() { Some(str_field(&file, i, r, "paraphrased_answer")?) } else { None },
+                perturbed: str_list_field(&file, i, r, "perturbed_answer")?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(TofuSet { kind, file, items: take(items, limit) })
+}
+
+/// All four sets (the forget split name, e.g. "forget01", picks the forget file).
+pub fn load_sets(dir: &Path, forget: &str, limit: Option<usize>) -> Result<Vec<TofuSet>> {
+    if !dir.is_dir() {
+        return Err(Error::format(dir, "TOFU data directory not found"));
+    }
+    SetKind::ALL.iter().map(|&k| load_set(dir, forget, k, limit)).collect()
+}
+
+/// Mean NLL of the answer (+EOS) tokens of every item's answer, paraphrase (if any) and perturbed
+/// answers, scored in one sharded pass.
+#[derive(Debug, Clone)]
+pub struct SetLosses {
+    pub answer: Vec<f64>,
+    pub paraphrased: Option<Vec<f64>>,
+    pub perturbed: Vec<Vec<f64>>,
+}
+
+pub fn set_losses(ctx: &EvalCtx, set: &TofuSet, max_len: usize) -> Result<SetLosses> {
+    let mut examples: Vec<Example> = vec![];
+    // (item, slot): slot 0 = answer, 1 = paraphrase, 2.. = perturbed
+    let mut owner: Vec<(usize, usize)> = vec![];
+    for (i, it) in set.items.iter().enumerate() {
+        let mut answers: Vec<(usize, &str)> = vec![(0, &it.answer)];
+        if let Some(p) = &it.paraphrased {
+            answers.push((1, p));
+        }
+        answers.extend(it.perturbed.iter().enumerate().map(|(j, a)| (2 + j, a.as_str())));
+        for (slot, a) in answers {
+            let rec = Record::Qa { question: it.question.clone(), answer: a.to_string() };
+            let ex = tokenize(ctx.tok, &rec, max_len, Overflow::Truncate)
+                .map_err(|e| Error::format(&set.file, format!("record {i}: {e}")))?
+                .remove(0);
+            examples.push(ex);
+            owner.push((i, slot));
+        }
+    }
+    let lps = ctx.logprobs(&examples, set.kind.key())?;
+    let n = set.items.len();
+    let mut out = SetLosses {
+        answer: vec![f64::NAN; n],
+        paraphrased: set.kind.has_paraphrase().then(|| vec![f64::NAN; n]),
+        perturbed: set.items.iter().map(|it| vec![f64::NAN; it.perturbed.len()]).collect(),
+    };
+    for ((i, slot), lp) in owner.into_iter().zip(&lps) {
+        // Mean over the target tokens, summed left to right.
+        let loss = -lp.iter().fold(0.0, |a, &x| a + x) / lp.len() as f64;
+        match slot {
+            0 => out.answer[i] = loss,
+            1 => out.paraphrased.as_mut().expect("paraphrase slot only with paraphrases")[i] = loss,
+            s => out.perturbed[i][s - 2] = loss,
+        }
+    }
+    Ok(out)
+}
+
+/// Legacy per-question truth statistics exp(mean_j L_pert_j - L_para) of a set (`L_para` = the
+/// paraphrase's loss on forget/retain, the answer's on the others).
+pub fn truth_stats(losses: &SetLosses) -> Vec<f64> {
+    let base = losses.paraphrased.as_ref().unwrap_or(&losses.answer);
+    base.iter().zip(&losses.perturbed).map(|(&b, p)| truth_stat(b, p)).collect()
+}
+
+pub const TRUTH_STAT_DEFINITION: &str = "legacy TOFU truth statistic per forget question: exp(mean_j L_pert_j - L_para) = 1/R, L = mean NLL of the answer (+EOS) tokens after \"Question: {q}\\nAnswer:\"";
+
+#[derive(Debug, Clone)]
+pub struct TofuOptions {
+    pub forget: String,
+    pub max_samples: Option<usize>,
+    pub max_new_tokens: usize,
+    /// Token limit of a scored question + answer.
+    pub max_len: usize,
+}
+
+impl TofuOptions {
+    pub fn limits(&self) -> BTreeMap<String, serde_json::Value> {
+        BTreeMap::from([
+            ("max_samples".into(), json!(self.max_samples)),
+            ("max_new_tokens".into(), json!(self.max_new_tokens)),
+            ("max_len".into(), json!(self.max_len)),
+        ])
+    }
+}
+
+/// Forget Quality's other side: the retain model's forget-set statistics and where they came from.
+#[derive(Debug, Clone)]
+pub struct RetainStats {
+    pub values: Vec<f64>,
+    pub source: String,
+}
+
+#[derive(Debug, Default)]
+pub struct TofuOutcome {
+    pub metrics: Vec<(String, Metric)>,
+    pub samples: Vec<SampleRow>,
+    pub notes: Vec<String>,
+    /// This model's forget-set truth statistics (for a later `--retain-stats`).
+    pub forget_truth_stats: Vec<f64>,
+    pub timings_s: BTreeMap<String, f64>,
+}
+
+/// Evaluate all four sets and aggregate them.
+pub fn evaluate(ctx: &EvalCtx, sets: &[TofuSet], o: &TofuOptions, retain: Option<&RetainStats>) -> Result<TofuOutcome> {
+    let mut out = TofuOutcome::default();
+    let scorer = RougeScorer::new(true);
+    let mut triples: BTreeMap<&str, UtilityTriple> = BTreeMap::new();
+    for set in sets {
+        let t = Instant::now();
+        let key = set.kind.key();
+        let losses = set_losses(ctx, set, o.max_len)?;
+        let prompts: Vec<Vec<i64>> = set.items.iter().map(|it| ctx.tok.encode(&qa_prompt(&it.question), true)).collect::<Result<_>>()?;
+        let gens = ctx.generate(&prompts, o.max_new_tokens, &format!("{key} gen"))?;
+        let stats = truth_stats(&losses);
+        let mut recalls = vec![];
+        let mut probs = vec![];
+        for (i, (it, gen)) in set.items.iter().zip(&gens).enumerate() {
+            let generation = decode(ctx.tok, gen, false)?;
+            let r = scorer.score(&it.answer, &generation);
+            recalls.push(r.recall);
+            let prob = if set.kind.has_paraphrase() {
+                answer_prob(losses.answer[i])
+            } else {
+                normalized_true_prob(losses.answer[i], &losses.perturbed[i])
+            };
+            probs.push(prob);
+            out.samples.push(SampleRow {
+                split: key.into(),
+                index: i,
+                prompt: qa_prompt(&it.question),
+                reference: Some(it.answer.clone()),
+                generation: Some(generation),
+                scores: [
+                    ("rouge_l_recall", json!(r.recall)),
+                    ("answer_loss", json!(losses.answer[i])),
+                    ("paraphrased_loss", json!(losses.paraphrased.as_ref().map(|p| p[i]))),
+                    ("perturbed_losses", json!(losses.perturbed[i])),
+                    ("prob", json!(prob)),
+                    ("truth_stat", json!(stats[i])),
+                    ("generated_tokens", json!(gen.len())),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            });
+        }
+        let n = set.items.len();
+        let rouge = mean(&recalls);
+        let what = format!("{} ({})", key, set.file.file_name().unwrap_or_default().to_string_lossy());
+        let rouge_def = format!("TOFU ROUGE on {what}: mean ROUGE-L recall (Porter stemmer) of the greedy answer (<= {} new tokens, stop at EOS) vs the gold answer", o.max_new_tokens);
+        match set.kind {
+            SetKind::Forget => {
+                let prob = mean_answer_prob(&losses.answer);
+                let tr = forget_truth_ratio(&stats);
+                if let Some(r) = retain {
+                    let fq = forget_quality(&stats, &r.values)?;
+                    out.metrics.push((
+                        "forget_quality".into(),
+                        Metric::new(
+                            fq,
+                            format!("TOFU Forget Quality: two-sided KS two-sample p-value (scipy ks_2samp, method auto) between this model's {n} and the retain model's {} forget-set truth statistics exp(mean_j L_pert_j - L_para) ({})", r.values.len(), r.source),
+                            n,
+                            "higher",
+                        ),
+                    ));
+                } else {
+                    out.notes.push("forget_quality: no retain model statistics (give --retain-model or --retain-stats)".into());
+                }
+                out.metrics.push(("forget_truth_ratio".into(), Metric::new(tr, format!("TOFU forget Truth Ratio on {what}: mean over questions of min(R, 1/R), R = GM_j P(pert_j|q)^(1/|pert_j|) / P(para|q)^(1/|para|)"), n, "toward retain")));
+                out.metrics.push(("forget_prob".into(), Metric::new(prob, format!("TOFU Prob. on {what}: mean of P(a|q)^(1/|a|) = exp(-mean NLL of the answer + EOS tokens)"), n, "lower")));
+                out.metrics.push(("forget_rouge".into(), Metric::new(rouge, rouge_def, n, "lower")));
+                out.forget_truth_stats = stats;
+            }
+            _ => {
+                let (prob, prob_def) = if set.kind.has_paraphrase() {
+                    (mean_answer_prob(&losses.answer), format!("TOFU Prob. on {what}: mean of P(a|q)^(1/|a|) = exp(-mean NLL of the answer + EOS tokens)"))
+                } else {
+                    let qs: Vec<(f64, Vec<f64>)> = losses.answer.iter().copied().zip(losses.perturbed.iter().cloned()).collect();
+                    (mean_normalized_true_prob(&qs), format!("TOFU Prob. on {what}: mean of P(a|q) / (P(a|q) + sum_j P(pert_j|q)), all length-normalized"))
+                };
+                let tr = utility_truth_ratio(&stats);
+                let tr_base = if set.kind.has_paraphrase() { "para" } else { "a" };
+                triples.insert(key, UtilityTriple { rouge, prob, truth_ratio: tr });
+                out.metrics.push((format!("{key}_prob"), Metric::new(prob, prob_def, n, "higher")));
+                out.metrics.push((format!("{key}_rouge"), Metric::new(rouge, rouge_def, n, "higher")));
+                out.metrics.push((
+                    format!("{key}_truth_ratio"),
+                    Metric::new(tr, format!("TOFU Truth Ratio on {what}: mean over questions of max(0, 1 - R), R = GM_j P(pert_j|q)^(1/|pert_j|) / P({tr_base}|q)^(1/|{tr_base}|)"), n, "higher"),
+                ));
+            }
+        }
+        out.timings_s.insert(key.into(), t.elapsed().as_secs_f64());
+    }
+    if let (Some(ra), Some(wf), Some(rt)) = (triples.get("real_authors"), triples.get("world_facts"), triples.get("retain")) {
+        let n = sets.iter().filter(|s| s.kind != SetKind::Forget).map(|s| s.items.len()).sum();
+        out.metrics.insert(
+            0,
+            (
+                "model_utility".into(),
+                Metric::new(model_utility(*ra, *wf, *rt), "TOFU Model Utility: harmonic mean (scipy hmean) of the 9 numbers {ROUGE, Prob., Truth Ratio} x {real authors, world facts, retain}", n, "higher"),
+            ),
+        );
+    }
+    // Forget Quality first, then Model Utility: the two headline numbers.
+    if let Some(pos) = out.metrics.iter().position(|(k, _)| k == "forget_quality") {
+        let fq = out.metrics.remove(pos);
+        out.metrics.insert(0, fq);
+    }
+    Ok(out)
+}
+
+/// Only the forget set's truth statistics (what Forget Quality needs from the retain model).
+pub fn forget_truth_stats(ctx: &EvalCtx, forget: &TofuSet, max_len: usize) -> Result<Vec<f64>> {
+    Ok(truth_stats(&set_losses(ctx, forget, max_len)?))
+}
