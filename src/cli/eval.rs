@@ -47,12 +47,20 @@ pub struct CommonArgs {
     /// Earlier evaluation output directories to show before this one in report.md and the plot.
     #[arg(long)]
     pub compare: Vec<PathBuf>,
-    /// Samples per forward pass / generation batch.
+    /// Samples per scoring forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// Upper bound on rows x padded length of one batch (memory of the logits).
-    #[arg(long, default_value_t = 8192)]
+    /// Upper bound on rows x padded length of a scoring batch (its logits take 4 x vocab bytes
+    /// per token, twice).
+    #[arg(long, default_value_t = 4096)]
     pub max_batch_tokens: usize,
+    /// Prompts decoded together (greedy decoding reads every weight once per step, whatever the
+    /// number of rows, so larger batches are much faster on CPU).
+    #[arg(long, default_value_t = 32)]
+    pub gen_batch_size: usize,
+    /// Upper bound on rows x (prompt + new tokens) of a generation batch (KV-cache memory).
+    #[arg(long, default_value_t = 65536)]
+    pub max_gen_batch_tokens: usize,
     /// Compute dtype: fp32 or bf16.
     #[arg(long, default_value = "fp32")]
     pub dtype: String,
@@ -164,14 +172,15 @@ struct Session {
     comm: dist::Comm,
     device: tch::Device,
     kind: tch::Kind,
-    batching: Batching,
+    score_batching: Batching,
+    gen_batching: Batching,
     start: Instant,
 }
 
 impl Session {
     fn new(c: &CommonArgs) -> Result<Session> {
-        if c.batch_size == 0 || c.max_batch_tokens == 0 {
-            return Err(crate::other!("--batch-size and --max-batch-tokens must be positive"));
+        if c.batch_size == 0 || c.max_batch_tokens == 0 || c.gen_batch_size == 0 || c.max_gen_batch_tokens == 0 {
+            return Err(crate::other!("batch sizes and token budgets must be positive"));
         }
         let device = parse_device(&c.device)?;
         let comm = dist::init(&c.dist, device)?;
@@ -180,7 +189,8 @@ impl Session {
             comm,
             device,
             kind: parse_kind(&c.dtype)?,
-            batching: Batching { batch_size: c.batch_size, max_batch_tokens: c.max_batch_tokens },
+            score_batching: Batching { batch_size: c.batch_size, max_batch_tokens: c.max_batch_tokens },
+            gen_batching: Batching { batch_size: c.gen_batch_size, max_batch_tokens: c.max_gen_batch_tokens },
             start: Instant::now(),
         })
     }
@@ -197,7 +207,7 @@ impl Session {
                 eos.push(e);
             }
         }
-        Ok(EvalCtx { model: &m.model, tok, comm: &*self.comm, batching: self.batching, eos, pad_id: tok.pad_id() })
+        Ok(EvalCtx { model: &m.model, tok, comm: &*self.comm, score_batching: self.score_batching, gen_batching: self.gen_batching, eos, pad_id: tok.pad_id() })
     }
 
     fn report(&self, c: &CommonArgs, benchmark: &str, variant: &str, data: &Path, tok: &Tokenizer) -> Result<Report> {
@@ -207,6 +217,8 @@ impl Session {
         let mut limits = std::collections::BTreeMap::new();
         limits.insert("batch_size".into(), serde_json::json!(c.batch_size));
         limits.insert("max_batch_tokens".into(), serde_json::json!(c.max_batch_tokens));
+        limits.insert("gen_batch_size".into(), serde_json::json!(c.gen_batch_size));
+        limits.insert("max_gen_batch_tokens".into(), serde_json::json!(c.max_gen_batch_tokens));
         Ok(Report {
             benchmark: benchmark.into(),
             name,

@@ -35,11 +35,10 @@ pub fn greedy_batch(model: &Llama, prompts: &[&[i64]], max_new_tokens: usize, eo
     let (ids, mut mask) = left_pad(prompts, pad_id, dev);
     let mut pos = positions_from_mask(&mask);
     let mut cache = KvCache::new();
-    let mut logits = model.forward_cached(&ids, &mask, &pos, &mut cache);
+    let mut last = model.forward_cached_last(&ids, &mask, &pos, &mut cache);
     // Batch row -> prompt index, for the rows still generating.
     let mut alive: Vec<usize> = (0..prompts.len()).collect();
     for step in 0..max_new_tokens {
-        let last = logits.select(1, logits.size()[1] - 1);
         let next = last.argmax(-1, false).to_device(Device::Cpu);
         let next: Vec<i64> = Vec::<i64>::try_from(&next).expect("argmax to vec");
         let mut keep = vec![];
@@ -66,7 +65,7 @@ pub fn greedy_batch(model: &Llama, prompts: &[&[i64]], max_new_tokens: usize, eo
         };
         mask = Tensor::cat(&[&mask, &mask.ones_like().narrow(1, 0, 1)], 1);
         pos = new_pos;
-        logits = model.forward_cached(&next_t, &mask, &pos, &mut cache);
+        last = model.forward_cached_last(&next_t, &mask, &pos, &mut cache);
     }
     out
 }

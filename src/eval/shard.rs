@@ -119,7 +119,11 @@ pub struct EvalCtx<'a> {
     pub model: &'a Llama,
     pub tok: &'a crate::data::Tokenizer,
     pub comm: &'a dyn Collective,
-    pub batching: Batching,
+    /// Batches of teacher-forced scoring (bounded by the `[rows, len, vocab]` logits).
+    pub score_batching: Batching,
+    /// Batches of greedy generation (bounded by the KV cache; decoding is memory-bound, so more
+    /// rows per step are almost free).
+    pub gen_batching: Batching,
     /// Generation stops after any of these ids.
     pub eos: Vec<i64>,
     pub pad_id: i64,
@@ -127,11 +131,11 @@ pub struct EvalCtx<'a> {
 
 impl EvalCtx<'_> {
     pub fn generate(&self, prompts: &[Vec<i64>], max_new_tokens: usize, label: &str) -> Result<Vec<Vec<i64>>> {
-        generate(self.model, prompts, max_new_tokens, &self.eos, self.pad_id, &self.batching, self.comm, label)
+        generate(self.model, prompts, max_new_tokens, &self.eos, self.pad_id, &self.gen_batching, self.comm, label)
     }
 
     pub fn logprobs(&self, examples: &[Example], label: &str) -> Result<Vec<Vec<f64>>> {
-        logprobs(self.model, examples, self.pad_id, &self.batching, self.comm, label)
+        logprobs(self.model, examples, self.pad_id, &self.score_batching, self.comm, label)
     }
 }
 

@@ -272,6 +272,26 @@ impl Llama {
         position_ids: &Tensor,
         cache: &mut KvCache,
     ) -> Tensor {
+        self.head(&self.hidden_cached(input_ids, attention_mask, position_ids, cache))
+    }
+
+    /// [`Llama::forward_cached`] but only the last position's logits, `[b, v]`: what greedy
+    /// decoding needs, without a `[b, s, v]` prefill tensor (gigabytes for long prompts and large
+    /// vocabularies).
+    pub fn forward_cached_last(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        position_ids: &Tensor,
+        cache: &mut KvCache,
+    ) -> Tensor {
+        let x_bsd = self.hidden_cached(input_ids, attention_mask, position_ids, cache);
+        let s = x_bsd.size()[1];
+        self.head(&x_bsd.narrow(1, s - 1, 1)).squeeze_dim(1)
+    }
+
+    /// Final hidden states (before the last norm) of an incremental forward.
+    fn hidden_cached(&self, input_ids: &Tensor, attention_mask: &Tensor, position_ids: &Tensor, cache: &mut KvCache) -> Tensor {
         let (b, s) = (input_ids.size()[0], input_ids.size()[1]);
         let ctx = self.attn_ctx(s, cache.len(), Some(attention_mask), Some(position_ids), b);
         let mut x = self.embed(input_ids);
@@ -286,7 +306,7 @@ impl Llama {
                 cache.layers[l] = (k, v);
             }
         }
-        self.head(&x)
+        x
     }
 
     pub fn num_layers(&self) -> usize {
