@@ -308,13 +308,18 @@ fn report_command_compares_evaluations_and_plots_training_curves() {
     let m = models();
     let tmp = tempfile::tempdir().unwrap();
     let (before, after, out) = (tmp.path().join("before"), tmp.path().join("after"), tmp.path().join("report"));
-    for (model, dir) in [(&m.retain, &before), (&m.target, &after)] {
-        let mut v: Vec<&str> = vec!["eval", "tofu", "--model", s(model), "--out", s(dir)];
-        let data = tofu_data();
-        let data = s(&data).to_string();
-        v.extend(["--data", &data, "--forget", "forget01", "--max-samples", "3", "--max-new-tokens", "8", "--device", "cpu"]);
+    let data = tofu_data();
+    for (model, dir, compare) in [(&m.retain, &before, None), (&m.target, &after, Some(&before))] {
+        let mut v: Vec<&str> = vec!["eval", "tofu", "--model", s(model), "--out", s(dir), "--data", s(&data)];
+        v.extend(["--forget", "forget01", "--max-samples", "3", "--max-new-tokens", "8", "--device", "cpu"]);
+        if let Some(c) = compare {
+            v.extend(["--compare", s(c)]);
+        }
         ok(1, &v);
     }
+    // `eval --compare` puts the earlier report first (before/after table).
+    let md = std::fs::read_to_string(after.join("report.md")).unwrap();
+    assert!(md.contains("| metric | retain | target | change | better |"), "{md}");
     // A training run's metrics.jsonl in the layout `unlearn run` writes.
     let run = tmp.path().join("run_ngdiff");
     std::fs::create_dir_all(&run).unwrap();

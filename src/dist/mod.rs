@@ -110,6 +110,11 @@ pub fn launcher_world_size() -> usize {
     env_first(&["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", "WORLD_SIZE"]).unwrap_or(1)
 }
 
+/// This process's rank among the ranks on its node (0 when not launched by a launcher).
+pub fn local_rank() -> usize {
+    env_first(&["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK"]).unwrap_or(0)
+}
+
 /// Ranks on this node, to split CPU threads between them.
 pub fn local_world_size() -> usize {
     env_first(&["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE"]).unwrap_or(1)

@@ -49,7 +49,7 @@ pub fn metrics_svg(path: &Path, reports: &[&Report]) -> Result<()> {
                 SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
                 _ => String::new(),
             })
-            .y_label_formatter(&|y| super::report::fmt_value(Some(*y)))
+            .y_label_formatter(&|y| axis_label(*y))
             .label_style(("sans-serif", 11))
             .draw()
             .map_err(|e| plot_err(path, e))?;
@@ -62,6 +62,19 @@ pub fn metrics_svg(path: &Path, reports: &[&Report]) -> Result<()> {
         }
     }
     root.present().map_err(|e| plot_err(path, e))
+}
+
+/// Axis tick text: up to 4 significant digits without trailing zeros, scientific when tiny.
+fn axis_label(y: f64) -> String {
+    if y != 0.0 && (y.abs() < 1e-3 || y.abs() >= 1e6) {
+        return format!("{y:.1e}");
+    }
+    let s = super::report::fmt_value(Some(y));
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
 }
 
 fn short_label(name: &str) -> String {

@@ -268,11 +268,26 @@ pub fn render_comparison(reports: &[&Report], run_plots: &[(String, String)]) ->
         let m = reports.iter().find_map(|r| r.metrics.get(&key)).expect("key comes from a report");
         let _ = write!(row, " {} |", m.better);
         let _ = writeln!(s, "{row}");
-        definitions.push((key.clone(), m.definition.clone()));
+        // Numbers computed under different definitions or sample counts are flagged, not hidden.
+        let per: Vec<(&str, &Metric)> = reports.iter().filter_map(|r| r.metrics.get(&key).map(|m| (r.name.as_str(), m))).collect();
+        let same_def = per.iter().all(|(_, x)| x.definition == m.definition);
+        let same_n = per.iter().all(|(_, x)| x.n == m.n);
+        let mut def = if same_def {
+            m.definition.clone()
+        } else {
+            per.iter().map(|(name, x)| format!("[{name}] {}", x.definition)).collect::<Vec<_>>().join("; ")
+        };
+        if !same_n {
+            let ns: Vec<String> = per.iter().map(|(name, x)| format!("{name} {}", x.n)).collect();
+            def += &format!(" (NOTE: different sample counts: {})", ns.join(", "));
+        } else {
+            def += &format!(" (n = {})", m.n);
+        }
+        definitions.push((key.clone(), def));
     }
     let _ = writeln!(s, "\n## Definitions\n");
     for (k, d) in definitions {
-        let _ = writeln!(s, "- **{k}**: {d}");
+        let _ = writeln!(s, "- **{k}**: {}", md_escape(&d));
     }
     write_notes(&mut s, reports);
     if !run_plots.is_empty() {
