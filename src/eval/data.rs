@@ -8,14 +8,19 @@ use serde_json::{Map, Value};
 use crate::data::formats::read_json_values;
 use crate::error::{Error, Result};
 
-/// The object records of a JSON (array / arrays per line / JSON lines) file. Errors when the file
-/// is missing, empty, holds no records, or holds something other than objects.
-pub fn read_objects(path: &Path) -> Result<Vec<Map<String, Value>>> {
+/// The JSON records of a file; a file without any is an error (`[]` as much as an empty file).
+fn non_empty_values(path: &Path) -> Result<Vec<Value>> {
     let values = read_json_values(path)?;
     if values.is_empty() {
         return Err(Error::format(path, "contains no records"));
     }
-    values
+    Ok(values)
+}
+
+/// The object records of a JSON (array / arrays per line / JSON lines) file. Errors when the file
+/// is missing, empty, holds no records, or holds something other than objects.
+pub fn read_objects(path: &Path) -> Result<Vec<Map<String, Value>>> {
+    non_empty_values(path)?
         .into_iter()
         .enumerate()
         .map(|(i, v)| match v {
@@ -28,11 +33,7 @@ pub fn read_objects(path: &Path) -> Result<Vec<Map<String, Value>>> {
 /// Texts of a file whose records are strings or `{"text": ...}` objects (MUSE PrivLeak, in the raw
 /// and the official Hugging Face layouts).
 pub fn read_texts(path: &Path) -> Result<Vec<String>> {
-    let values = read_json_values(path)?;
-    if values.is_empty() {
-        return Err(Error::format(path, "contains no records"));
-    }
-    values
+    non_empty_values(path)?
         .into_iter()
         .enumerate()
         .map(|(i, v)| match v {

@@ -274,18 +274,17 @@ pub struct MuseOutcome {
     pub timings_s: BTreeMap<String, f64>,
 }
 
-fn sample(split: &str, index: usize, prompt: &str, reference: Option<&str>, generation: Option<&str>, scores: Value) -> SampleRow {
-    let scores = match scores {
-        Value::Object(m) => m.into_iter().collect(),
-        _ => BTreeMap::new(),
-    };
-    SampleRow {
-        split: split.into(),
-        index,
-        prompt: prompt.into(),
-        reference: reference.map(str::to_string),
-        generation: generation.map(str::to_string),
-        scores,
+impl MuseOutcome {
+    /// Record a finished generation part: its metric, a note on truncated prompts, its time.
+    fn finish_part(&mut self, key: &str, metric: Metric, truncated: usize, o: &MuseOptions, started: Instant) {
+        self.metrics.push((key.into(), metric));
+        if truncated > 0 {
+            self.notes.push(format!(
+                "{key}: {truncated} prompt(s) longer than --max-prompt-tokens {} kept only their last tokens (MUSE never truncates)",
+                o.max_prompt_tokens.unwrap_or(0)
+            ));
+        }
+        self.timings_s.insert(key.into(), started.elapsed().as_secs_f64());
     }
 }
 
@@ -302,10 +301,6 @@ fn prompt_ids(ctx: &EvalCtx, prompts: &[String], o: &MuseOptions) -> Result<(Vec
         out.push(ids);
     }
     Ok((out, truncated))
-}
-
-fn truncation_note(what: &str, n: usize, o: &MuseOptions) -> Option<String> {
-    (n > 0).then(|| format!("{what}: {n} prompt(s) longer than --max-prompt-tokens {} kept only their last tokens (MUSE never truncates)", o.max_prompt_tokens.unwrap_or(0)))
 }
 
 /// Run every loaded part on `ctx`'s model.
@@ -330,7 +325,7 @@ pub fn evaluate(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference: Opti
             let output = if o.variant == Variant::OpenUnlearning { output.trim().to_string() } else { output };
             let r = scorer.score(&reference, &output);
             f1s.push(r.f1);
-            out.samples.push(sample(
+            out.samples.push(SampleRow::new(
                 "verbmem_f",
                 i,
                 prompt,
@@ -343,20 +338,16 @@ pub fn evaluate(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference: Opti
             Variant::Muse => format!("gt tokenized with specials and cut to its first {} tokens, decoded without specials", o.max_new_tokens_verbmem),
             Variant::OpenUnlearning => "the whole gt".into(),
         };
-        out.metrics.push((
-            "verbmem_f".into(),
-            Metric::new(
-                python_mean(&f1s) * 100.0,
-                format!(
-                    "MUSE VerbMem on D_forget: mean ROUGE-L F1 ({stem_txt} stemmer) of the {}-token greedy continuation of each verbmem prompt vs {reference_txt}, x100",
-                    o.max_new_tokens_verbmem
-                ),
-                f1s.len(),
-                "lower",
+        let metric = Metric::new(
+            python_mean(&f1s) * 100.0,
+            format!(
+                "MUSE VerbMem on D_forget: mean ROUGE-L F1 ({stem_txt} stemmer) of the {}-token greedy continuation of each verbmem prompt vs {reference_txt}, x100",
+                o.max_new_tokens_verbmem
             ),
-        ));
-        out.notes.extend(truncation_note("verbmem", cut, o));
-        out.timings_s.insert("verbmem".into(), t.elapsed().as_secs_f64());
+            f1s.len(),
+            "lower",
+        );
+        out.finish_part("verbmem_f", metric, cut, o, t);
     }
     for (key, set, split) in [("knowmem_f", &data.knowmem_f, "D_forget"), ("knowmem_r", &data.knowmem_r, "D_retain")] {
         let Some(set) = set else { continue };
@@ -373,7 +364,7 @@ pub fn evaluate(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference: Opti
             }
             let r = scorer.score(answer, &output);
             f1s.push(r.f1);
-            out.samples.push(sample(
+            out.samples.push(SampleRow::new(
                 key,
                 i,
                 prompt,
@@ -382,28 +373,24 @@ pub fn evaluate(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference: Opti
                 json!({"rouge_l_f1": r.f1, "rouge_l_recall": r.recall, "prompt_tokens": ids[i].len(), "generated_tokens": gen.len()}),
             ));
         }
-        out.metrics.push((
-            key.into(),
-            Metric::new(
-                python_mean(&f1s) * 100.0,
-                format!(
-                    "MUSE KnowMem on {split}: mean ROUGE-L F1 ({stem_txt} stemmer) vs the answer of the {}-token greedy output of a {}-shot \"Question: ..\\nAnswer: ..\" prompt, cut at the first of \"\\n\\n\", \"\\nQuestion\", \"Question:\", x100",
-                    o.max_new_tokens_knowmem,
-                    set.icl.len()
-                ),
-                f1s.len(),
-                if key == "knowmem_f" { "lower" } else { "higher" },
+        let metric = Metric::new(
+            python_mean(&f1s) * 100.0,
+            format!(
+                "MUSE KnowMem on {split}: mean ROUGE-L F1 ({stem_txt} stemmer) vs the answer of the {}-token greedy output of a {}-shot \"Question: ..\\nAnswer: ..\" prompt, cut at the first of \"\\n\\n\", \"\\nQuestion\", \"Question:\", x100",
+                o.max_new_tokens_knowmem,
+                set.icl.len()
             ),
-        ));
-        out.notes.extend(truncation_note(key, cut, o));
-        out.timings_s.insert(key.into(), t.elapsed().as_secs_f64());
+            f1s.len(),
+            if key == "knowmem_f" { "lower" } else { "higher" },
+        );
+        out.finish_part(key, metric, cut, o, t);
     }
     if let Some((forget, holdout)) = &data.privleak {
         let t = Instant::now();
         let (auc, f_scores, h_scores) = privleak_scores(ctx, forget, holdout, o, "privleak")?;
         for (split, texts, scores) in [("privleak_forget", forget, &f_scores), ("privleak_holdout", holdout, &h_scores)] {
             for (i, (text, s)) in texts.iter().zip(scores.iter()).enumerate() {
-                out.samples.push(sample(split, i, text, None, None, json!({"min_k_40": s.min_k, "tokens": s.tokens, "nll": s.nll})));
+                out.samples.push(SampleRow::new(split, i, text, None, None, json!({"min_k_40": s.min_k, "tokens": s.tokens, "nll": s.nll})));
             }
         }
         let cut_txt = match o.max_text_tokens {
@@ -454,7 +441,7 @@ pub fn evaluate(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference: Opti
             let pred = mmlu_prediction(&output);
             let ok = pred == Some(it.answer);
             correct.push(if ok { 1.0 } else { 0.0 });
-            out.samples.push(sample(
+            out.samples.push(SampleRow::new(
                 "mmlu",
                 i,
                 prompt,
@@ -463,20 +450,16 @@ pub fn evaluate(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference: Opti
                 json!({"correct": ok, "predicted": pred.map(|p| LETTERS[p].to_string()), "prompt_tokens": ids[i].len()}),
             ));
         }
-        out.metrics.push((
-            "mmlu".into(),
-            Metric::new(
-                python_mean(&correct) * 100.0,
-                format!(
-                    "MMLU accuracy (mt-unlearn's 1531-question validation subsample) x100: 5-shot prompt, greedy {} new tokens, output cut at the KnowMem stop strings and stripped, predicted letter = its first character if in A-D",
-                    o.max_new_tokens_mmlu
-                ),
-                correct.len(),
-                "higher",
+        let metric = Metric::new(
+            python_mean(&correct) * 100.0,
+            format!(
+                "MMLU accuracy (mt-unlearn's 1531-question validation subsample) x100: 5-shot prompt, greedy {} new tokens, output cut at the KnowMem stop strings and stripped, predicted letter = its first character if in A-D",
+                o.max_new_tokens_mmlu
             ),
-        ));
-        out.notes.extend(truncation_note("mmlu", cut, o));
-        out.timings_s.insert("mmlu".into(), t.elapsed().as_secs_f64());
+            correct.len(),
+            "higher",
+        );
+        out.finish_part("mmlu", metric, cut, o, t);
     }
     Ok(out)
 }

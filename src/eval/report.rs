@@ -126,6 +126,24 @@ pub struct SampleRow {
     pub scores: BTreeMap<String, Value>,
 }
 
+impl SampleRow {
+    /// `scores`: a JSON object of per-sample numbers.
+    pub fn new(split: &str, index: usize, prompt: &str, reference: Option<&str>, generation: Option<&str>, scores: Value) -> Self {
+        let scores = match scores {
+            Value::Object(m) => m.into_iter().collect(),
+            _ => BTreeMap::new(),
+        };
+        SampleRow {
+            split: split.into(),
+            index,
+            prompt: prompt.into(),
+            reference: reference.map(str::to_string),
+            generation: generation.map(str::to_string),
+            scores,
+        }
+    }
+}
+
 /// SHA-256 over `config.json` and the `*.safetensors` files of a model directory (name order).
 pub fn model_sha256(dir: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};

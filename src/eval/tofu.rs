@@ -218,25 +218,22 @@ pub fn evaluate(ctx: &EvalCtx, sets: &[TofuSet], o: &TofuOptions, retain: Option
                 normalized_true_prob(losses.answer[i], &losses.perturbed[i])
             };
             probs.push(prob);
-            out.samples.push(SampleRow {
-                split: key.into(),
-                index: i,
-                prompt: qa_prompt(&it.question),
-                reference: Some(it.answer.clone()),
-                generation: Some(generation),
-                scores: [
-                    ("rouge_l_recall", json!(r.recall)),
-                    ("answer_loss", json!(losses.answer[i])),
-                    ("paraphrased_loss", json!(losses.paraphrased.as_ref().map(|p| p[i]))),
-                    ("perturbed_losses", json!(losses.perturbed[i])),
-                    ("prob", json!(prob)),
-                    ("truth_stat", json!(stats[i])),
-                    ("generated_tokens", json!(gen.len())),
-                ]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
-            });
+            out.samples.push(SampleRow::new(
+                key,
+                i,
+                &qa_prompt(&it.question),
+                Some(&it.answer),
+                Some(&generation),
+                json!({
+                    "rouge_l_recall": r.recall,
+                    "answer_loss": losses.answer[i],
+                    "paraphrased_loss": losses.paraphrased.as_ref().map(|p| p[i]),
+                    "perturbed_losses": losses.perturbed[i],
+                    "prob": prob,
+                    "truth_stat": stats[i],
+                    "generated_tokens": gen.len(),
+                }),
+            ));
         }
         let n = set.items.len();
         let rouge = mean(&recalls);

@@ -26,25 +26,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hf_ref import hf_tokenizer, load, read_records as read_json_any  # noqa: E402
+
 torch.set_num_threads(1)
 
 SHARED = os.environ.get("UNLEARN_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared"))
 STOPS = ["\n\n", "\nQuestion", "Question:"]
-
-
-def read_json_any(path):
-    with open(path) as f:
-        text = f.read()
-    try:
-        v = json.loads(text)
-        return v if isinstance(v, list) else [v]
-    except json.JSONDecodeError:
-        out = []
-        for line in text.splitlines():
-            if line.strip():
-                x = json.loads(line)
-                out.extend(x if isinstance(x, list) else [x])
-        return out
 
 
 def load_run(d):
@@ -64,11 +52,7 @@ def by_split(samples):
 
 
 def hf(model_dir):
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(model_dir, "tokenizer.json"))
-    return model, tok
+    return load(model_dir, "fp32"), hf_tokenizer(model_dir)
 
 
 def eos_ids(model):
@@ -126,6 +110,16 @@ def rel(a, b):
     if math.isnan(a) and math.isnan(b):
         return 0.0
     return abs(a - b) / max(1e-300, abs(b)) if b != 0 else abs(a)
+
+
+def print_comparison(res, agg, report):
+    """Compare the independently computed aggregates with report.json and print the result."""
+    for k, v in agg.items():
+        ours = report["metrics"][k]["value"]
+        res["agg_max_rel_diff"] = max(res["agg_max_rel_diff"], rel(ours, float(v)))
+        res["agg_checked"].append(k)
+    res["values"] = {k: float(v) for k, v in agg.items()}
+    print(json.dumps(res))
 
 
 # --------------------------------------------------------------------------------------- overfit
@@ -258,12 +252,7 @@ def cmd_check_tofu(a):
         rrep, rsamples = load_run(a.retain_run)
         rstats = [s["scores"]["truth_stat"] for s in by_split(rsamples)["forget"]]
         agg["forget_quality"] = ks_2samp(forget_stats, rstats).pvalue
-    for k, v in agg.items():
-        ours = report["metrics"][k]["value"]
-        res["agg_max_rel_diff"] = max(res["agg_max_rel_diff"], rel(ours, float(v)))
-        res["agg_checked"].append(k)
-    res["values"] = {k: float(v) for k, v in agg.items()}
-    print(json.dumps(res))
+    print_comparison(res, agg, report)
 
 
 # ------------------------------------------------------------------------------------------ MUSE
@@ -386,12 +375,7 @@ def cmd_check_muse(a):
             if i < a.n_gen:
                 check_gen(s, prompt, lim["max_new_tokens_mmlu"], lambda g: cut(decode(tok, g, False)).strip())
         agg["mmlu"] = sum(correct) / len(correct) * 100
-    for k, v in agg.items():
-        ours = report["metrics"][k]["value"]
-        res["agg_max_rel_diff"] = max(res["agg_max_rel_diff"], rel(ours, float(v)))
-        res["agg_checked"].append(k)
-    res["values"] = {k: float(v) for k, v in agg.items()}
-    print(json.dumps(res))
+    print_comparison(res, agg, report)
 
 
 def main():
