@@ -15,7 +15,12 @@
 //!   prediction is the index of its first character in "ABCD" (anything else is wrong);
 //!   accuracy x100.
 //!
-//! Means are Python's `sum(vals) / len(vals)` as MUSE's logger computes them.
+//! Means are Python's `sum(vals) / len(vals)` as MUSE's logger computes them. Generations and
+//! the VerbMem reference are decoded with `clean_up_tokenization_spaces=True` as the MUSE code
+//! asks (transformers 4.x applied it to every tokenizer; 5.x silently skips it for BPE ones, so
+//! the Python check applies `clean_up_tokenization` explicitly); MMLU outputs are not cleaned, as
+//! vLLM's detokenizer does not clean. Long prompts can be cut with `--max-prompt-tokens` (keeps
+//! the leading specials and the last tokens), which MUSE itself never does: the report says so.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

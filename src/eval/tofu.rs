@@ -6,7 +6,10 @@
 //! documented QA format (`data::batch::qa_prompt` with specials, then `qa_answer` + EOS as
 //! targets), the format training uses; mean NLL L over those target tokens, P = exp(-L).
 //! Generation for ROUGE starts from the same prompt (greedy, up to 200 new tokens, stop at EOS),
-//! decoded without specials; ROUGE-L recall with the Porter stemmer against the answer.
+//! decoded without specials and without `clean_up_tokenization` (the tokenizer configs of Llama-2
+//! and SmolLM2 turn it off); ROUGE-L recall with the Porter stemmer against the answer. The
+//! per-question truth statistics of the forget set are kept in report.json (`truth_stats`) so
+//! that a retain model evaluated once serves every later Forget Quality (`--retain-stats`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
