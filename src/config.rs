@@ -215,7 +215,12 @@ impl RunConfig {
         for (key, paths) in [("data.forget", &data_cfg.forget), ("data.retain", &data_cfg.retain)] {
             for p in paths {
                 if !p.exists() {
-                    return Err(Error::config(file, key, format!("file not found: {}", p.display())));
+                    let hint = if p.is_relative() {
+                        format!(" (relative paths are taken from the current directory, {})", std::env::current_dir().unwrap_or_default().display())
+                    } else {
+                        String::new()
+                    };
+                    return Err(Error::config(file, key, format!("file not found: {}{hint}", p.display())));
                 }
             }
         }

@@ -110,10 +110,9 @@ impl Trainer {
         let layout = FlatLayout::new(&trainable, shards, bucket_elems);
 
         let mut student = loaded.model;
-        let full = params::flatten(&mut student, &layout, kind);
+        let full = params::flatten_and_bind(&mut student, &layout, kind, true);
         let master = layout.extract_shard(&full.to_kind(Kind::Float), shard_rank);
         let student_full = if zero < 3 {
-            params::bind(&mut student, &layout, &full, 0, None, true);
             Some(full)
         } else {
             drop(full);
