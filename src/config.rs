@@ -78,6 +78,7 @@ pub struct OptimCfg {
     pub name: String,
     pub lr: f64,
     pub betas: (f64, f64),
+    #[serde(rename = "eps")]
     pub adam_eps: f64,
     pub weight_decay: f64,
     pub momentum: f64,
@@ -290,9 +291,15 @@ impl RunConfig {
         Ok(RunConfig { model: model_cfg, data: data_cfg, method: method_cfg, optim: optim_cfg, train: train_cfg, dist: dist_cfg })
     }
 
-    /// The resolved config as TOML, written next to the run's outputs.
+    /// The resolved config as TOML, written next to the run's outputs (and read back by
+    /// `--resume`): every default made explicit, only the method keys the method accepts.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("config serializes to TOML")
+        let mut table = Table::try_from(self).expect("config serializes to TOML");
+        if let Some(Value::Table(m)) = table.get_mut("method") {
+            let keep = method_keys(&self.method.name);
+            m.retain(|k, _| k == "name" || keep.contains(&k.as_ref()));
+        }
+        toml::to_string_pretty(&table).expect("config serializes to TOML")
     }
 }
 
