@@ -159,7 +159,8 @@ impl Trainer {
             None
         };
         let retain = if uses(Objective::Retain) {
-            let ex = load_examples(&cfg.data.retain, cfg.data.retain_limit, &tok, cfg.train.max_len, overflow(&cfg.data.retain_overflow))?;
+            let max_len = cfg.data.retain_max_len.unwrap_or(cfg.train.max_len);
+            let ex = load_examples(&cfg.data.retain, cfg.data.retain_limit, &tok, max_len, overflow(&cfg.data.retain_overflow))?;
             Some(Loader::new(ex, sampling, cfg.train.seed, 2))
         } else {
             None
