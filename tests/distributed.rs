@@ -191,6 +191,24 @@ fn a_checkpoint_from_two_ranks_resumes_at_four_and_at_one() {
     }
 }
 
+#[test]
+fn diverged_replicas_are_caught_by_the_checksum_check() {
+    let s = setup();
+    let cfg = config(&s, "diverged", "mean-teacher");
+    let out = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+        .arg(unlearn_bin())
+        .args(["run", "--config", cfg.to_str().unwrap(), "--set", "dist.zero=2"])
+        .env("UNLEARN_FAULT_PERTURB", "1:2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("{}", err.lines().filter(|l| l.contains("differ")).collect::<Vec<_>>().join("\n"));
+    assert!(!out.status.success());
+    assert!(err.contains("step 2: student weights differ across ranks"), "{err}");
+    assert!(!s.tmp.path().join("diverged/final").exists());
+}
+
 /// The environment variable Open MPI gives each rank.
 fn rank_of(pid: u32) -> Option<usize> {
     let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;

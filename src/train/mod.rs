@@ -410,6 +410,7 @@ impl Trainer {
         self.sync_teacher()?;
         self.step = step;
         if self.cfg.dist.verify_every > 0 && step % self.cfg.dist.verify_every == 0 {
+            self.fault_injection_perturb(step);
             self.verify_replicas()?;
         }
         let elapsed = t0.elapsed().as_secs_f64();
@@ -445,6 +446,20 @@ impl Trainer {
         let l_zero = at(self, 0.0)?;
         tch::no_grad(|| self.master.copy_(&w_t));
         Ok(self.method.autolr().expect("autolr").update(l_minus, l_zero, l_plus))
+    }
+
+    /// Fault injection for the divergence-check test: `UNLEARN_FAULT_PERTURB=RANK:STEP` nudges
+    /// that rank's student replica before the check of that step. Never set in normal use.
+    fn fault_injection_perturb(&mut self, step: u64) {
+        let Ok(v) = std::env::var("UNLEARN_FAULT_PERTURB") else { return };
+        let Some((r, s)) = v.split_once(':') else { return };
+        if r.parse() == Ok(self.comm.rank()) && s.parse() == Ok(step) {
+            if let Some(full) = self.student_full.as_mut() {
+                tch::no_grad(|| {
+                    let _ = full.narrow(0, 0, 1).f_add_scalar_(1e-3);
+                });
+            }
+        }
     }
 
     /// Fail loudly if the replicated buffers differ across ranks.
