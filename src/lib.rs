@@ -10,6 +10,7 @@ pub mod data;
 pub mod dist;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod model;
 pub mod progress;
 

@@ -24,6 +24,10 @@ enum LogFormat {
 enum Command {
     /// Per-sample teacher-forced NLL of a dataset (JSON lines out).
     Score(cli::score::ScoreArgs),
+    /// Export a model directory to ONNX (model.onnx, tokenizer, export.json).
+    Export(cli::export::ExportArgs),
+    /// Check an ONNX export against the model with onnxruntime (verify.json out).
+    Verify(cli::verify::VerifyArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -41,6 +45,8 @@ fn main() {
     init_logging(args.log_format);
     let result = match &args.command {
         Command::Score(a) => cli::score::run(a),
+        Command::Export(a) => cli::export::run(a),
+        Command::Verify(a) => cli::verify::run(a),
     };
     if let Err(e) = result {
         tracing::error!("{e}");

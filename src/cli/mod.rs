@@ -1,3 +1,5 @@
 //! Subcommands: one file each, each with its clap `Args` and a `run` function.
 
+pub mod export;
 pub mod score;
+pub mod verify;
