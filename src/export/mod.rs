@@ -145,7 +145,8 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
     if tmp.path.exists() {
         std::fs::remove_dir_all(&tmp.path).at(&tmp.path)?;
     }
-    std::fs::create_dir_all(&tmp.path).at(&tmp.path)?;
+    std::fs::create_dir_all(&tmp.path)
+        .map_err(|e| Error::format(&opts.out_dir, format!("cannot create the output directory: {e}")))?;
 
     let kind = opts.dtype.kind();
     let mut fetch = |w: &graph::WeightDecl| -> Result<tch::Tensor> {

@@ -11,6 +11,9 @@ transformers, for the Rust tests and the export bench. Nothing here imports unle
             greedy continuation of each prompt (token ids, batch of one) driven by onnxruntime:
             with the cache graph, present.* is fed back as past_key_values.*; without, the whole
             sequence is re-run every step. Stops at the model's EOS (excluded).
+  strip     --onnx FILE --out DIR
+            re-save FILE (weights loaded, inline) into DIR/model.onnx without any metadata, as a
+            graph from another exporter would look.
   hf-bench  --model DIR --prompts JSON [--max-new-tokens N] [--threads T] [--repeats R]
             transformers greedy generate() throughput (tokens/s) on the same prompts, fp32 CPU.
 """
@@ -54,6 +57,16 @@ def cmd_check(a):
         "offsets_aligned": all(o % 4096 == 0 for o in offsets),
         "metadata": {p.key: p.value for p in m.metadata_props},
     }))
+
+
+def cmd_strip(a):
+    import onnx
+
+    m = onnx.load(a.onnx, load_external_data=True)
+    del m.metadata_props[:]
+    m.producer_name = "other"
+    os.makedirs(a.out, exist_ok=True)
+    onnx.save(m, os.path.join(a.out, "model.onnx"))
 
 
 def session(path, threads=None):
@@ -219,6 +232,10 @@ def main():
     g.add_argument("--out", required=True)
     g.add_argument("--max-new-tokens", type=int, default=20)
     g.set_defaults(f=cmd_generate)
+    c = sub.add_parser("strip")
+    c.add_argument("--onnx", required=True)
+    c.add_argument("--out", required=True)
+    c.set_defaults(f=cmd_strip)
     b = sub.add_parser("hf-bench")
     b.add_argument("--model", required=True)
     b.add_argument("--prompts", required=True)
