@@ -10,22 +10,6 @@ use std::path::{Path, PathBuf};
 use common::*;
 use serde_json::Value;
 
-struct Case {
-    name: &'static str,
-    config: &'static str,
-}
-
-const CASES: &[Case] = &[
-    Case { name: "gqa-untied", config: r#"{"num_attention_heads": 4, "num_key_value_heads": 2}"# },
-    Case { name: "mha-tied", config: r#"{"num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": true}"# },
-    Case {
-        name: "gqa-llama3-rope",
-        config: r#"{"num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 64, "rope_theta": 500000.0,
-                   "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}"#,
-    },
-];
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -89,7 +73,7 @@ fn sha256_file(p: &Path) -> String {
 
 #[test]
 fn fp32_exports_pass_the_checker_match_transformers_and_verify() {
-    for case in CASES {
+    for case in LLAMA_CASES {
         let tmp = tempfile::tempdir().unwrap();
         let model = make_tiny_model(&tmp.path().join("model"), case.config, 7, "bytebpe");
         let out = tmp.path().join("onnx");
@@ -142,7 +126,7 @@ fn fp32_exports_pass_the_checker_match_transformers_and_verify() {
 #[test]
 fn kv_cache_generation_equals_uncached_generation_and_transformers_generate() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = make_tiny_model(&tmp.path().join("model"), CASES[0].config, 3, "bytebpe");
+    let model = make_tiny_model(&tmp.path().join("model"), LLAMA_CASES[0].config, 3, "bytebpe");
     let (kv, plain) = (tmp.path().join("kv"), tmp.path().join("plain"));
     export(&model, &kv, &["--kv-cache"]);
     export(&model, &plain, &[]);
@@ -179,7 +163,7 @@ fn kv_cache_generation_equals_uncached_generation_and_transformers_generate() {
 #[test]
 fn external_data_export_loads_in_onnxruntime_and_verifies() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = make_tiny_model(&tmp.path().join("model"), CASES[1].config, 5, "sentencepiece");
+    let model = make_tiny_model(&tmp.path().join("model"), LLAMA_CASES[1].config, 5, "sentencepiece");
     let out = tmp.path().join("onnx");
     export(&model, &out, &["--kv-cache", "--external-threshold-bytes", "1024"]);
     assert!(out.join("model.onnx.data").is_file());
@@ -213,7 +197,7 @@ fn external_data_export_loads_in_onnxruntime_and_verifies() {
 fn fp16_export_runs_on_onnxruntime_cpu_within_documented_tolerance() {
     let tol = unlearn::export::verify::DEFAULT_TOLERANCE_FP16;
     let tmp = tempfile::tempdir().unwrap();
-    let model = make_tiny_model(&tmp.path().join("model"), CASES[2].config, 11, "bytebpe");
+    let model = make_tiny_model(&tmp.path().join("model"), LLAMA_CASES[2].config, 11, "bytebpe");
     let out = tmp.path().join("onnx");
     export(&model, &out, &["--dtype", "fp16", "--kv-cache"]);
     let g = onnx_check(&out);
@@ -231,7 +215,7 @@ fn fp16_export_runs_on_onnxruntime_cpu_within_documented_tolerance() {
 #[test]
 fn every_supported_opset_passes_the_checker_and_matches_transformers() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = make_tiny_model(&tmp.path().join("model"), CASES[0].config, 13, "bytebpe");
+    let model = make_tiny_model(&tmp.path().join("model"), LLAMA_CASES[0].config, 13, "bytebpe");
     for opset in ["15", "17", "18", "23", "26"] {
         let out = tmp.path().join(format!("opset{opset}"));
         export(&model, &out, &["--kv-cache", "--opset", opset]);
@@ -277,7 +261,7 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>
 #[test]
 fn bad_models_and_outputs_fail_clearly_without_partial_output() {
     let tmp = tempfile::tempdir().unwrap();
-    let good = make_tiny_model(&tmp.path().join("model"), CASES[0].config, 17, "bytebpe");
+    let good = make_tiny_model(&tmp.path().join("model"), LLAMA_CASES[0].config, 17, "bytebpe");
     let t = tmp.path();
 
     let mistral = copy_dir(&good, &t.join("mistral"));
@@ -344,12 +328,12 @@ fn bad_models_and_outputs_fail_clearly_without_partial_output() {
 fn verify_refuses_an_onnx_from_another_model() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let model = make_tiny_model(&t.join("model"), CASES[0].config, 19, "bytebpe");
+    let model = make_tiny_model(&t.join("model"), LLAMA_CASES[0].config, 19, "bytebpe");
     let out = t.join("onnx");
     export(&model, &out, &["--kv-cache"]);
     let other_vocab = make_tiny_model(&t.join("vocab"), r#"{"tokenizer_vocab": 400}"#, 19, "bytebpe");
     let other_hidden = make_tiny_model(&t.join("hidden"), r#"{"hidden_size": 96}"#, 19, "bytebpe");
-    let other_weights = make_tiny_model(&t.join("weights"), CASES[0].config, 20, "bytebpe");
+    let other_weights = make_tiny_model(&t.join("weights"), LLAMA_CASES[0].config, 20, "bytebpe");
     for (what, m, expect) in [
         ("vocab", &other_vocab, "ONNX logits have 320 entries, the model 400"),
         ("hidden size", &other_hidden, "hidden_size: ONNX 64, model 96"),

@@ -68,15 +68,30 @@ pub fn fetch_checked(fetch: &mut FetchWeight, w: &WeightDecl) -> Result<Tensor> 
 /// Stream every weight into `path` at its offset, one tensor in memory at a time.
 pub fn write_data_file(path: &Path, weights: &[WeightDecl], fetch: &mut FetchWeight) -> Result<()> {
     let offsets = data_offsets(weights);
+    let mut end = 0u64;
+    stream_weights(path, &[], weights, fetch, |i, w| {
+        let padding = vec![0u8; (offsets[i] - end) as usize];
+        end = offsets[i] + w.byte_len();
+        padding
+    })
+}
+
+/// Write `head`, then for each weight the bytes `before(i, weight)` returns followed by the
+/// weight's own bytes (fetched one at a time), then fsync.
+pub fn stream_weights(
+    path: &Path,
+    head: &[u8],
+    weights: &[WeightDecl],
+    fetch: &mut FetchWeight,
+    mut before: impl FnMut(usize, &WeightDecl) -> Vec<u8>,
+) -> Result<()> {
     let mut out = BufWriter::with_capacity(1 << 22, File::create(path).at(path)?);
+    out.write_all(head).at(path)?;
     let bar = Progress::new(weights.len() as u64, "export");
-    let mut pos = 0u64;
-    for (w, &offset) in weights.iter().zip(&offsets) {
+    for (i, w) in weights.iter().enumerate() {
         let t = fetch_checked(fetch, w)?;
-        let padding = vec![0u8; (offset - pos) as usize];
-        out.write_all(&padding).at(path)?;
+        out.write_all(&before(i, w)).at(path)?;
         out.write_all(tensor_bytes(&t)).at(path)?;
-        pos = offset + w.byte_len();
         bar.inc(1);
     }
     bar.finish();

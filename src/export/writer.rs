@@ -7,18 +7,16 @@
 //! graph field is assembled by hand here.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use prost::Message;
 
-use super::external::{data_offsets, external_tensor, fetch_checked, write_data_file, FetchWeight};
+use super::external::{data_offsets, external_tensor, stream_weights, write_data_file, FetchWeight};
 use super::graph::WeightDecl;
 use super::proto::ModelProto;
-use crate::error::{Error, IoContext, Result};
-use crate::model::weights::tensor_bytes;
-use crate::progress::Progress;
+use crate::error::{IoContext, Result};
 
 pub const MODEL_FILE: &str = "model.onnx";
 pub const DATA_FILE: &str = "model.onnx.data";
@@ -76,28 +74,19 @@ fn write_inline(path: &Path, mut model: ModelProto, weights: &[WeightDecl], fetc
     let graph_head = graph.encode_to_vec();
     let graph_len = graph_head.len() + tensor_lens.iter().map(|&n| len_delimited(GRAPH_INITIALIZER, n)).sum::<usize>();
 
-    let mut out = BufWriter::with_capacity(1 << 22, File::create(path).at(path)?);
     let mut head = model.encode_to_vec();
     encode_key(MODEL_GRAPH, WireType::LengthDelimited, &mut head);
     encode_varint(graph_len as u64, &mut head);
     head.extend_from_slice(&graph_head);
-    out.write_all(&head).at(path)?;
-    let bar = Progress::new(weights.len() as u64, "export");
-    for ((w, meta), &tlen) in weights.iter().zip(&metas).zip(&tensor_lens) {
-        let t = fetch_checked(fetch, w)?;
-        let mut frame = Vec::with_capacity(meta.len() + 24);
+    stream_weights(path, &head, weights, fetch, |i, w| {
+        let mut frame = Vec::with_capacity(metas[i].len() + 24);
         encode_key(GRAPH_INITIALIZER, WireType::LengthDelimited, &mut frame);
-        encode_varint(tlen as u64, &mut frame);
-        frame.extend_from_slice(meta);
+        encode_varint(tensor_lens[i] as u64, &mut frame);
+        frame.extend_from_slice(&metas[i]);
         encode_key(TENSOR_RAW_DATA, WireType::LengthDelimited, &mut frame);
         encode_varint(w.byte_len(), &mut frame);
-        out.write_all(&frame).at(path)?;
-        out.write_all(tensor_bytes(&t)).at(path)?;
-        bar.inc(1);
-    }
-    bar.finish();
-    let file = out.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
-    file.sync_all().at(path)
+        frame
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,177 @@
+//! Export and inference figures for the SmolLM2 demo model (prints numbers; asserts nothing).
+//!
+//! * `unlearn export` wall time and peak RSS (the child's `ru_maxrss` from `wait4`), for fp32
+//!   inline, fp32 with external data, and fp16, next to the size of the weights.
+//! * `unlearn verify` on the fp32 export: max |logit difference| against the tch model.
+//! * onnxruntime CPU greedy-generation throughput (cache graph, batch 1, a fixed number of new
+//!   tokens) against transformers `generate` on the same prompts and thread count
+//!   (tests/py/onnx_ref.py hf-bench), printed as a ratio.
+//!
+//! Model: `$UNLEARN_BENCH_MODEL`, default ~/.cache/unlearn/models/smollm2-135m-instruct.
+//! Threads: `$UNLEARN_BENCH_THREADS`, default 2.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use unlearn::data::Tokenizer;
+use unlearn::export::runtime::Decoder;
+use unlearn::export::verify::BUILTIN_PROMPTS;
+use unlearn::model::Config;
+
+const NEW_TOKENS: usize = 32;
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_unlearn"))
+}
+
+/// Run a command; returns (success, wall seconds, peak RSS in MB, stdout).
+/// The child is reaped with `wait4` (for its own rusage), which clippy cannot see.
+#[allow(clippy::zombie_processes)]
+fn run_measured(cmd: &mut Command) -> (bool, f64, f64, String) {
+    let out_file = std::env::temp_dir().join(format!("unlearn-bench-{}.out", std::process::id()));
+    cmd.stdout(std::fs::File::create(&out_file).expect("temp file"));
+    let t0 = Instant::now();
+    let child = cmd.spawn().expect("spawn");
+    let mut status = 0i32;
+    // SAFETY: plain syscall on our own child; rusage is a POD out-parameter.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(pid, child.id() as i32, "wait4");
+    let stdout = std::fs::read_to_string(&out_file).unwrap_or_default();
+    let _ = std::fs::remove_file(&out_file);
+    (libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, secs, usage.ru_maxrss as f64 / 1024.0, stdout)
+}
+
+fn dir_mb(dir: &Path) -> f64 {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum::<u64>() as f64 / 1e6)
+        .unwrap_or(0.0)
+}
+
+fn python() -> PathBuf {
+    std::env::var_os("UNLEARN_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/unlearn/venv/bin/python")
+    })
+}
+
+/// Greedy decoding of `n` tokens per prompt (batch 1, never stopping early) with onnxruntime;
+/// returns (generated tokens per second, prefill tokens per second).
+fn ort_throughput(dec: &mut Decoder, prompts: &[Vec<i64>], n: usize) -> (f64, f64) {
+    let greedy = |dec: &mut Decoder, p: &[i64]| {
+        let mut past = dec.empty_past(1).unwrap();
+        let (mut ids, mut t) = (p.to_vec(), p.len());
+        let mut pos: Vec<i64> = (0..t as i64).collect();
+        for _ in 0..n {
+            let mut out = dec.run(&ids, &vec![1; t], &pos, 1, past.take()).unwrap();
+            past = out.present.take();
+            let last = &out.logits[out.logits.len() - out.vocab..];
+            let next = (0..out.vocab).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap() as i64;
+            ids = vec![next];
+            pos = vec![t as i64];
+            t += 1;
+        }
+    };
+    greedy(dec, &prompts[0]); // warm-up
+    let mut best = f64::INFINITY;
+    for _ in 0..2 {
+        let t0 = Instant::now();
+        for p in prompts {
+            greedy(dec, p);
+        }
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    let t0 = Instant::now();
+    for p in prompts {
+        let past = dec.empty_past(1).unwrap();
+        let pos: Vec<i64> = (0..p.len() as i64).collect();
+        dec.run(p, &vec![1; p.len()], &pos, 1, past).unwrap();
+    }
+    let prefill = t0.elapsed().as_secs_f64();
+    let prefill_tokens: usize = prompts.iter().map(Vec::len).sum();
+    ((n * prompts.len()) as f64 / best, prefill_tokens as f64 / prefill)
+}
+
+fn main() {
+    let model = std::env::var_os("UNLEARN_BENCH_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/unlearn/models/smollm2-135m-instruct")
+    });
+    let threads: usize = std::env::var("UNLEARN_BENCH_THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(2);
+    if !model.join("config.json").exists() {
+        println!("export bench: no model at {} (set UNLEARN_BENCH_MODEL); nothing measured", model.display());
+        return;
+    }
+    let tmp = std::env::temp_dir().join(format!("unlearn-export-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let weights_mb = dir_mb(&model);
+    println!("model {} ({weights_mb:.0} MB on disk), {threads} threads", model.display());
+
+    let variants: [(&str, &[&str]); 3] = [
+        ("fp32 inline, kv-cache", &["--kv-cache"]),
+        ("fp32 external, kv-cache", &["--kv-cache", "--external-threshold-bytes", "1000000"]),
+        ("fp16 inline, kv-cache", &["--kv-cache", "--dtype", "fp16"]),
+    ];
+    let mut fp32_dir = None;
+    for (i, (name, extra)) in variants.iter().enumerate() {
+        let out = tmp.join(format!("onnx{i}"));
+        let mut cmd = Command::new(bin());
+        cmd.args(["export", "--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()]).args(*extra).env("RUST_LOG", "warn");
+        let (ok, secs, rss, _) = run_measured(&mut cmd);
+        println!(
+            "export {name:<26} {}: {secs:6.2} s, peak RSS {rss:7.0} MB, output {:.0} MB",
+            if ok { "ok    " } else { "FAILED" },
+            dir_mb(&out)
+        );
+        if i == 0 && ok {
+            fp32_dir = Some(out);
+        }
+    }
+    let Some(onnx) = fp32_dir else { return };
+
+    let mut cmd = Command::new(bin());
+    cmd.args(["verify", "--model", model.to_str().unwrap(), "--onnx", onnx.to_str().unwrap(), "--device", "cpu"])
+        .args(["--threads", &threads.to_string()])
+        .env("RUST_LOG", "warn");
+    let (ok, secs, rss, stdout) = run_measured(&mut cmd);
+    println!("verify fp32 {}: {secs:.1} s, peak RSS {rss:.0} MB", if ok { "passed" } else { "FAILED" });
+    for line in stdout.lines() {
+        println!("  | {line}");
+    }
+
+    let cfg = Config::from_file(&model.join("config.json")).unwrap();
+    let tok = Tokenizer::from_model_dir(&model, &cfg).unwrap();
+    let prompts: Vec<Vec<i64>> = BUILTIN_PROMPTS.iter().map(|p| tok.encode(p, true).unwrap()).collect();
+    let mut dec = Decoder::open(&onnx.join("model.onnx"), threads).unwrap();
+    let (ort_tps, ort_prefill) = ort_throughput(&mut dec, &prompts, NEW_TOKENS);
+    println!(
+        "onnxruntime CPU: {ort_tps:.1} generated tokens/s (batch 1, {NEW_TOKENS} new tokens x {} prompts), prefill {ort_prefill:.0} tokens/s",
+        prompts.len()
+    );
+    let pfile = tmp.join("prompts.json");
+    std::fs::write(&pfile, serde_json::to_string(&prompts).unwrap()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/onnx_ref.py");
+    let out = Command::new(python())
+        .arg(script)
+        .args(["hf-bench", "--model", model.to_str().unwrap(), "--prompts", pfile.to_str().unwrap()])
+        .args(["--max-new-tokens", &NEW_TOKENS.to_string(), "--threads", &threads.to_string()])
+        .output()
+        .expect("spawn python");
+    match serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+        Ok(hf) => {
+            let hf_tps = hf["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+            let hf_prefill = hf["prefill_tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "transformers {} CPU: {hf_tps:.1} generated tokens/s, prefill {hf_prefill:.0} tokens/s",
+                hf["torch"].as_str().unwrap_or("?")
+            );
+            println!(
+                "ratio onnxruntime / transformers: generation {:.2}x, prefill {:.2}x",
+                ort_tps / hf_tps,
+                ort_prefill / hf_prefill
+            );
+        }
+        Err(_) => println!("transformers bench failed:\n{}", String::from_utf8_lossy(&out.stderr)),
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
