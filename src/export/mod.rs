@@ -25,7 +25,7 @@ use proto::{ModelProto, OperatorSetIdProto, StringStringEntryProto};
 use writer::{write_model, WeightStorage, DATA_FILE, MAX_INLINE_BYTES, MODEL_FILE};
 
 use crate::error::{Error, IoContext, Result};
-use crate::model::weights::{copy_tokenizer_files, publish_dir, temp_sibling, write_json, Checkpoint};
+use crate::model::weights::{copy_tokenizer_files, publish_dir, temp_sibling, tensor_bytes, write_json, Checkpoint};
 use crate::model::{param_specs, Config};
 
 /// Opset 21 (ONNX 1.16, IR 10): every op the graph uses exists there unchanged, it is what
@@ -153,8 +153,7 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
         let src = ckpt.tensor(&w.name, Some(&w.dims))?;
         let t = src.to_kind(kind).contiguous();
         // bf16/fp32 weights beyond ±65504 would silently become infinities in fp16.
-        let all_finite = |x: &tch::Tensor| x.isfinite().all().int64_value(&[]) == 1;
-        if kind == Kind::Half && !all_finite(&t) && all_finite(&src) {
+        if kind == Kind::Half && has_non_finite_f16(&t) && src.isfinite().all().int64_value(&[]) == 1 {
             let path = ckpt.path_of(&w.name).map(Path::to_path_buf).unwrap_or_default();
             return Err(Error::unsupported(path, format!("fp16 export: tensor `{}` has values beyond the fp16 range", w.name)));
         }
@@ -187,6 +186,12 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
     Ok(manifest)
 }
 
+/// Any infinity or NaN in a contiguous CPU fp16 tensor (exponent bits all set), read straight
+/// from its bytes so that no temporary tensor the size of the weight is allocated.
+fn has_non_finite_f16(t: &tch::Tensor) -> bool {
+    tensor_bytes(t).chunks_exact(2).any(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7C00 == 0x7C00)
+}
+
 fn check_options(opts: &ExportOptions) -> Result<()> {
     use graph::{MAX_OPSET, MIN_OPSET};
     if !(MIN_OPSET..=MAX_OPSET).contains(&opts.opset) {
@@ -211,4 +216,24 @@ fn check_options(opts: &ExportOptions) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_fp16_is_found_in_the_bytes() {
+        let finite = tch::Tensor::from_slice(&[1.0f32, -65504.0, 0.0, 6e-8]).to_kind(Kind::Half);
+        assert!(!has_non_finite_f16(&finite));
+        for bad in [70000.0f32, f32::NEG_INFINITY, f32::NAN] {
+            let t = tch::Tensor::from_slice(&[1.0f32, bad]).to_kind(Kind::Half);
+            assert!(has_non_finite_f16(&t), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ir_versions_follow_the_onnx_release_table() {
+        assert_eq!([15, 18, 19, 21, 22, 23, 24, 26].map(ir_version_for_opset), [8, 8, 9, 10, 10, 11, 12, 13]);
+    }
 }
