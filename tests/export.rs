@@ -346,3 +346,25 @@ fn verify_refuses_an_onnx_from_another_model() {
         assert!(report.is_none(), "{what}: no numbers are reported for a mismatched pair");
     }
 }
+
+/// The demo model (imported from the SmolLM2 GGUF by `unlearn import-gguf`), when present:
+/// fp32 export verifies within 1e-3, and Python onnxruntime agrees with transformers.
+#[test]
+fn smollm2_demo_model_exports_and_verifies_when_present() {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let model = PathBuf::from(home).join(".cache/unlearn/models/smollm2-135m-instruct");
+    if !model.join("model.safetensors").exists() {
+        println!("SKIPPED: no demo model at {}", model.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("onnx");
+    export(&model, &out, &["--kv-cache"]);
+    onnx_check(&out);
+    assert_matches_transformers("smollm2", &onnx_vs_transformers(&model, &out), 1e-3);
+    let (ok, report, err) = verify(&model, &out, &["--device", "cpu"]);
+    assert!(ok, "verify failed:\n{err}");
+    let report = report.unwrap();
+    assert_verify_passed("smollm2", &report, 1e-3);
+    assert_eq!(report["generations_identical"], Value::Bool(true));
+}
