@@ -202,7 +202,6 @@ impl Decoder {
                 self.path.display()
             ),
         }
-        diffs.dedup();
         if diffs.is_empty() {
             return Ok(());
         }

@@ -415,15 +415,13 @@ fn onnx_greedy(
         }
         // Append the picked token to every row (finished rows keep going; their tokens are
         // ignored, and rows never see each other).
-        let t = mask.len() / b;
-        let last_pos: Vec<i64> = (0..b).map(|r| pos[r * (pos.len() / b) + pos.len() / b - 1]).collect();
+        let (s_all, t) = (ids.len() / b, mask.len() / b);
         let grow = |v: &[i64], cols: usize, new: &[i64]| -> Vec<i64> {
             (0..b).flat_map(|r| v[r * cols..(r + 1) * cols].iter().copied().chain([new[r]])).collect()
         };
-        let s_all = ids.len() / b;
+        step_pos = (0..b).map(|r| pos[r * s_all + s_all - 1] + 1).collect();
         ids = grow(&ids, s_all, &next);
         mask = grow(&mask, t, &vec![1; b]);
-        step_pos = last_pos.iter().map(|p| p + 1).collect();
         pos = grow(&pos, s_all, &step_pos);
         step_ids = next;
     }
