@@ -5,13 +5,18 @@
 //! forget/retain batches into gradients and know nothing of reduction; `dist` moves flat buffers and
 //! knows nothing of methods; `train` is where the three meet.
 
+pub mod checkpoint;
 pub mod cli;
+pub mod config;
 pub mod data;
 pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod methods;
 pub mod model;
+pub mod optim;
 pub mod progress;
+pub mod train;
 
 pub use error::{Error, Result};

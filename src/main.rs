@@ -22,17 +22,24 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fine-tune or unlearn as a TOML config says (resumable; run under mpirun for several ranks).
+    Run(cli::run::RunArgs),
     /// Per-sample teacher-forced NLL of a dataset (JSON lines out).
     Score(cli::score::ScoreArgs),
     /// Export a model directory to ONNX (model.onnx, tokenizer, export.json).
     Export(cli::export::ExportArgs),
     /// Check an ONNX export against the model with onnxruntime (verify.json out).
     Verify(cli::verify::VerifyArgs),
+    /// Import a llama.cpp GGUF model into an HF model directory (f32 weights, tokenizer.json).
+    ImportGguf(cli::import_gguf::ImportGgufArgs),
 }
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Only rank 0 reports progress; every rank reports warnings and errors, tagged with its rank.
+    let rank = unlearn::dist::env_rank();
+    let default = if rank == 0 { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
@@ -43,13 +50,29 @@ fn init_logging(format: LogFormat) {
 fn main() {
     let args = Cli::parse();
     init_logging(args.log_format);
+    let rank = unlearn::dist::env_rank();
+    let multi_rank = unlearn::dist::launcher_world_size() > 1;
+    if multi_rank {
+        // A panicking rank takes the whole job down instead of leaving peers in a collective.
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default(info);
+            eprintln!("rank {rank}: panicked; aborting all ranks");
+            unlearn::dist::abort_world(1);
+        }));
+    }
     let result = match &args.command {
+        Command::Run(a) => cli::run::run(a),
         Command::Score(a) => cli::score::run(a),
         Command::Export(a) => cli::export::run(a),
         Command::Verify(a) => cli::verify::run(a),
+        Command::ImportGguf(a) => cli::import_gguf::run(a),
     };
     if let Err(e) = result {
-        tracing::error!("{e}");
+        if multi_rank {
+            eprintln!("rank {rank}: error: {e}");
+            unlearn::dist::abort_world(1);
+        }
         eprintln!("error: {e}");
         std::process::exit(1);
     }

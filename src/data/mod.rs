@@ -2,6 +2,8 @@
 
 pub mod batch;
 pub mod formats;
+pub mod gguf_tokenizer;
+pub mod loader;
 pub mod tokenizer;
 
 pub use batch::{collate, tokenize, tokenize_all, Batch, Example, Overflow};

@@ -1,12 +1,166 @@
-//! Distribution: ranks, collectives and sharding. Model and method code never import this.
+//! Distribution: one collective interface, three backends (`none`, `mpi`, `nccl`), and the shard
+//! maps of ZeRO. Model and method code never import this module; the trainer hands them flat
+//! buffers that this module has reduced, scattered or gathered.
+//!
+//! All collectives work on contiguous flat tensors (f32 or bf16) and on small f64 vectors for
+//! scalars (norms, losses, checksums). Gradients are SUM-reduced: every rank normalises its loss by
+//! the *global* token count of the micro-batch, so the sum is the single-process gradient.
+
+pub mod local;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod zero;
+
+use std::sync::Arc;
+
+use tch::Tensor;
+
+use crate::Result;
+
+/// A group of ranks that move flat buffers between them.
+pub trait Collective {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Name for logs ("none", "mpi", "nccl").
+    fn backend(&self) -> &'static str;
+    /// Elementwise sum over ranks, in place.
+    fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()>;
+    /// `full` (world × n elements) summed over ranks; rank r receives block r into `shard` (n).
+    fn reduce_scatter_sum(&self, full: &Tensor, shard: &mut Tensor) -> Result<()>;
+    /// Every rank's `shard` (n) concatenated in rank order into `full` (world × n).
+    fn all_gather(&self, shard: &Tensor, full: &mut Tensor) -> Result<()>;
+    /// Copy `root`'s tensor to every rank.
+    fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()>;
+    /// Sum small f64 vectors over ranks (norms, loss sums, token counts). Always exact order-
+    /// independent enough for scalars; done on the host.
+    fn all_reduce_f64(&self, v: &mut [f64]) -> Result<()>;
+    /// Elementwise max of small f64 vectors over ranks.
+    fn all_reduce_max_f64(&self, v: &mut [f64]) -> Result<()>;
+    /// Copy `root`'s bytes to every rank (length included).
+    fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()>;
+    fn barrier(&self) -> Result<()>;
+    /// Stop every rank now (MPI_Abort / NCCL abort); used when one rank fails, so that no rank
+    /// hangs in a collective waiting for a dead peer.
+    fn abort(&self, code: i32) -> !;
+}
+
+pub type Comm = Arc<dyn Collective>;
+
+/// Pick a backend from `dist.backend` and the environment: `auto` is NCCL on CUDA devices when
+/// built with it, MPI when launched under an MPI launcher, else none.
+pub fn init(backend: &str, device: tch::Device) -> Result<Comm> {
+    let under_launcher = launcher_world_size() > 1;
+    match backend {
+        "none" => {
+            if under_launcher {
+                return Err(crate::other!("dist.backend = \"none\" but launched with {} ranks", launcher_world_size()));
+            }
+            Ok(Arc::new(local::Local))
+        }
+        "mpi" => init_mpi(),
+        "nccl" => init_nccl(device),
+        "auto" => {
+            if device.is_cuda() && cfg!(feature = "nccl") {
+                init_nccl(device)
+            } else if under_launcher || cfg!(feature = "mpi") && std::env::var("OMPI_COMM_WORLD_SIZE").is_ok() {
+                init_mpi()
+            } else {
+                Ok(Arc::new(local::Local))
+            }
+        }
+        other => Err(crate::other!("unknown dist.backend `{other}`")),
+    }
+}
+
+#[cfg(feature = "mpi")]
+fn init_mpi() -> Result<Comm> {
+    Ok(Arc::new(mpi::Mpi::init()?))
+}
+#[cfg(not(feature = "mpi"))]
+fn init_mpi() -> Result<Comm> {
+    if launcher_world_size() > 1 {
+        return Err(crate::other!("launched with several ranks but this binary was built without the `mpi` feature"));
+    }
+    Ok(Arc::new(local::Local))
+}
+
+#[cfg(feature = "nccl")]
+fn init_nccl(device: tch::Device) -> Result<Comm> {
+    if !device.is_cuda() {
+        return Err(crate::other!("dist.backend = \"nccl\" needs a CUDA device (model.device)"));
+    }
+    Ok(Arc::new(nccl::Nccl::init(device)?))
+}
+#[cfg(not(feature = "nccl"))]
+fn init_nccl(_device: tch::Device) -> Result<Comm> {
+    Err(crate::other!("dist.backend = \"nccl\" but this binary was built without the `nccl` feature"))
+}
 
 /// This process's rank as the launcher advertises it (Open MPI, MPICH/PMI, Slurm, torchrun),
 /// readable before MPI is initialised; 0 when not launched by any of them.
 pub fn env_rank() -> usize {
-    for key in ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID", "RANK"] {
-        if let Some(r) = std::env::var(key).ok().and_then(|v| v.parse().ok()) {
-            return r;
+    env_first(&["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID", "RANK"]).unwrap_or(0)
+}
+
+/// Number of ranks the launcher started (1 when run directly).
+pub fn launcher_world_size() -> usize {
+    env_first(&["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", "WORLD_SIZE"]).unwrap_or(1)
+}
+
+/// Ranks on this node, to split CPU threads between them.
+pub fn local_world_size() -> usize {
+    env_first(&["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE"]).unwrap_or(1)
+}
+
+fn env_first(keys: &[&str]) -> Option<usize> {
+    keys.iter().find_map(|k| std::env::var(k).ok().and_then(|v| v.parse().ok()))
+}
+
+/// Raw f32 view of a contiguous CPU tensor (for host collectives).
+///
+/// # Safety
+/// The tensor must be a contiguous CPU f32 tensor and must not be aliased mutably elsewhere for
+/// the lifetime of the slice.
+pub(crate) unsafe fn f32_slice_mut(t: &mut Tensor) -> &mut [f32] {
+    debug_assert!(t.device() == tch::Device::Cpu && t.is_contiguous() && t.kind() == tch::Kind::Float);
+    std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel())
+}
+
+/// # Safety
+/// As [`f32_slice_mut`], read-only.
+pub(crate) unsafe fn f32_slice(t: &Tensor) -> &[f32] {
+    debug_assert!(t.device() == tch::Device::Cpu && t.is_contiguous() && t.kind() == tch::Kind::Float);
+    std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel())
+}
+
+/// Split the node's cores between its ranks for libtorch's intra-op threads (unless the user set
+/// OMP_NUM_THREADS): N ranks each using every core would thrash.
+pub fn set_cpu_threads() {
+    if std::env::var("OMP_NUM_THREADS").is_ok() {
+        return;
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let per_rank = (cores / local_world_size().max(1)).max(1);
+    tch::set_num_threads(per_rank as i32);
+}
+
+/// Abort every rank of the job (used by the panic hook and on fatal errors): a failed rank must
+/// never leave its peers blocked in a collective.
+pub fn abort_world(code: i32) -> ! {
+    #[cfg(feature = "mpi")]
+    {
+        let mut init = 0;
+        let mut fin = 0;
+        // SAFETY: plain MPI queries and abort on the world communicator.
+        unsafe {
+            ::mpi::ffi::MPI_Initialized(&mut init);
+            ::mpi::ffi::MPI_Finalized(&mut fin);
+            if init != 0 && fin == 0 {
+                ::mpi::ffi::MPI_Abort(::mpi::ffi::RSMPI_COMM_WORLD, code);
+            }
         }
     }
-    0
+    std::process::exit(code)
 }

@@ -163,6 +163,34 @@ impl Llama {
         Ok(Llama { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, inv_freq })
     }
 
+    /// A second model sharing every weight tensor with this one (no copy). The trainer rebinds
+    /// its trainable weights to the teacher's buffers; frozen weights stay shared.
+    pub fn shallow_copy(&self) -> Llama {
+        let sc = |t: &Tensor| t.shallow_clone();
+        Llama {
+            cfg: self.cfg.clone(),
+            embed_tokens: sc(&self.embed_tokens),
+            layers: self
+                .layers
+                .iter()
+                .map(|b| Block {
+                    input_layernorm: sc(&b.input_layernorm),
+                    self_attn: Attention {
+                        q_proj: sc(&b.self_attn.q_proj),
+                        k_proj: sc(&b.self_attn.k_proj),
+                        v_proj: sc(&b.self_attn.v_proj),
+                        o_proj: sc(&b.self_attn.o_proj),
+                    },
+                    post_attention_layernorm: sc(&b.post_attention_layernorm),
+                    mlp: Mlp { gate_proj: sc(&b.mlp.gate_proj), up_proj: sc(&b.mlp.up_proj), down_proj: sc(&b.mlp.down_proj) },
+                })
+                .collect(),
+            norm: sc(&self.norm),
+            lm_head: self.lm_head.as_ref().map(sc),
+            inv_freq: sc(&self.inv_freq),
+        }
+    }
+
     pub fn config(&self) -> &Config {
         &self.cfg
     }
@@ -178,22 +206,41 @@ impl Llama {
     /// Visit every parameter mutably, in [`param_specs`] order. Used to rebind weights to flat
     /// buffers or to copy in new values.
     pub fn visit_params_mut(&mut self, mut f: impl FnMut(&str, &mut Tensor)) {
+        // Order of param_specs: embeddings, blocks, final norm, head.
         f("model.embed_tokens.weight", &mut self.embed_tokens);
-        for (l, b) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{l}");
-            f(&format!("{p}.input_layernorm.weight"), &mut b.input_layernorm);
-            f(&format!("{p}.self_attn.q_proj.weight"), &mut b.self_attn.q_proj);
-            f(&format!("{p}.self_attn.k_proj.weight"), &mut b.self_attn.k_proj);
-            f(&format!("{p}.self_attn.v_proj.weight"), &mut b.self_attn.v_proj);
-            f(&format!("{p}.self_attn.o_proj.weight"), &mut b.self_attn.o_proj);
-            f(&format!("{p}.post_attention_layernorm.weight"), &mut b.post_attention_layernorm);
-            f(&format!("{p}.mlp.gate_proj.weight"), &mut b.mlp.gate_proj);
-            f(&format!("{p}.mlp.up_proj.weight"), &mut b.mlp.up_proj);
-            f(&format!("{p}.mlp.down_proj.weight"), &mut b.mlp.down_proj);
+        for l in 0..self.layers.len() {
+            self.visit_layer_params_mut(Some(l), &mut f);
         }
         f("model.norm.weight", &mut self.norm);
         if let Some(h) = self.lm_head.as_mut() {
             f("lm_head.weight", h);
+        }
+    }
+
+    /// Visit the parameters of one layer (`None`: embeddings, final norm and head), in
+    /// [`param_specs`] order. Used to bind a layer's weights just before it runs (ZeRO-3).
+    pub fn visit_layer_params_mut(&mut self, layer: Option<usize>, mut f: impl FnMut(&str, &mut Tensor)) {
+        match layer {
+            Some(l) => {
+                let p = format!("model.layers.{l}");
+                let b = &mut self.layers[l];
+                f(&format!("{p}.input_layernorm.weight"), &mut b.input_layernorm);
+                f(&format!("{p}.self_attn.q_proj.weight"), &mut b.self_attn.q_proj);
+                f(&format!("{p}.self_attn.k_proj.weight"), &mut b.self_attn.k_proj);
+                f(&format!("{p}.self_attn.v_proj.weight"), &mut b.self_attn.v_proj);
+                f(&format!("{p}.self_attn.o_proj.weight"), &mut b.self_attn.o_proj);
+                f(&format!("{p}.post_attention_layernorm.weight"), &mut b.post_attention_layernorm);
+                f(&format!("{p}.mlp.gate_proj.weight"), &mut b.mlp.gate_proj);
+                f(&format!("{p}.mlp.up_proj.weight"), &mut b.mlp.up_proj);
+                f(&format!("{p}.mlp.down_proj.weight"), &mut b.mlp.down_proj);
+            }
+            None => {
+                f("model.embed_tokens.weight", &mut self.embed_tokens);
+                f("model.norm.weight", &mut self.norm);
+                if let Some(h) = self.lm_head.as_mut() {
+                    f("lm_head.weight", h);
+                }
+            }
         }
     }
 

@@ -135,7 +135,13 @@ impl Checkpoint {
                 return Err(Error::unsupported(path, format!("dtype {other:?} of tensor `{name}`")));
             }
         };
-        Ok(Tensor::f_from_data_size(view.data(), &shape, kind)?)
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
+        // The bytes are copied: drop the file pages from this process's RSS right away, so that
+        // loading never costs the model twice in resident memory (pages refault if read again).
+        let offset = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+        // SAFETY: read-only private file mapping; DONTNEED only discards clean cached pages.
+        let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, view.data().len()) };
+        Ok(t)
     }
 }
 
@@ -250,6 +256,12 @@ impl HfWriter {
         write_json(&tmp.join("config.json"), &cfg)?;
         let specs = specs.iter().map(|s| (s.name.clone(), s.clone())).collect();
         Ok(HfWriter { out: out.to_path_buf(), tmp, kind, plan, specs, current: None, finished: false })
+    }
+
+    /// The temporary directory being filled, for extra files (tokenizer, generation config) that
+    /// must be published together with the weights.
+    pub fn staging_dir(&self) -> &Path {
+        &self.tmp
     }
 
     /// The position the next tensor must have: (shard, index in shard).

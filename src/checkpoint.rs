@@ -1,0 +1,252 @@
+//! Checkpoints: per-shard state files plus one `meta.json`, written atomically and readable at any
+//! world size.
+//!
+//! Layout of `checkpoints/step-000100/`:
+//! * `shard-00000-of-00002.safetensors`: this shard's fp32 master weights (`master`), optimizer
+//!   state (`optim.*`) and EMA teacher (`teacher`), each a flat vector;
+//! * `meta.json`: step, flat layout (which parameter pieces each shard holds), optimizer scalars,
+//!   loader positions, AutoLR state.
+//!
+//! Each rank writes its shard into `step-N.tmp/` (fsynced); after a barrier rank 0 writes
+//! meta.json, renames the directory into place and updates `checkpoints/latest`. A crash at any
+//! point leaves the previous checkpoint intact and `latest` pointing at it. Under ZeRO-0 every
+//! rank holds the same state, so only rank 0 writes (one shard).
+//!
+//! Resharding: a rank restoring at another world size asks, for each parameter piece its new
+//! shard needs, which old shard held it (the old layout's segments), and copies just those
+//! element ranges out of the memory-mapped old files.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::data::loader::LoaderState;
+use crate::dist::zero::FlatLayout;
+use crate::dist::Collective;
+use crate::error::{Error, IoContext, Result};
+use crate::methods::autolr::AutoLr;
+use crate::model::weights::{publish_dir, tensor_bytes, write_atomic};
+
+/// What a trainer hands over to be saved.
+pub struct State {
+    pub step: u64,
+    pub world: usize,
+    pub layout: FlatLayout,
+    /// Flat shard tensors by name (all of length `layout.shard_len()`).
+    pub tensors: Vec<(String, Tensor)>,
+    pub optim_scalars: serde_json::Value,
+    pub forget: Option<LoaderState>,
+    pub retain: Option<LoaderState>,
+    pub autolr: Option<AutoLr>,
+    pub method: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    pub step: u64,
+    pub world: usize,
+    pub layout: FlatLayout,
+    pub tensors: Vec<String>,
+    pub optim_scalars: serde_json::Value,
+    pub forget: Option<LoaderState>,
+    pub retain: Option<LoaderState>,
+    pub autolr: Option<AutoLr>,
+    pub method: String,
+    pub tool_version: String,
+}
+
+pub fn step_dir(root: &Path, step: u64) -> PathBuf {
+    root.join(format!("step-{step:06}"))
+}
+
+fn shard_file(shard: usize, shards: usize) -> String {
+    format!("shard-{shard:05}-of-{shards:05}.safetensors")
+}
+
+/// Save `state` under `root/step-N` (collective: every rank calls it).
+pub fn save(root: &Path, state: &State, comm: &dyn Collective, keep: usize) -> Result<PathBuf> {
+    let final_dir = step_dir(root, state.step);
+    let tmp = root.join(format!("step-{:06}.tmp", state.step));
+    let rank = comm.rank();
+    let shards = state.layout.shards;
+    if rank == 0 {
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).at(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp).at(&tmp)?;
+    }
+    comm.barrier()?;
+    // Under ZeRO-0 (one shard) only rank 0 writes; otherwise shard r is rank r's.
+    if rank < shards {
+        let path = tmp.join(shard_file(rank, shards));
+        let cpu: Vec<(String, Tensor)> =
+            state.tensors.iter().map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous())).collect();
+        write_safetensors(&path, &cpu)?;
+    }
+    comm.barrier()?;
+    if rank == 0 {
+        let meta = Meta {
+            step: state.step,
+            world: state.world,
+            layout: state.layout.clone(),
+            tensors: state.tensors.iter().map(|(n, _)| n.clone()).collect(),
+            optim_scalars: state.optim_scalars.clone(),
+            forget: state.forget,
+            retain: state.retain,
+            autolr: state.autolr.clone(),
+            method: state.method.clone(),
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let text = serde_json::to_string_pretty(&meta).expect("meta serializes");
+        write_atomic(&tmp.join("meta.json"), text.as_bytes())?;
+        publish_dir(&tmp, &final_dir)?;
+        write_atomic(&root.join("latest"), final_dir.file_name().unwrap().to_string_lossy().as_bytes())?;
+        prune(root, keep)?;
+    }
+    comm.barrier()?;
+    Ok(final_dir)
+}
+
+/// Keep the `keep` most recent complete checkpoints; remove older ones and stale temporaries.
+fn prune(root: &Path, keep: usize) -> Result<()> {
+    let mut steps: Vec<PathBuf> = vec![];
+    for e in std::fs::read_dir(root).at(root)? {
+        let p = e.at(root)?.path();
+        let name = p.file_name().unwrap_or_default().to_string_lossy().to_string();
+        if name.starts_with("step-") && name.ends_with(".tmp") {
+            continue; // another writer may be in flight; temporaries are replaced on the next save
+        }
+        if name.starts_with("step-") && p.join("meta.json").exists() {
+            steps.push(p);
+        }
+    }
+    steps.sort();
+    while steps.len() > keep {
+        let old = steps.remove(0);
+        std::fs::remove_dir_all(&old).at(&old)?;
+    }
+    Ok(())
+}
+
+/// The checkpoint `latest` points to under `root`, if any.
+pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
+    let p = root.join("latest");
+    if !p.exists() {
+        return Ok(None);
+    }
+    let name = std::fs::read_to_string(&p).at(&p)?;
+    let dir = root.join(name.trim());
+    if !dir.join("meta.json").exists() {
+        return Err(Error::format(&p, format!("points to {} which is not a complete checkpoint", dir.display())));
+    }
+    Ok(Some(dir))
+}
+
+/// Stream `(name, flat f32 tensor)` pairs into one safetensors file, fsynced.
+fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    use std::io::Write;
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (n, t) in tensors {
+        let bytes = t.numel() * 4;
+        header.insert(n.clone(), serde_json::json!({"dtype": "F32", "shape": [t.numel()], "data_offsets": [offset, offset + bytes]}));
+        offset += bytes;
+    }
+    let mut text = serde_json::to_string(&serde_json::Value::Object(header)).expect("header serializes");
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let file = std::fs::File::create(path).at(path)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
+    w.write_all(&(text.len() as u64).to_le_bytes()).at(path)?;
+    w.write_all(text.as_bytes()).at(path)?;
+    for (_, t) in tensors {
+        w.write_all(tensor_bytes(t)).at(path)?;
+    }
+    let file = w.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
+    file.sync_all().at(path)
+}
+
+/// An opened checkpoint.
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub meta: Meta,
+    shards: Vec<(PathBuf, Mmap)>,
+}
+
+impl Loaded {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let meta_path = dir.join("meta.json");
+        let text = std::fs::read_to_string(&meta_path).at(&meta_path)?;
+        let meta: Meta =
+            serde_json::from_str(&text).map_err(|e| Error::format(&meta_path, format!("not a checkpoint meta file: {e}")))?;
+        let n = meta.layout.shards;
+        let mut shards = vec![];
+        for r in 0..n {
+            let path = dir.join(shard_file(r, n));
+            let file = std::fs::File::open(&path).at(&path)?;
+            // SAFETY: read-only map of a file we do not modify.
+            let mmap = unsafe { Mmap::map(&file) }.at(&path)?;
+            SafeTensors::deserialize(&mmap).map_err(|e| Error::format(&path, format!("corrupt checkpoint shard: {e}")))?;
+            shards.push((path, mmap));
+        }
+        Ok(Loaded { dir: dir.to_path_buf(), meta, shards })
+    }
+
+    pub fn tensor_names(&self) -> Vec<String> {
+        self.meta.tensors.clone()
+    }
+
+    /// Fill `out` (this rank's shard of `name` under `layout`) from the old shards.
+    pub fn read_shard(&self, name: &str, layout: &FlatLayout, rank: usize, out: &mut Tensor) -> Result<()> {
+        if !self.meta.tensors.iter().any(|n| n == name) {
+            return Err(Error::format(self.dir.join("meta.json"), format!("checkpoint has no `{name}` state")));
+        }
+        // param -> list of (param_offset, len, old shard, old shard offset)
+        let mut old: BTreeMap<&str, Vec<(i64, i64, usize, i64)>> = BTreeMap::new();
+        let old_segments: Vec<_> = (0..self.meta.layout.shards).map(|r| (r, self.meta.layout.segments(r))).collect();
+        for (r, segs) in &old_segments {
+            for s in segs {
+                old.entry(s.param.as_str()).or_default().push((s.param_offset, s.len, *r, s.shard_offset));
+            }
+        }
+        let views: Vec<&[f32]> = self
+            .shards
+            .iter()
+            .map(|(path, mmap)| -> Result<&[f32]> {
+                let st = SafeTensors::deserialize(mmap).map_err(|e| Error::format(path, e.to_string()))?;
+                let view = st.tensor(name).map_err(|e| Error::format(path, format!("`{name}`: {e}")))?;
+                let data = view.data();
+                // SAFETY: safetensors data sections are 8-byte aligned in our files (header padded),
+                // F32 little-endian, and live as long as the map.
+                Ok(unsafe { std::slice::from_raw_parts(data.as_ptr() as *const f32, data.len() / 4) })
+            })
+            .collect::<Result<_>>()?;
+        let mut host = vec![0f32; layout.shard_len() as usize];
+        for seg in layout.segments(rank) {
+            let pieces = old
+                .get(seg.param.as_str())
+                .ok_or_else(|| Error::format(&self.dir, format!("checkpoint has no parameter `{}`", seg.param)))?;
+            let (lo, hi) = (seg.param_offset, seg.param_offset + seg.len);
+            let mut covered = 0;
+            for &(p_off, len, r, s_off) in pieces {
+                let (a, b) = (lo.max(p_off), hi.min(p_off + len));
+                if a < b {
+                    let src = &views[r][(s_off + a - p_off) as usize..(s_off + b - p_off) as usize];
+                    host[(seg.shard_offset + a - lo) as usize..(seg.shard_offset + b - lo) as usize].copy_from_slice(src);
+                    covered += b - a;
+                }
+            }
+            if covered != seg.len {
+                return Err(Error::format(&self.dir, format!("checkpoint does not cover all of `{}`", seg.param)));
+            }
+        }
+        let t = Tensor::from_slice(&host).to_device(out.device()).to_kind(out.kind());
+        tch::no_grad(|| out.copy_(&t));
+        Ok(())
+    }
+}

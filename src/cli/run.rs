@@ -1,0 +1,140 @@
+//! `unlearn run`: train (fine-tune or unlearn) as the config says, resumably.
+
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint;
+use crate::config::RunConfig;
+use crate::dist;
+use crate::progress::Progress;
+use crate::train::{append_metrics, Trainer};
+use crate::Result;
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// TOML config (see configs/). With --resume it defaults to the run's saved config.toml.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override any config key: --set optim.lr=1e-5 --set train.steps=50
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Continue the run in this output directory from its latest checkpoint (any world size).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+}
+
+pub fn run(args: &RunArgs) -> Result<()> {
+    let config_path = match (&args.config, &args.resume) {
+        (Some(c), _) => c.clone(),
+        (None, Some(dir)) => dir.join("config.toml"),
+        (None, None) => return Err(crate::other!("give --config FILE (or --resume DIR of an earlier run)")),
+    };
+    let mut overrides = args.overrides.clone();
+    if let Some(dir) = &args.resume {
+        overrides.push(format!("train.out_dir={:?}", dir.display().to_string()));
+    }
+    let cfg = RunConfig::load(&config_path, &overrides)?;
+    let device = crate::model::parse_device(&cfg.model.device)?;
+    let comm = dist::init(&cfg.dist.backend, device)?;
+    dist::set_cpu_threads();
+    let out = cfg.train.out_dir.clone();
+    let ckpt_root = out.join("checkpoints");
+    let rank = comm.rank();
+
+    let resume_from = match &args.resume {
+        Some(_) => checkpoint::latest(&ckpt_root)?,
+        None => {
+            if checkpoint::latest(&ckpt_root)?.is_some() {
+                return Err(crate::other!(
+                    "{} already holds a run; pass --resume {} to continue it, or choose another train.out_dir",
+                    out.display(),
+                    out.display()
+                ));
+            }
+            None
+        }
+    };
+    if rank == 0 {
+        std::fs::create_dir_all(&ckpt_root).map_err(|e| crate::Error::io(&ckpt_root, e))?;
+        crate::model::weights::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
+    }
+    comm.barrier()?;
+
+    let mut trainer = Trainer::new(cfg, comm.clone())?;
+    let metrics = out.join("metrics.jsonl");
+    if let Some(dir) = &resume_from {
+        trainer.restore(dir)?;
+        if rank == 0 {
+            tracing::info!("resumed from {} at step {}", dir.display(), trainer.step);
+            truncate_metrics(&metrics, trainer.step)?;
+        }
+    } else if rank == 0 && metrics.exists() {
+        std::fs::remove_file(&metrics).map_err(|e| crate::Error::io(&metrics, e))?;
+    }
+
+    let total = trainer.cfg.train.steps;
+    let every = trainer.cfg.train.checkpoint_every;
+    let keep = trainer.cfg.train.keep_checkpoints;
+    let log_every = trainer.cfg.train.log_every;
+    let bar = Progress::new(total, "train");
+    bar.inc(trainer.step.min(total));
+    while trainer.step < total {
+        let log = trainer.train_step()?;
+        if rank == 0 {
+            append_metrics(&metrics, &log)?;
+            if log.step % log_every == 0 || log.step == total {
+                tracing::info!("{}", format_log(&log, total));
+            }
+        }
+        bar.inc(1);
+        if every > 0 && log.step % every == 0 && log.step < total {
+            let state = trainer.checkpoint_state();
+            let dir = checkpoint::save(&ckpt_root, &state, &**trainer.comm(), keep)?;
+            if rank == 0 {
+                tracing::info!("checkpoint {}", dir.display());
+            }
+        }
+    }
+    bar.finish();
+    let final_ckpt = checkpoint::step_dir(&ckpt_root, trainer.step);
+    if !final_ckpt.join("meta.json").exists() {
+        let state = trainer.checkpoint_state();
+        checkpoint::save(&ckpt_root, &state, &**trainer.comm(), keep)?;
+    }
+    let final_dir = out.join("final");
+    trainer.save_final(&final_dir)?;
+    if rank == 0 {
+        tracing::info!("done: {} steps, model in {}", trainer.step, final_dir.display());
+    }
+    Ok(())
+}
+
+fn format_log(l: &crate::train::StepLog, total: u64) -> String {
+    let mut s = format!("step {}/{total}", l.step);
+    if let Some(v) = l.loss_forget {
+        s += &format!(" | forget {v:.4}");
+    }
+    if let Some(v) = l.loss_retain {
+        s += &format!(" | retain {v:.4}");
+    }
+    if let Some(v) = l.grad_norm_forget {
+        s += &format!(" | |g_F| {v:.3e}");
+    }
+    if let Some(v) = l.grad_norm_retain {
+        s += &format!(" | |g_R| {v:.3e}");
+    }
+    s + &format!(" | lr {:.3e} | clip {:.3} | {:.0} tok/s", l.lr, l.clip, l.tokens_per_s)
+}
+
+/// Keep the metrics lines up to `step` (a resumed run rewrites the steps after its checkpoint).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io(path, e))?;
+    let kept: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::model::weights::write_atomic(path, kept.as_bytes())
+}

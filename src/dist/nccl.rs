@@ -1,0 +1,187 @@
+//! NCCL backend on CUDA tensors, through cudarc's dynamically loaded bindings (the library is
+//! found at run time: `libnccl.so`, which launch/setup.sh links to the torch wheel's
+//! `libnccl.so.2`, so the process holds a single NCCL).
+//!
+//! Collectives are enqueued on the legacy default stream (`stream = null`), the stream every tch
+//! kernel runs on (tch exposes no stream API): NCCL kernels are thereby ordered after the kernels
+//! that produce their inputs and before those that consume their outputs, with no explicit sync.
+//! The communicator id is made by rank 0 and broadcast over MPI; host-side scalars (norms, loss
+//! sums) and barriers also go through MPI, or nowhere at world size 1.
+
+use std::ffi::c_void;
+
+use cudarc::nccl::{result as nr, sys as ns};
+use tch::{Kind, Tensor};
+
+use super::local::Local;
+use super::Collective;
+use crate::Result;
+
+pub struct Nccl {
+    comm: ns::ncclComm_t,
+    rank: usize,
+    world: usize,
+    /// Host channel: MPI when launched by mpirun, else the trivial world-size-1 group.
+    host: Box<dyn Collective>,
+}
+
+fn nccl_err(what: &str, e: impl std::fmt::Debug) -> crate::Error {
+    crate::Error::Dist(format!("NCCL {what}: {e:?}"))
+}
+
+fn dtype(kind: Kind) -> Result<ns::ncclDataType_t> {
+    Ok(match kind {
+        Kind::Float => ns::ncclDataType_t::ncclFloat32,
+        Kind::BFloat16 => ns::ncclDataType_t::ncclBfloat16,
+        Kind::Half => ns::ncclDataType_t::ncclFloat16,
+        Kind::Double => ns::ncclDataType_t::ncclFloat64,
+        other => return Err(crate::Error::Dist(format!("NCCL: unsupported tensor kind {other:?}"))),
+    })
+}
+
+fn check(t: &Tensor, what: &str) -> Result<()> {
+    if !t.device().is_cuda() || !t.is_contiguous() {
+        return Err(crate::Error::Dist(format!("NCCL {what}: tensor must be contiguous and on the GPU")));
+    }
+    Ok(())
+}
+
+impl Nccl {
+    pub fn init(device: tch::Device) -> Result<Self> {
+        // SAFETY: only probes for the shared library.
+        if !unsafe { ns::is_culib_present() } {
+            return Err(crate::Error::Dist(
+                "libnccl.so not found on LD_LIBRARY_PATH (source launch/env.sh, which links the torch wheel's libnccl.so.2)".into(),
+            ));
+        }
+        let host = host_channel()?;
+        let (rank, world) = (host.rank(), host.world());
+        let mut id_bytes = vec![0u8; 128];
+        if rank == 0 {
+            let id = nr::get_uniqueid().map_err(|e| nccl_err("get_uniqueid", e))?;
+            for (b, c) in id_bytes.iter_mut().zip(id.internal.iter()) {
+                *b = *c as u8;
+            }
+        }
+        host.broadcast_bytes(&mut id_bytes, 0)?;
+        let mut id = ns::ncclUniqueId { internal: [0; 128] };
+        for (c, b) in id.internal.iter_mut().zip(id_bytes) {
+            *c = b as std::os::raw::c_char;
+        }
+        // A tch allocation makes the device (and the runtime's primary context) current.
+        let _warm = Tensor::zeros([1], (Kind::Float, device));
+        let mut comm: ns::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `comm` is a valid out-pointer; the id is identical on every rank.
+        unsafe { nr::comm_init_rank(&mut comm, world as i32, id, rank as i32) }.map_err(|e| nccl_err("comm_init_rank", e))?;
+        let version = nr::get_nccl_version().unwrap_or(0);
+        tracing::info!("NCCL {version}: rank {rank} of {world} on {device:?}");
+        Ok(Nccl { comm, rank, world, host })
+    }
+}
+
+#[cfg(feature = "mpi")]
+fn host_channel() -> Result<Box<dyn Collective>> {
+    if super::launcher_world_size() > 1 || std::env::var("OMPI_COMM_WORLD_SIZE").is_ok() {
+        return Ok(Box::new(super::mpi::Mpi::init()?));
+    }
+    Ok(Box::new(Local))
+}
+#[cfg(not(feature = "mpi"))]
+fn host_channel() -> Result<Box<dyn Collective>> {
+    if super::launcher_world_size() > 1 {
+        return Err(crate::Error::Dist("several ranks need the `mpi` feature to bootstrap NCCL".into()));
+    }
+    Ok(Box::new(Local))
+}
+
+impl Collective for Nccl {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn backend(&self) -> &'static str {
+        "nccl"
+    }
+    fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()> {
+        check(t, "all_reduce")?;
+        let ptr = t.data_ptr();
+        // SAFETY: in-place all-reduce on a contiguous device buffer of numel elements.
+        unsafe {
+            nr::all_reduce(ptr as *const c_void, ptr, t.numel(), dtype(t.kind())?, ns::ncclRedOp_t::ncclSum, self.comm, std::ptr::null_mut())
+        }
+        .map_err(|e| nccl_err("all_reduce", e))?;
+        Ok(())
+    }
+    fn reduce_scatter_sum(&self, full: &Tensor, shard: &mut Tensor) -> Result<()> {
+        check(full, "reduce_scatter")?;
+        check(shard, "reduce_scatter")?;
+        if full.numel() != shard.numel() * self.world || full.kind() != shard.kind() {
+            return Err(crate::Error::Dist("NCCL reduce_scatter: buffer sizes or kinds disagree".into()));
+        }
+        // SAFETY: sizes checked above.
+        unsafe {
+            nr::reduce_scatter(
+                full.data_ptr() as *const c_void,
+                shard.data_ptr(),
+                shard.numel(),
+                dtype(full.kind())?,
+                ns::ncclRedOp_t::ncclSum,
+                self.comm,
+                std::ptr::null_mut(),
+            )
+        }
+        .map_err(|e| nccl_err("reduce_scatter", e))?;
+        Ok(())
+    }
+    fn all_gather(&self, shard: &Tensor, full: &mut Tensor) -> Result<()> {
+        check(full, "all_gather")?;
+        check(shard, "all_gather")?;
+        if full.numel() != shard.numel() * self.world || full.kind() != shard.kind() {
+            return Err(crate::Error::Dist("NCCL all_gather: buffer sizes or kinds disagree".into()));
+        }
+        // SAFETY: sizes checked above.
+        unsafe {
+            nr::all_gather(shard.data_ptr() as *const c_void, full.data_ptr(), shard.numel(), dtype(full.kind())?, self.comm, std::ptr::null_mut())
+        }
+        .map_err(|e| nccl_err("all_gather", e))?;
+        Ok(())
+    }
+    fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
+        check(t, "broadcast")?;
+        let ptr = t.data_ptr();
+        // SAFETY: in-place broadcast on a contiguous device buffer.
+        unsafe { nr::broadcast(ptr as *const c_void, ptr, t.numel(), dtype(t.kind())?, root as i32, self.comm, std::ptr::null_mut()) }
+            .map_err(|e| nccl_err("broadcast", e))?;
+        Ok(())
+    }
+    fn all_reduce_f64(&self, v: &mut [f64]) -> Result<()> {
+        self.host.all_reduce_f64(v)
+    }
+    fn all_reduce_max_f64(&self, v: &mut [f64]) -> Result<()> {
+        self.host.all_reduce_max_f64(v)
+    }
+    fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()> {
+        self.host.broadcast_bytes(bytes, root)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.host.barrier()
+    }
+    fn abort(&self, code: i32) -> ! {
+        // SAFETY: aborting our own communicator; peers blocked in NCCL kernels are released.
+        unsafe {
+            let _ = nr::comm_abort(self.comm);
+        }
+        self.host.abort(code)
+    }
+}
+
+impl Drop for Nccl {
+    fn drop(&mut self) {
+        // SAFETY: the communicator is ours and no collective is in flight at drop.
+        unsafe {
+            let _ = nr::comm_destroy(self.comm);
+        }
+    }
+}

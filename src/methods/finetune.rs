@@ -1,0 +1,25 @@
+//! Plain language-model fine-tuning on the retain data (builds target and retain models).
+
+use tch::Tensor;
+
+use super::{batch_nll, Aux, Direction, Grads, LossOut, Method, Objective};
+use crate::data::loader::LocalBatch;
+use crate::Result;
+
+pub struct Finetune;
+
+impl Method for Finetune {
+    fn name(&self) -> &'static str {
+        "finetune"
+    }
+    fn objectives(&self) -> &'static [Objective] {
+        &[Objective::Retain]
+    }
+    fn loss(&mut self, _obj: Objective, logits: &Tensor, batch: &LocalBatch, _aux: &Aux) -> Result<LossOut> {
+        let loss = batch_nll(logits, batch);
+        Ok(LossOut { value: loss.double_value(&[]), loss })
+    }
+    fn direction(&mut self, g: &Grads) -> Result<Direction> {
+        Ok(Direction { d: g.retain.expect("retain gradient").shallow_clone(), clip: 1.0 })
+    }
+}

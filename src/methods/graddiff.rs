@@ -1,0 +1,38 @@
+//! Gradient difference: minimise `w_R·NLL_R − w_F·NLL_F` (GDiff with weights; NGDiff is its
+//! normalised version).
+
+use tch::Tensor;
+
+use super::{batch_nll, Aux, Direction, Grads, LossOut, Method, Objective};
+use crate::config::MethodCfg;
+use crate::data::loader::LocalBatch;
+use crate::Result;
+
+pub struct GradDiff {
+    forget_weight: f64,
+    retain_weight: f64,
+}
+
+impl GradDiff {
+    pub fn new(cfg: &MethodCfg) -> Self {
+        GradDiff { forget_weight: cfg.forget_weight, retain_weight: cfg.retain_weight }
+    }
+}
+
+impl Method for GradDiff {
+    fn name(&self) -> &'static str {
+        "graddiff"
+    }
+    fn objectives(&self) -> &'static [Objective] {
+        &[Objective::Forget, Objective::Retain]
+    }
+    /// Both buffers hold ∇NLL; the weights and the sign are applied in `direction`.
+    fn loss(&mut self, _obj: Objective, logits: &Tensor, batch: &LocalBatch, _aux: &Aux) -> Result<LossOut> {
+        let loss = batch_nll(logits, batch);
+        Ok(LossOut { value: loss.double_value(&[]), loss })
+    }
+    fn direction(&mut self, g: &Grads) -> Result<Direction> {
+        let (f, r) = (g.forget.expect("forget gradient"), g.retain.expect("retain gradient"));
+        Ok(Direction { d: r * self.retain_weight - f * self.forget_weight, clip: 1.0 })
+    }
+}
