@@ -26,6 +26,10 @@ enum Command {
     Run(cli::run::RunArgs),
     /// Per-sample teacher-forced NLL of a dataset (JSON lines out).
     Score(cli::score::ScoreArgs),
+    /// Export a model directory to ONNX (model.onnx, tokenizer, export.json).
+    Export(cli::export::ExportArgs),
+    /// Check an ONNX export against the model with onnxruntime (verify.json out).
+    Verify(cli::verify::VerifyArgs),
     /// Import a llama.cpp GGUF model into an HF model directory (f32 weights, tokenizer.json).
     ImportGguf(cli::import_gguf::ImportGgufArgs),
 }
@@ -60,6 +64,8 @@ fn main() {
     let result = match &args.command {
         Command::Run(a) => cli::run::run(a),
         Command::Score(a) => cli::score::run(a),
+        Command::Export(a) => cli::export::run(a),
+        Command::Verify(a) => cli::verify::run(a),
         Command::ImportGguf(a) => cli::import_gguf::run(a),
     };
     if let Err(e) = result {

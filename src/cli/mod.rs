@@ -1,5 +1,7 @@
 //! Subcommands: one file each, each with its clap `Args` and a `run` function.
 
+pub mod export;
 pub mod import_gguf;
 pub mod run;
 pub mod score;
+pub mod verify;

@@ -88,6 +88,11 @@ impl Checkpoint {
         Ok(Checkpoint { shards, index })
     }
 
+    /// The safetensors files, in the (sorted) order they were opened.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.shards.iter().map(|(p, _)| p.as_path())
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.index.keys().map(String::as_str)
     }
