@@ -306,7 +306,7 @@ impl RunConfig {
         let mut table = Table::try_from(self).expect("config serializes to TOML");
         if let Some(Value::Table(m)) = table.get_mut("method") {
             let keep = method_keys(&self.method.name);
-            m.retain(|k, _| k == "name" || keep.contains(&k.as_ref()));
+            m.retain(|k, _| k == "name" || keep.contains(&k));
         }
         toml::to_string_pretty(&table).expect("config serializes to TOML")
     }

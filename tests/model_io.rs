@@ -120,7 +120,8 @@ fn bad_model_directories_and_data_get_clear_errors() {
     expect_score_error(&d, &data, &["truncated/model.safetensors", "truncated or corrupt"]);
 
     // A checkpoint without one tensor, and one with a wrongly shaped tensor.
-    let rewrite = |dir: &Path, f: &dyn Fn(&mut Vec<(String, Tensor)>)| {
+    type Edit<'a> = &'a dyn Fn(&mut Vec<(String, Tensor)>);
+    let rewrite = |dir: &Path, f: Edit| {
         let st = dir.join("model.safetensors");
         let mut ts = Tensor::read_safetensors(&st).unwrap();
         f(&mut ts);
