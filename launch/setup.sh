@@ -57,6 +57,8 @@ export LD_LIBRARY_PATH="$SITE/torch/lib:$NCCL_DIR:\${LD_LIBRARY_PATH:-}"
 export ORT_DYLIB_PATH="$ORT_LIB"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1
+# Idle OpenMP threads sleep instead of spinning: several ranks or jobs share the cores.
+export OMP_WAIT_POLICY=PASSIVE
 ENV
 # shellcheck disable=SC1091
 . "$REPO/launch/env.sh"

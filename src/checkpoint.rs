@@ -88,6 +88,7 @@ pub fn save(root: &Path, state: &State, comm: &dyn Collective, keep: usize) -> R
         write_safetensors(&path, &cpu)?;
     }
     comm.barrier()?;
+    fault_injection_stall(state.step);
     if rank == 0 {
         let meta = Meta {
             step: state.step,
@@ -109,6 +110,16 @@ pub fn save(root: &Path, state: &State, comm: &dyn Collective, keep: usize) -> R
     }
     comm.barrier()?;
     Ok(final_dir)
+}
+
+/// Fault injection for the crash-consistency test: with `UNLEARN_FAULT_STALL_CHECKPOINT=N` the
+/// save of step N stops after the shard files are written (before meta.json and the rename), says
+/// so on stderr and waits to be killed. Never set in normal use.
+fn fault_injection_stall(step: u64) {
+    if std::env::var("UNLEARN_FAULT_STALL_CHECKPOINT").ok().and_then(|v| v.parse::<u64>().ok()) == Some(step) {
+        eprintln!("fault injection: checkpoint of step {step} stalled mid-write");
+        std::thread::sleep(std::time::Duration::from_secs(600));
+    }
 }
 
 /// Keep the `keep` most recent complete checkpoints; remove older ones and stale temporaries.

@@ -40,6 +40,9 @@ pub struct DataCfg {
     pub retain: Vec<PathBuf>,
     pub forget_limit: Option<usize>,
     pub retain_limit: Option<usize>,
+    /// Token length of retain/pretraining examples (defaults to `train.max_len`); the
+    /// mean-teacher recipe uses 1024-token forget articles and 512-token pretraining chunks.
+    pub retain_max_len: Option<usize>,
     /// How forget texts longer than `train.max_len` are handled: truncate or chunk.
     pub forget_overflow: String,
     pub retain_overflow: String,
@@ -78,6 +81,7 @@ pub struct OptimCfg {
     pub name: String,
     pub lr: f64,
     pub betas: (f64, f64),
+    #[serde(rename = "eps")]
     pub adam_eps: f64,
     pub weight_decay: f64,
     pub momentum: f64,
@@ -134,17 +138,22 @@ fn method_keys(name: &str) -> &'static [&'static str] {
 impl RunConfig {
     /// Read a TOML file and apply `--set key=value` overrides.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        Self::load_with(path, overrides, true)
+    }
+
+    /// As [`RunConfig::load`]; with `check_paths = false` the model and data paths need not exist
+    /// (for `unlearn plan` on a laptop, of a config meant for the cluster).
+    pub fn load_with(path: &Path, overrides: &[String], check_paths: bool) -> Result<Self> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let mut table: Table = text.parse().map_err(|e: toml::de::Error| Error::config(&file, "", e.message().to_string()))?;
         apply_overrides(&mut table, overrides)?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_table(&table, &file, base)
+        Self::from_table(&table, &file, check_paths)
     }
 
     /// Validate a parsed table. Relative paths in the file are taken relative to the current
     /// directory (configs are run from the repository root, as README shows).
-    pub fn from_table(t: &Table, file: &str, _base: &Path) -> Result<Self> {
+    pub fn from_table(t: &Table, file: &str, check_paths: bool) -> Result<Self> {
         let root = Section { file, prefix: "", table: t };
         root.only(&["model", "data", "method", "optim", "train", "dist"])?;
         let model = root.section("model")?;
@@ -192,12 +201,13 @@ impl RunConfig {
             name,
         };
 
-        data.only(&["forget", "retain", "forget_limit", "retain_limit", "forget_overflow", "retain_overflow", "sampling"])?;
+        data.only(&["forget", "retain", "forget_limit", "retain_limit", "retain_max_len", "forget_overflow", "retain_overflow", "sampling"])?;
         let data_cfg = DataCfg {
             forget: data.paths("forget")?,
             retain: data.paths("retain")?,
             forget_limit: data.opt_int("forget_limit", 1)?.map(|v| v as usize),
             retain_limit: data.opt_int("retain_limit", 1)?.map(|v| v as usize),
+            retain_max_len: data.opt_int("retain_max_len", 2)?.map(|v| v as usize),
             forget_overflow: data.choice("forget_overflow", &["truncate", "chunk"], "truncate")?,
             retain_overflow: data.choice("retain_overflow", &["truncate", "chunk"], "chunk")?,
             sampling: data.choice("sampling", &["shuffle", "replacement"], "shuffle")?,
@@ -213,13 +223,18 @@ impl RunConfig {
             return Err(Error::config(file, "data.retain", format!("method `{}` needs {what}", method_cfg.name)));
         }
         for (key, paths) in [("data.forget", &data_cfg.forget), ("data.retain", &data_cfg.retain)] {
-            for p in paths {
+            for p in paths.iter().filter(|_| check_paths) {
                 if !p.exists() {
-                    return Err(Error::config(file, key, format!("file not found: {}", p.display())));
+                    let hint = if p.is_relative() {
+                        format!(" (relative paths are taken from the current directory, {})", std::env::current_dir().unwrap_or_default().display())
+                    } else {
+                        String::new()
+                    };
+                    return Err(Error::config(file, key, format!("file not found: {}{hint}", p.display())));
                 }
             }
         }
-        if !model_cfg.path.join("config.json").exists() {
+        if check_paths && !model_cfg.path.join("config.json").exists() {
             return Err(Error::config(
                 file,
                 "model.path",
@@ -285,9 +300,15 @@ impl RunConfig {
         Ok(RunConfig { model: model_cfg, data: data_cfg, method: method_cfg, optim: optim_cfg, train: train_cfg, dist: dist_cfg })
     }
 
-    /// The resolved config as TOML, written next to the run's outputs.
+    /// The resolved config as TOML, written next to the run's outputs (and read back by
+    /// `--resume`): every default made explicit, only the method keys the method accepts.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("config serializes to TOML")
+        let mut table = Table::try_from(self).expect("config serializes to TOML");
+        if let Some(Value::Table(m)) = table.get_mut("method") {
+            let keep = method_keys(&self.method.name);
+            m.retain(|k, _| k == "name" || keep.contains(&k));
+        }
+        toml::to_string_pretty(&table).expect("config serializes to TOML")
     }
 }
 

@@ -12,6 +12,7 @@ pub mod data;
 pub mod dist;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod methods;
 pub mod model;
 pub mod optim;

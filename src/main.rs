@@ -26,6 +26,10 @@ enum Command {
     Run(cli::run::RunArgs),
     /// Per-sample teacher-forced NLL of a dataset (JSON lines out).
     Score(cli::score::ScoreArgs),
+    /// Export a model directory to ONNX (model.onnx, tokenizer, export.json).
+    Export(cli::export::ExportArgs),
+    /// Check an ONNX export against the model with onnxruntime (verify.json out).
+    Verify(cli::verify::VerifyArgs),
     /// Import a llama.cpp GGUF model into an HF model directory (f32 weights, tokenizer.json).
     ImportGguf(cli::import_gguf::ImportGgufArgs),
     /// Evaluate a model on MUSE or TOFU (sharded under mpirun); report.json/.md, samples.jsonl, plots.
@@ -64,6 +68,8 @@ fn main() {
     let result = match &args.command {
         Command::Run(a) => cli::run::run(a),
         Command::Score(a) => cli::score::run(a),
+        Command::Export(a) => cli::export::run(a),
+        Command::Verify(a) => cli::verify::run(a),
         Command::ImportGguf(a) => cli::import_gguf::run(a),
         Command::Eval(a) => cli::eval::run(a),
         Command::Report(a) => cli::report::run(a),

@@ -38,7 +38,8 @@ fn losses_and_gradients_match_pytorch_reference() {
     run_py("loss_ref.py", &[inp.to_str().unwrap(), &hp, out.to_str().unwrap()]);
     let reference: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&out).unwrap().into_iter().collect();
 
-    let cases: Vec<(&str, Box<dyn Fn(&Tensor) -> Tensor>)> = vec![
+    type LossFn<'a> = Box<dyn Fn(&Tensor) -> Tensor + 'a>;
+    let cases: Vec<(&str, LossFn)> = vec![
         ("nll", Box::new(|z| losses::nll(&losses::target_logprobs(z, &ids, &tmask), n_targets))),
         ("nlul", Box::new(|z| losses::nlul(z, &ids, &tmask, tol, n_targets))),
         ("npo_standard", Box::new(|z| {

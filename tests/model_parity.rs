@@ -7,22 +7,6 @@ use common::*;
 use tch::{Device, Kind, Tensor};
 use unlearn::model::{llama::positions_from_mask, load_model};
 
-struct Case {
-    name: &'static str,
-    config: &'static str,
-}
-
-const CASES: &[Case] = &[
-    Case { name: "gqa-untied", config: r#"{"num_attention_heads": 4, "num_key_value_heads": 2}"# },
-    Case { name: "mha-tied", config: r#"{"num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": true}"# },
-    Case {
-        name: "gqa-llama3-rope",
-        config: r#"{"num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 64, "rope_theta": 500000.0,
-                   "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}"#,
-    },
-];
-
 /// Three sequences of lengths 11, 7 and 3, padded with 0 to 11 tokens; left or right aligned.
 fn padded_batch(vocab: i64, left: bool) -> (Tensor, Tensor) {
     let lens = [11i64, 7, 3];
@@ -58,7 +42,7 @@ fn hf_logits(model_dir: &std::path::Path, ids: &Tensor, mask: &Tensor, pos: Opti
 
 #[test]
 fn fp32_logits_match_transformers_on_padded_batches() {
-    for case in CASES {
+    for case in LLAMA_CASES {
         let tmp = tempfile::tempdir().unwrap();
         let dir = make_tiny_model(&tmp.path().join("model"), case.config, 7, "bytebpe");
         let loaded = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
@@ -84,7 +68,7 @@ fn fp32_logits_match_transformers_on_padded_batches() {
 #[test]
 fn bf16_logits_match_transformers_within_documented_tolerance() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = make_tiny_model(&tmp.path().join("model"), CASES[0].config, 11, "bytebpe");
+    let dir = make_tiny_model(&tmp.path().join("model"), LLAMA_CASES[0].config, 11, "bytebpe");
     let loaded = load_model(&dir, Kind::BFloat16, Device::Cpu).unwrap();
     let (ids, mask) = padded_batch(loaded.config.vocab_size, false);
     let ours = tch::no_grad(|| loaded.model.forward(&ids, Some(&mask), None)).to_kind(Kind::Float);

@@ -1,7 +1,9 @@
 //! Subcommands: one file each, each with its clap `Args` and a `run` function.
 
 pub mod eval;
+pub mod export;
 pub mod import_gguf;
 pub mod report;
 pub mod run;
 pub mod score;
+pub mod verify;

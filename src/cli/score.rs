@@ -49,6 +49,8 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
     let scores: Vec<_> = lps.iter().enumerate().map(|(i, lp)| summarize(i, lp, MinKRounding::Floor)).collect();
     write_scores(&args.out, &scores)?;
     let mean = scores.iter().map(|s| s.nll).sum::<f64>() / scores.len() as f64;
-    tracing::info!("scored {} samples, mean NLL {mean:.4} -> {}", scores.len(), args.out.display());
+    tracing::info!("scored {} samples -> {}", scores.len(), args.out.display());
+    // The summary on stdout, for scripts: mean per-sample NLL and the sample count.
+    println!("mean_nll {mean:.6} samples {}", scores.len());
     Ok(())
 }

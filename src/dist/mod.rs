@@ -14,7 +14,7 @@ pub mod mpi;
 pub mod nccl;
 pub mod zero;
 
-use std::sync::Arc;
+use std::rc::Rc;
 
 use tch::Tensor;
 
@@ -47,7 +47,8 @@ pub trait Collective {
     fn abort(&self, code: i32) -> !;
 }
 
-pub type Comm = Arc<dyn Collective>;
+/// Shared within one process (collectives are issued from the main thread only).
+pub type Comm = Rc<dyn Collective>;
 
 /// Pick a backend from `dist.backend` and the environment: `auto` is NCCL on CUDA devices when
 /// built with it, MPI when launched under an MPI launcher, else none.
@@ -58,7 +59,7 @@ pub fn init(backend: &str, device: tch::Device) -> Result<Comm> {
             if under_launcher {
                 return Err(crate::other!("dist.backend = \"none\" but launched with {} ranks", launcher_world_size()));
             }
-            Ok(Arc::new(local::Local))
+            Ok(Rc::new(local::Local))
         }
         "mpi" => init_mpi(),
         "nccl" => init_nccl(device),
@@ -68,7 +69,7 @@ pub fn init(backend: &str, device: tch::Device) -> Result<Comm> {
             } else if under_launcher || cfg!(feature = "mpi") && std::env::var("OMPI_COMM_WORLD_SIZE").is_ok() {
                 init_mpi()
             } else {
-                Ok(Arc::new(local::Local))
+                Ok(Rc::new(local::Local))
             }
         }
         other => Err(crate::other!("unknown dist.backend `{other}`")),
@@ -77,14 +78,14 @@ pub fn init(backend: &str, device: tch::Device) -> Result<Comm> {
 
 #[cfg(feature = "mpi")]
 fn init_mpi() -> Result<Comm> {
-    Ok(Arc::new(mpi::Mpi::init()?))
+    Ok(Rc::new(mpi::Mpi::init()?))
 }
 #[cfg(not(feature = "mpi"))]
 fn init_mpi() -> Result<Comm> {
     if launcher_world_size() > 1 {
         return Err(crate::other!("launched with several ranks but this binary was built without the `mpi` feature"));
     }
-    Ok(Arc::new(local::Local))
+    Ok(Rc::new(local::Local))
 }
 
 #[cfg(feature = "nccl")]
@@ -92,7 +93,7 @@ fn init_nccl(device: tch::Device) -> Result<Comm> {
     if !device.is_cuda() {
         return Err(crate::other!("dist.backend = \"nccl\" needs a CUDA device (model.device)"));
     }
-    Ok(Arc::new(nccl::Nccl::init(device)?))
+    Ok(Rc::new(nccl::Nccl::init(device)?))
 }
 #[cfg(not(feature = "nccl"))]
 fn init_nccl(_device: tch::Device) -> Result<Comm> {

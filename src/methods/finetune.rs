@@ -2,7 +2,7 @@
 
 use tch::Tensor;
 
-use super::{batch_nll, Aux, Direction, Grads, LossOut, Method, Objective};
+use super::{nll_loss, Aux, Direction, Grads, LossOut, Method, Objective};
 use crate::data::loader::LocalBatch;
 use crate::Result;
 
@@ -16,8 +16,7 @@ impl Method for Finetune {
         &[Objective::Retain]
     }
     fn loss(&mut self, _obj: Objective, logits: &Tensor, batch: &LocalBatch, _aux: &Aux) -> Result<LossOut> {
-        let loss = batch_nll(logits, batch);
-        Ok(LossOut { value: loss.double_value(&[]), loss })
+        nll_loss(logits, batch)
     }
     fn direction(&mut self, g: &Grads) -> Result<Direction> {
         Ok(Direction { d: g.retain.expect("retain gradient").shallow_clone(), clip: 1.0 })

@@ -3,7 +3,7 @@
 
 use tch::Tensor;
 
-use super::{batch_nll, Aux, Direction, Grads, LossOut, Method, Objective};
+use super::{nll_loss, Aux, Direction, Grads, LossOut, Method, Objective};
 use crate::config::MethodCfg;
 use crate::data::loader::LocalBatch;
 use crate::Result;
@@ -28,8 +28,7 @@ impl Method for GradDiff {
     }
     /// Both buffers hold ∇NLL; the weights and the sign are applied in `direction`.
     fn loss(&mut self, _obj: Objective, logits: &Tensor, batch: &LocalBatch, _aux: &Aux) -> Result<LossOut> {
-        let loss = batch_nll(logits, batch);
-        Ok(LossOut { value: loss.double_value(&[]), loss })
+        nll_loss(logits, batch)
     }
     fn direction(&mut self, g: &Grads) -> Result<Direction> {
         let (f, r) = (g.forget.expect("forget gradient"), g.retain.expect("retain gradient"));

@@ -116,6 +116,12 @@ pub fn build(cfg: &MethodCfg, params: &Tensor, lr: f64) -> Result<Box<dyn Method
     })
 }
 
+/// The token-mean NLL as a loss to differentiate (finetune, GDiff, NGDiff, NPO's retain term).
+pub(crate) fn nll_loss(logits_btv: &Tensor, batch: &LocalBatch) -> Result<LossOut> {
+    let loss = batch_nll(logits_btv, batch);
+    Ok(LossOut { value: loss.double_value(&[]), loss })
+}
+
 /// Token-mean NLL of the targets of a batch against the global target count: the loss of
 /// finetune/GA/GDiff/NGDiff, and the value every method logs for the forget set.
 pub(crate) fn batch_nll(logits_btv: &Tensor, batch: &LocalBatch) -> Tensor {

@@ -8,7 +8,7 @@
 use tch::Tensor;
 
 use super::autolr::AutoLr;
-use super::{batch_nll, Aux, Direction, Grads, LossOut, Method, Objective};
+use super::{nll_loss, Aux, Direction, Grads, LossOut, Method, Objective};
 use crate::config::MethodCfg;
 use crate::data::loader::LocalBatch;
 use crate::Result;
@@ -32,8 +32,7 @@ impl Method for NgDiff {
         &[Objective::Forget, Objective::Retain]
     }
     fn loss(&mut self, _obj: Objective, logits: &Tensor, batch: &LocalBatch, _aux: &Aux) -> Result<LossOut> {
-        let loss = batch_nll(logits, batch);
-        Ok(LossOut { value: loss.double_value(&[]), loss })
+        nll_loss(logits, batch)
     }
     fn direction(&mut self, g: &Grads) -> Result<Direction> {
         let (f, r) = (g.forget.expect("forget gradient"), g.retain.expect("retain gradient"));

@@ -7,7 +7,7 @@
 use tch::Tensor;
 
 use super::losses::{self, NpoVariant};
-use super::{batch_nll, Aux, Direction, Grads, LossOut, Method, Objective};
+use super::{nll_loss, Aux, Direction, Grads, LossOut, Method, Objective};
 use crate::config::MethodCfg;
 use crate::data::loader::LocalBatch;
 use crate::Result;
@@ -59,10 +59,7 @@ impl Method for Npo {
     fn loss(&mut self, obj: Objective, logits: &Tensor, batch: &LocalBatch, aux: &Aux) -> Result<LossOut> {
         match obj {
             Objective::Forget => npo_forget_loss(logits, batch, aux, self.beta, self.variant),
-            Objective::Retain => {
-                let loss = batch_nll(logits, batch);
-                Ok(LossOut { value: loss.double_value(&[]), loss })
-            }
+            Objective::Retain => nll_loss(logits, batch),
         }
     }
     fn direction(&mut self, g: &Grads) -> Result<Direction> {

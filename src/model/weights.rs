@@ -88,6 +88,11 @@ impl Checkpoint {
         Ok(Checkpoint { shards, index })
     }
 
+    /// The safetensors files, in the (sorted) order they were opened.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.shards.iter().map(|(p, _)| p.as_path())
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.index.keys().map(String::as_str)
     }
@@ -130,7 +135,13 @@ impl Checkpoint {
                 return Err(Error::unsupported(path, format!("dtype {other:?} of tensor `{name}`")));
             }
         };
-        Ok(Tensor::f_from_data_size(view.data(), &shape, kind)?)
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
+        // The bytes are copied: drop the file pages from this process's RSS right away, so that
+        // loading never costs the model twice in resident memory (pages refault if read again).
+        let offset = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+        // SAFETY: read-only private file mapping; DONTNEED only discards clean cached pages.
+        let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, view.data().len()) };
+        Ok(t)
     }
 }
 

@@ -110,10 +110,9 @@ impl Trainer {
         let layout = FlatLayout::new(&trainable, shards, bucket_elems);
 
         let mut student = loaded.model;
-        let full = params::flatten(&mut student, &layout, kind);
+        let full = params::flatten_and_bind(&mut student, &layout, kind, true);
         let master = layout.extract_shard(&full.to_kind(Kind::Float), shard_rank);
         let student_full = if zero < 3 {
-            params::bind(&mut student, &layout, &full, 0, None, true);
             Some(full)
         } else {
             drop(full);
@@ -160,7 +159,8 @@ impl Trainer {
             None
         };
         let retain = if uses(Objective::Retain) {
-            let ex = load_examples(&cfg.data.retain, cfg.data.retain_limit, &tok, cfg.train.max_len, overflow(&cfg.data.retain_overflow))?;
+            let max_len = cfg.data.retain_max_len.unwrap_or(cfg.train.max_len);
+            let ex = load_examples(&cfg.data.retain, cfg.data.retain_limit, &tok, max_len, overflow(&cfg.data.retain_overflow))?;
             Some(Loader::new(ex, sampling, cfg.train.seed, 2))
         } else {
             None
@@ -410,6 +410,7 @@ impl Trainer {
         self.sync_teacher()?;
         self.step = step;
         if self.cfg.dist.verify_every > 0 && step % self.cfg.dist.verify_every == 0 {
+            self.fault_injection_perturb(step);
             self.verify_replicas()?;
         }
         let elapsed = t0.elapsed().as_secs_f64();
@@ -445,6 +446,20 @@ impl Trainer {
         let l_zero = at(self, 0.0)?;
         tch::no_grad(|| self.master.copy_(&w_t));
         Ok(self.method.autolr().expect("autolr").update(l_minus, l_zero, l_plus))
+    }
+
+    /// Fault injection for the divergence-check test: `UNLEARN_FAULT_PERTURB=RANK:STEP` nudges
+    /// that rank's student replica before the check of that step. Never set in normal use.
+    fn fault_injection_perturb(&mut self, step: u64) {
+        let Ok(v) = std::env::var("UNLEARN_FAULT_PERTURB") else { return };
+        let Some((r, s)) = v.split_once(':') else { return };
+        if r.parse() == Ok(self.comm.rank()) && s.parse() == Ok(step) {
+            if let Some(full) = self.student_full.as_mut() {
+                tch::no_grad(|| {
+                    let _ = full.narrow(0, 0, 1).f_add_scalar_(1e-3);
+                });
+            }
+        }
     }
 
     /// Fail loudly if the replicated buffers differ across ranks.

@@ -20,15 +20,20 @@ pub fn param_index(layout: &FlatLayout) -> HashMap<String, usize> {
     layout.params.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect()
 }
 
-/// Copy the model's current trainable weights into a new full flat buffer of `kind`.
-pub fn flatten(model: &mut Llama, layout: &FlatLayout, kind: Kind) -> Tensor {
+/// Move the model's trainable weights into a new full flat buffer of `kind` and make them views
+/// of it (leaves requiring grad when `grad`). Each weight is copied and rebound in turn, so the
+/// original tensors are freed one by one and the model never exists twice in memory.
+pub fn flatten_and_bind(model: &mut Llama, layout: &FlatLayout, kind: Kind, grad: bool) -> Tensor {
     let index = param_index(layout);
     let full = Tensor::zeros([layout.total], (kind, model.device()));
     tch::no_grad(|| {
         model.visit_params_mut(|name, t| {
             if let Some(&i) = index.get(name) {
                 let p = &layout.params[i];
-                full.narrow(0, p.offset, p.numel).copy_(&t.reshape([-1]));
+                let mut slot = full.narrow(0, p.offset, p.numel);
+                slot.copy_(&t.reshape([-1]));
+                let v = slot.view(p.shape.as_slice()).detach();
+                *t = if grad { v.set_requires_grad(true) } else { v };
             }
         })
     });

@@ -50,6 +50,24 @@ pub fn make_tiny_model(dir: &Path, config: &str, seed: u64, tokenizer: &str) -> 
     dir.to_path_buf()
 }
 
+/// A tiny Llama variant: a name and the JSON merged into its LlamaConfig.
+pub struct Case {
+    pub name: &'static str,
+    pub config: &'static str,
+}
+
+/// GQA and MHA, tied and untied embeddings, llama3 rope scaling.
+pub const LLAMA_CASES: &[Case] = &[
+    Case { name: "gqa-untied", config: r#"{"num_attention_heads": 4, "num_key_value_heads": 2}"# },
+    Case { name: "mha-tied", config: r#"{"num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": true}"# },
+    Case {
+        name: "gqa-llama3-rope",
+        config: r#"{"num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 64, "rope_theta": 500000.0,
+                   "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}"#,
+    },
+];
+
 /// The `unlearn` binary built for these tests.
 pub fn unlearn_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_unlearn"))
