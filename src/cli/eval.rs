@@ -182,7 +182,7 @@ impl Session {
         if c.batch_size == 0 || c.max_batch_tokens == 0 || c.gen_batch_size == 0 || c.max_gen_batch_tokens == 0 {
             return Err(crate::other!("batch sizes and token budgets must be positive"));
         }
-        let device = rank_device(parse_device(&c.device)?);
+        let device = dist::rank_device(parse_device(&c.device)?);
         let comm = dist::init(&c.dist, device)?;
         dist::set_cpu_threads();
         Ok(Session {
@@ -251,17 +251,6 @@ impl Session {
             tracing::info!("wrote {} ({:.1} s)", c.out.display(), report.run.wall_s);
         }
         self.comm.barrier()
-    }
-}
-
-/// On a node with several GPUs, rank r of the node evaluates on GPU r (mod count).
-fn rank_device(d: tch::Device) -> tch::Device {
-    match d {
-        tch::Device::Cuda(0) => {
-            let n = tch::Cuda::device_count().max(1) as usize;
-            tch::Device::Cuda(dist::local_rank() % n)
-        }
-        other => other,
     }
 }
 

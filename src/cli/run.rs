@@ -33,7 +33,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         overrides.push(format!("train.out_dir={:?}", dir.display().to_string()));
     }
     let cfg = RunConfig::load(&config_path, &overrides)?;
-    let device = crate::model::parse_device(&cfg.model.device)?;
+    let device = dist::rank_device(crate::model::parse_device(&cfg.model.device)?);
     let comm = dist::init(&cfg.dist.backend, device)?;
     dist::set_cpu_threads();
     let out = cfg.train.out_dir.clone();

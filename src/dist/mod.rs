@@ -116,6 +116,18 @@ pub fn local_rank() -> usize {
     env_first(&["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK"]).unwrap_or(0)
 }
 
+/// On a node with several visible GPUs, rank r of the node uses GPU r (mod count); with one
+/// visible GPU per rank (launch/mpirun.sh sets CUDA_VISIBLE_DEVICES) this is GPU 0.
+pub fn rank_device(d: tch::Device) -> tch::Device {
+    match d {
+        tch::Device::Cuda(0) => {
+            let n = tch::Cuda::device_count().max(1) as usize;
+            tch::Device::Cuda(local_rank() % n)
+        }
+        other => other,
+    }
+}
+
 /// Ranks on this node, to split CPU threads between them.
 pub fn local_world_size() -> usize {
     env_first(&["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE"]).unwrap_or(1)

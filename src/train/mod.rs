@@ -84,7 +84,7 @@ pub struct Trainer {
 
 impl Trainer {
     pub fn new(cfg: RunConfig, comm: Comm) -> Result<Self> {
-        let device = parse_device(&cfg.model.device)?;
+        let device = crate::dist::rank_device(parse_device(&cfg.model.device)?);
         let kind = parse_kind(&cfg.model.dtype)?;
         let (rank, world) = (comm.rank(), comm.world());
         if cfg.train.batch_size % world != 0 {
