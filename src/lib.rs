@@ -15,6 +15,7 @@ pub mod eval;
 pub mod methods;
 pub mod model;
 pub mod optim;
+pub mod plan;
 pub mod progress;
 pub mod train;
 

@@ -28,6 +28,10 @@ enum Command {
     Score(cli::score::ScoreArgs),
     /// Import a llama.cpp GGUF model into an HF model directory (f32 weights, tokenizer.json).
     ImportGguf(cli::import_gguf::ImportGgufArgs),
+    /// Per-rank memory of a run (table or JSON) and whether it fits, before launching it.
+    Plan(cli::plan::PlanArgs),
+    /// Run every collective of a backend on known data and check the results (machine bring-up).
+    CommCheck(cli::comm_check::CommCheckArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -61,6 +65,8 @@ fn main() {
         Command::Run(a) => cli::run::run(a),
         Command::Score(a) => cli::score::run(a),
         Command::ImportGguf(a) => cli::import_gguf::run(a),
+        Command::Plan(a) => cli::plan::run(a).map(|text| print!("{text}")),
+        Command::CommCheck(a) => cli::comm_check::run(a).map(|text| print!("{text}")),
     };
     if let Err(e) = result {
         if multi_rank {
