@@ -4,7 +4,8 @@
 //! * `FlatLayout::all_reduce_full` (ZeRO-0/1): one all-reduce per bucket of a full flat buffer;
 //! * `FlatLayout::reduce_scatter_add` (ZeRO-2/3): one reduce-scatter per bucket into the shard;
 //! * baselines: one `MPI_Allreduce` / `MPI_Reduce_scatter_block` of the whole buffer (rsmpi
-//!   `all_reduce_into` / `reduce_scatter_block_into`).
+//!   `all_reduce_into` / `reduce_scatter_block_into`), and rsmpi's all-reduce bucket by bucket on
+//!   preallocated buffers (what bucketing itself costs, without the backend's per-call copies).
 //!
 //! 64 MiB of gradients (64 tensors of 1 MiB), buckets of 1, 4 and 25 MiB. Reported: time per
 //! reduction (slowest rank, median of the repetitions), algorithm bandwidth (bytes / time) and
@@ -98,6 +99,26 @@ fn main() {
             gbs(t),
             gbs(t) * ring_ar,
             t_ar / t
+        ));
+        // The same bucketing through rsmpi directly, with a send buffer allocated once: tells the
+        // cost of splitting into buckets apart from the per-call copies of the Collective path.
+        let send = vec![1.0f32; layout.total as usize];
+        let mut recv = vec![0.0f32; layout.total as usize];
+        let t_raw = time(&comm, reps, || {
+            for bk in &layout.buckets {
+                let (a, b) = (bk.offset as usize, (bk.offset + bk.padded) as usize);
+                world.all_reduce_into(&send[a..b], &mut recv[a..b], SystemOperation::sum());
+            }
+        });
+        drop((send, recv));
+        lines.push(format!(
+            "{:<40} {:>8} {:>10.2} {:>10.2} {:>10.2} {:>9.2}",
+            format!("  MPI all_reduce_into per {bucket_mib} MiB bucket"),
+            layout.buckets.len(),
+            t_raw * 1e3,
+            gbs(t_raw),
+            gbs(t_raw) * ring_ar,
+            t_ar / t_raw
         ));
         let local = Tensor::ones([layout.total], (Kind::Float, Device::Cpu));
         let mut shard = Tensor::zeros([layout.shard_len()], (Kind::Float, Device::Cpu));
