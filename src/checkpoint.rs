@@ -83,9 +83,7 @@ pub fn save(root: &Path, state: &State, comm: &dyn Collective, keep: usize) -> R
     // Under ZeRO-0 (one shard) only rank 0 writes; otherwise shard r is rank r's.
     if rank < shards {
         let path = tmp.join(shard_file(rank, shards));
-        let cpu: Vec<(String, Tensor)> =
-            state.tensors.iter().map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous())).collect();
-        write_safetensors(&path, &cpu)?;
+        write_safetensors(&path, &state.tensors)?;
     }
     comm.barrier()?;
     fault_injection_stall(state.step);
@@ -157,7 +155,8 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
     Ok(Some(dir))
 }
 
-/// Stream `(name, flat f32 tensor)` pairs into one safetensors file, fsynced.
+/// Stream `(name, flat tensor)` pairs into one safetensors file as f32, fsynced; each tensor is
+/// brought to the host only when its turn comes.
 fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     use std::io::Write;
     let mut header = serde_json::Map::new();
@@ -176,7 +175,8 @@ fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     w.write_all(&(text.len() as u64).to_le_bytes()).at(path)?;
     w.write_all(text.as_bytes()).at(path)?;
     for (_, t) in tensors {
-        w.write_all(tensor_bytes(t)).at(path)?;
+        let host = t.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous();
+        w.write_all(tensor_bytes(&host)).at(path)?;
     }
     let file = w.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
     file.sync_all().at(path)

@@ -16,6 +16,7 @@ pub mod export;
 pub mod methods;
 pub mod model;
 pub mod optim;
+pub mod plan;
 pub mod progress;
 pub mod train;
 

@@ -36,6 +36,10 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Compare finished evaluations (and plot training runs): report.md, comparison.json, SVGs.
     Report(cli::report::ReportArgs),
+    /// Per-rank memory of a run (table or JSON) and whether it fits, before launching it.
+    Plan(cli::plan::PlanArgs),
+    /// Run every collective of a backend on known data and check the results (machine bring-up).
+    CommCheck(cli::comm_check::CommCheckArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -73,6 +77,8 @@ fn main() {
         Command::ImportGguf(a) => cli::import_gguf::run(a),
         Command::Eval(a) => cli::eval::run(a),
         Command::Report(a) => cli::report::run(a),
+        Command::Plan(a) => cli::plan::run(a).map(|text| print!("{text}")),
+        Command::CommCheck(a) => cli::comm_check::run(a).map(|text| print!("{text}")),
     };
     if let Err(e) = result {
         if multi_rank {

@@ -138,6 +138,7 @@ fn env_first(keys: &[&str]) -> Option<usize> {
 }
 
 /// Raw f32 view of a contiguous CPU tensor (for host collectives).
+#[cfg(feature = "mpi")]
 ///
 /// # Safety
 /// The tensor must be a contiguous CPU f32 tensor and must not be aliased mutably elsewhere for
@@ -149,6 +150,7 @@ pub(crate) unsafe fn f32_slice_mut(t: &mut Tensor) -> &mut [f32] {
 
 /// # Safety
 /// As [`f32_slice_mut`], read-only.
+#[cfg(feature = "mpi")]
 pub(crate) unsafe fn f32_slice(t: &Tensor) -> &[f32] {
     debug_assert!(t.device() == tch::Device::Cpu && t.is_contiguous() && t.kind() == tch::Kind::Float);
     std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel())

@@ -18,13 +18,15 @@ pub struct Mpi {
     // Drop order matters: the communicator before the universe (which calls MPI_Finalize).
     world: SimpleCommunicator,
     _universe: Universe,
+    /// Send buffer reused across all-reduces (rsmpi has no MPI_IN_PLACE): one bucket, allocated once.
+    scratch: std::cell::RefCell<Vec<f32>>,
 }
 
 impl Mpi {
     pub fn init() -> Result<Self> {
         let universe = mpi::initialize().ok_or_else(|| crate::other!("MPI was already initialised"))?;
         let world = universe.world();
-        Ok(Mpi { world, _universe: universe })
+        Ok(Mpi { world, _universe: universe, scratch: Default::default() })
     }
 
     /// Run `f` on an f32 CPU version of `t` and write the result back when `t` is not one.
@@ -62,8 +64,10 @@ impl Collective for Mpi {
         Self::with_f32(t, |t| {
             // SAFETY: contiguous CPU f32, exclusively borrowed.
             let data = unsafe { f32_slice_mut(t) };
+            let mut send = self.scratch.borrow_mut();
             for piece in data.chunks_mut(CHUNK) {
-                let send = piece.to_vec(); // rsmpi has no MPI_IN_PLACE; one bucket-sized copy
+                send.clear();
+                send.extend_from_slice(piece);
                 self.world.all_reduce_into(&send[..], piece, SystemOperation::sum());
             }
         });

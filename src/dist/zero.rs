@@ -236,19 +236,38 @@ impl FlatLayout {
         }
         Ok(())
     }
+}
 
-    /// Sum of squares of each buffer over the shard, reduced over ranks when sharded:
-    /// the squared global norms, identical on every rank.
-    pub fn global_sq_norms(&self, comm: &dyn Collective, shards: &[&Tensor]) -> Result<Vec<f64>> {
-        let mut v: Vec<f64> = shards
-            .iter()
-            .map(|t| t.to_kind(Kind::Double).pow_tensor_scalar(2).sum(Kind::Double).double_value(&[]))
-            .collect();
-        if self.shards > 1 {
-            comm.all_reduce_f64(&mut v)?;
-        }
-        Ok(v)
+/// Elements per piece in [`dot`] and [`checksum`]: bounds their temporaries to a few tens of MB.
+const PIECE: i64 = 1 << 22;
+
+/// ⟨a, b⟩ of two flat fp32 buffers, accumulated in f64 piece by piece, so that no full-length
+/// product or f64 copy is ever materialised (one host sync at the end).
+pub fn dot(a: &Tensor, b: &Tensor) -> f64 {
+    let n = a.numel() as i64;
+    let mut acc = Tensor::zeros([], (Kind::Double, a.device()));
+    let mut off = 0;
+    while off < n {
+        let len = PIECE.min(n - off);
+        acc += (a.narrow(0, off, len) * b.narrow(0, off, len)).sum(Kind::Double);
+        off += len;
     }
+    acc.double_value(&[])
+}
+
+/// (Σx, Σx²) of a flat buffer in f64, piece by piece (replica consistency checks).
+pub fn checksum(t: &Tensor) -> (f64, f64) {
+    let n = t.numel() as i64;
+    let mut sum = Tensor::zeros([], (Kind::Double, t.device()));
+    let mut sq = Tensor::zeros([], (Kind::Double, t.device()));
+    let mut off = 0;
+    while off < n {
+        let piece = t.narrow(0, off, PIECE.min(n - off)).to_kind(Kind::Double);
+        sum += piece.sum(Kind::Double);
+        sq += piece.square().sum(Kind::Double);
+        off += PIECE;
+    }
+    (sum.double_value(&[]), sq.double_value(&[]))
 }
 
 #[cfg(test)]

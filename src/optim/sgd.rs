@@ -10,12 +10,11 @@ pub struct Sgd {
     momentum: f64,
     weight_decay: f64,
     buf: Option<Tensor>,
-    shard_like: Tensor,
 }
 
 impl Sgd {
-    pub fn new(shard: &Tensor, momentum: f64, weight_decay: f64) -> Self {
-        Sgd { momentum, weight_decay, buf: None, shard_like: shard.zeros_like() }
+    pub fn new(_shard: &Tensor, momentum: f64, weight_decay: f64) -> Self {
+        Sgd { momentum, weight_decay, buf: None }
     }
 }
 
@@ -50,11 +49,7 @@ impl Optimizer for Sgd {
         self.buf = None;
         for (name, t) in tensors {
             match name.as_str() {
-                "momentum_buffer" => {
-                    let mut b = self.shard_like.zeros_like();
-                    b.copy_(&t);
-                    self.buf = Some(b);
-                }
+                "momentum_buffer" => self.buf = Some(t),
                 other => return Err(crate::other!("SGD checkpoint: unexpected state `{other}`")),
             }
         }

@@ -88,10 +88,18 @@ pub fn forward_backward(
         let trainable = params::trainable(model, layout, None);
         let inputs: Vec<&Tensor> = trainable.iter().map(|(_, t)| t).collect();
         let grads = Tensor::f_run_backward(&[&loss], &inputs, false, false)?;
-        for ((i, _), g) in trainable.iter().zip(&grads) {
-            sink.add(*i, g)?;
-        }
+        drop((loss, inputs));
+        // Hand gradients over layer by layer, dropping each once delivered, so a ZeRO-2 sink
+        // holds one layer's bucket buffers at a time (the gradients themselves all exist at
+        // once here; that is the plain executor's price).
+        let mut grads: Vec<Option<Tensor>> = grads.into_iter().map(Some).collect();
         for layer in layout.layers() {
+            for (k, (i, _)) in trainable.iter().enumerate() {
+                if layout.params[*i].layer == layer {
+                    let g = grads[k].take().expect("each gradient delivered once");
+                    sink.add(*i, &g)?;
+                }
+            }
             sink.layer_done(layer)?;
         }
         return Ok(());

@@ -111,7 +111,9 @@ impl Trainer {
 
         let mut student = loaded.model;
         let full = params::flatten_and_bind(&mut student, &layout, kind, true);
-        let master = layout.extract_shard(&full.to_kind(Kind::Float), shard_rank);
+        // The fp32 master comes from the checkpoint's own values, not from the compute-dtype copy:
+        // a bf16 run keeps the full precision of an fp32/fp16 checkpoint in its master weights.
+        let master = params::master_shard(&cfg.model.path, &layout, shard_rank, device)?;
         let student_full = if zero < 3 {
             Some(full)
         } else {
@@ -233,7 +235,8 @@ impl Trainer {
             None => None,
         };
         let bar = Progress::new(mine.len() as u64, "reference");
-        for chunk in mine.chunks(self.cfg.train.batch_size.max(1)) {
+        // Chunks of the per-rank micro-batch: the memory of one training micro-batch, no more.
+        for chunk in mine.chunks((self.cfg.train.batch_size / world).max(1)) {
             let rows: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
             let batch = crate::data::collate(&rows, self.pad_id, self.device);
             let logits = match reference.as_mut() {
@@ -363,7 +366,7 @@ impl Trainer {
         let (comm, layout, rank) = (&*self.comm, &self.layout, self.shard_rank);
         let g_f = self.acc_forget.as_mut().map(|a| a.reduced_shard(layout, comm, rank)).transpose()?;
         let g_r = self.acc_retain.as_mut().map(|a| a.reduced_shard(layout, comm, rank)).transpose()?;
-        let dot = |a: &Tensor, b: &Tensor| (a.to_kind(Kind::Double) * b.to_kind(Kind::Double)).sum(Kind::Double).double_value(&[]);
+        let dot = crate::dist::zero::dot;
         let mut sq = [
             g_f.as_ref().map_or(0.0, |g| dot(g, g)),
             g_r.as_ref().map_or(0.0, |g| dot(g, g)),
@@ -466,9 +469,7 @@ impl Trainer {
     fn verify_replicas(&self) -> Result<()> {
         for (name, t) in [("student", self.student_full.as_ref()), ("teacher", self.teacher_full.as_ref())] {
             let Some(t) = t else { continue };
-            let t = t.to_kind(Kind::Double);
-            let sum = t.sum(Kind::Double).double_value(&[]);
-            let sq = t.pow_tensor_scalar(2).sum(Kind::Double).double_value(&[]);
+            let (sum, sq) = crate::dist::zero::checksum(t);
             let mut v = [sum, sq, -sum, -sq];
             self.comm.all_reduce_max_f64(&mut v)?;
             if v[0] != -v[2] || v[1] != -v[3] {

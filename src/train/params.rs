@@ -15,6 +15,23 @@ use crate::dist::Collective;
 use crate::model::Llama;
 use crate::Result;
 
+/// This rank's fp32 master shard, read from the model directory's safetensors (converted to
+/// fp32 per parameter, one parameter at a time).
+pub fn master_shard(model_dir: &std::path::Path, layout: &FlatLayout, rank: usize, device: tch::Device) -> Result<Tensor> {
+    let ckpt = crate::model::weights::Checkpoint::open(model_dir)?;
+    let master = Tensor::zeros([layout.shard_len()], (Kind::Float, device));
+    let mut current: Option<(String, Tensor)> = None;
+    for seg in layout.segments(rank) {
+        if current.as_ref().map(|c| c.0.as_str()) != Some(seg.param.as_str()) {
+            let t = ckpt.tensor(&seg.param, None)?.to_kind(Kind::Float).reshape([-1]);
+            current = Some((seg.param.clone(), t));
+        }
+        let (_, t) = current.as_ref().expect("current parameter");
+        tch::no_grad(|| master.narrow(0, seg.shard_offset, seg.len).copy_(&t.narrow(0, seg.param_offset, seg.len)));
+    }
+    Ok(master)
+}
+
 /// Name → index into `layout.params`.
 pub fn param_index(layout: &FlatLayout) -> HashMap<String, usize> {
     layout.params.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect()

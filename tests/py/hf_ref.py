@@ -2,12 +2,15 @@
 
 Every subcommand reads and writes files, so the Rust side never depends on Python objects:
 
-  make-model  --out DIR --config JSON [--seed N] [--tokenizer bytebpe|sentencepiece] [--dtype fp32|bf16]
-              A random LlamaForCausalLM saved with save_pretrained, plus a tokenizer.json trained on TOFU text.
+  make-model  --out DIR --config JSON [--seed N] [--tokenizer bytebpe|sentencepiece] [--dtype fp32|bf16] [--texts FILE]
+              A random LlamaForCausalLM saved with save_pretrained, plus a tokenizer.json trained on TOFU text
+              (or on the JSON array of strings in FILE, where the shared data is not at hand).
   logits      --model DIR --inputs IN.safetensors --out OUT.safetensors [--dtype fp32|bf16]
               HF logits for input_ids / attention_mask / (position_ids) in IN.
   tokenize    --model DIR --texts JSON --out OUT.json   token ids (tokenizer(text)) for each text.
   load-check  --model DIR                               loads with AutoModelForCausalLM and prints a summary.
+  count-params (--config JSON | --model DIR)           parameter counts of a LlamaForCausalLM built on the meta
+              device from a LlamaConfig (or of DIR's safetensors): {"total", "matrices"} (matrices: *proj.weight).
   score       --model DIR --data FILE --out OUT.jsonl [--max-len N] [--limit N]
               per-sample answer NLL, formatted exactly as unlearn's data pipeline documents.
 """
@@ -24,7 +27,10 @@ import torch  # noqa: E402
 SHARED = os.environ.get("UNLEARN_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared"))
 
 
-def training_texts():
+def training_texts(path=None):
+    if path:
+        with open(path) as f:
+            return [t for t in json.load(f) if isinstance(t, str)]
     with open(os.path.join(SHARED, "data", "tofu", "forget10.json")) as f:
         recs = json.load(f)
     texts = []
@@ -33,7 +39,7 @@ def training_texts():
     return texts
 
 
-def make_tokenizer(kind, out_dir, vocab_size):
+def make_tokenizer(kind, out_dir, vocab_size, texts=None):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     if kind == "bytebpe":
@@ -44,7 +50,7 @@ def make_tokenizer(kind, out_dir, vocab_size):
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(training_texts(), trainer)
+        tok.train_from_iterator(training_texts(texts), trainer)
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
         cfg = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
                "unk_token": "<|endoftext|>", "add_bos_token": False,
@@ -59,7 +65,7 @@ def make_tokenizer(kind, out_dir, vocab_size):
                                          decoders.Fuse(), decoders.Strip(" ", 1, 0)])
         specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials)
-        tok.train_from_iterator(training_texts(), trainer)
+        tok.train_from_iterator(training_texts(texts), trainer)
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
         cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
@@ -76,7 +82,7 @@ def cmd_make_model(a):
 
     os.makedirs(a.out, exist_ok=True)
     extra = json.loads(a.config)
-    tok_vocab, ids = make_tokenizer(a.tokenizer, a.out, extra.pop("tokenizer_vocab", 320))
+    tok_vocab, ids = make_tokenizer(a.tokenizer, a.out, extra.pop("tokenizer_vocab", 320), a.texts)
     base = dict(vocab_size=max(tok_vocab, extra.get("vocab_size", 0)), hidden_size=64, intermediate_size=96,
                 initializer_range=0.08,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -203,6 +209,28 @@ def cmd_generate(a):
         json.dump(out, f)
 
 
+def cmd_count_params(a):
+    if a.model:
+        from safetensors import safe_open
+
+        counts = {}
+        for f in sorted(os.listdir(a.model)):
+            if f.endswith(".safetensors"):
+                with safe_open(os.path.join(a.model, f), "pt") as st:
+                    for k in st.keys():
+                        counts[k] = st.get_slice(k).get_shape()
+        numel = {k: int(torch.tensor(v).prod().item()) if v else 1 for k, v in counts.items()}
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig(**json.loads(a.config)))
+        numel = {n: p.numel() for n, p in model.named_parameters()}
+    total = sum(numel.values())
+    matrices = sum(v for k, v in numel.items() if k.endswith("proj.weight"))
+    print(json.dumps({"total": total, "matrices": matrices}))
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -211,6 +239,7 @@ def main():
     m.add_argument("--config", default="{}")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--tokenizer", default="bytebpe", choices=["bytebpe", "sentencepiece"])
+    m.add_argument("--texts", default=None, help="JSON array of strings to train the tokenizer on (default: TOFU forget10)")
     m.set_defaults(f=cmd_make_model)
     lg = sub.add_parser("logits")
     lg.add_argument("--model", required=True)
@@ -226,6 +255,10 @@ def main():
     lc = sub.add_parser("load-check")
     lc.add_argument("--model", required=True)
     lc.set_defaults(f=cmd_load_check)
+    cp = sub.add_parser("count-params")
+    cp.add_argument("--config", default=None)
+    cp.add_argument("--model", default=None)
+    cp.set_defaults(f=cmd_count_params)
     sc = sub.add_parser("score")
     sc.add_argument("--model", required=True)
     sc.add_argument("--data", required=True)

@@ -1,0 +1,237 @@
+//! `unlearn plan`: per-rank memory of a run before launching it, from a model (directory or
+//! preset) and the run's settings, given as flags or read from a run config.
+//!
+//! Settings go through the same validation as `unlearn run` (`RunConfig::from_table`), so a plan
+//! uses the trainer's defaults and rejects what the trainer would reject. What a plan does not
+//! need is stood in for: a preset's shape is staged as a `config.json` in a temporary directory,
+//! and data files that do not exist here are replaced by an empty placeholder.
+
+use std::path::{Path, PathBuf};
+
+use toml::Table;
+
+use crate::config::{apply_overrides, RunConfig};
+use crate::model::Config;
+use crate::plan::{estimate, rss, Device, PlanInput, CUDA_NON_TENSOR_GIB, GIB};
+use crate::{Error, Result};
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Preset {
+    /// Llama-2-7B (the MUSE target models' shape).
+    #[value(name = "llama2-7b")]
+    Llama2_7b,
+    /// Llama-3-8B.
+    #[value(name = "llama3-8b")]
+    Llama3_8b,
+}
+
+impl Preset {
+    fn config(self) -> Config {
+        match self {
+            Preset::Llama2_7b => Config::llama2_7b(),
+            Preset::Llama3_8b => Config::llama3_8b(),
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Preset::Llama2_7b => "llama2-7b",
+            Preset::Llama3_8b => "llama3-8b",
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PlanArgs {
+    /// HF model directory (only its config.json is read).
+    #[arg(long, conflicts_with = "preset")]
+    pub model: Option<PathBuf>,
+    /// A known model shape instead of a directory; overrides `model.path` of --config.
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+    /// Read method, ZeRO stage, dtype, batch, max_len, recompute, teacher mode, optimizer and
+    /// the model path from a run config; the flags below override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override config keys as `unlearn run --set` does.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Number of ranks (processes, one per GPU).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub world_size: u64,
+    /// finetune, ga, graddiff, npo, ngdiff or mean-teacher.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// ZeRO stage (dist.zero): 0, 1, 2 or 3.
+    #[arg(long)]
+    pub zero: Option<u8>,
+    /// Compute dtype (model.dtype) [default without --config: bf16 on cuda, fp32 on cpu].
+    #[arg(long, value_parser = ["bf16", "fp32"])]
+    pub dtype: Option<String>,
+    /// Memory budget per rank in GiB [default: 80 on cuda; this machine's memory / world size on cpu].
+    #[arg(long, alias = "mem-gib")]
+    pub gpu_mem_gib: Option<f64>,
+    /// Global micro-batch (train.batch_size), divisible by the world size [default: one sequence per rank].
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Sequence length every micro-batch is padded to (train.max_len) [default: 512].
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Recompute layers in backward (train.recompute); `--recompute false` turns it off.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub recompute: Option<bool>,
+    /// Mean teacher's teacher: a compute-dtype replica, or gathered per layer (dist.teacher).
+    #[arg(long, value_parser = ["replica", "gather"])]
+    pub teacher: Option<String>,
+    /// Trainable set (model.trainable).
+    #[arg(long, value_parser = ["matrices", "all"])]
+    pub trainable: Option<String>,
+    /// Optimizer (optim.name) [default: adamw; sgd is planned with momentum].
+    #[arg(long, value_parser = ["adamw", "sgd"])]
+    pub optim: Option<String>,
+    /// Device the ranks run on (model.device; `auto` in a config is planned as cuda) [default: cuda].
+    #[arg(long, value_parser = ["cuda", "cpu"])]
+    pub device: Option<String>,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn toml_str(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+/// Run `unlearn plan`; returns the text to print (a table, or JSON).
+pub fn run(args: &PlanArgs) -> Result<String> {
+    let world = args.world_size as usize;
+    let (mut table, label) = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let t: Table = text.parse().map_err(|e: toml::de::Error| Error::config(path.display().to_string(), "", e.message().to_string()))?;
+            (t, path.display().to_string())
+        }
+        None => {
+            // The keys a run config requires but a plan does not use.
+            let mut t = Table::new();
+            apply_overrides(
+                &mut t,
+                &[
+                    "data.forget=[\"unused-by-plan\"]".into(),
+                    "data.retain=[\"unused-by-plan\"]".into(),
+                    "optim.lr=1e-5".into(),
+                    "train.steps=1".into(),
+                    "train.out_dir=\"unused-by-plan\"".into(),
+                ],
+            )?;
+            (t, "unlearn plan".to_string())
+        }
+    };
+    apply_overrides(&mut table, &args.overrides)?;
+
+    let mut sets: Vec<String> = vec![];
+    let mut set = |k: &str, v: String| sets.push(format!("{k}={v}"));
+    if let Some(m) = &args.method {
+        set("method.name", format!("{m:?}"));
+    } else if args.config.is_none() {
+        return Err(crate::other!("give --method (or --config with a [method] section)"));
+    }
+    if let Some(z) = args.zero {
+        set("dist.zero", z.to_string());
+    }
+    // Without a config: bf16 on cuda (the 7B recipes), fp32 on cpu.
+    let device_flag = args.device.clone().or_else(|| args.config.is_none().then(|| "cuda".to_string()));
+    if let Some(d) = &device_flag {
+        set("model.device", format!("{d:?}"));
+    }
+    let dtype_flag = args.dtype.clone().or_else(|| {
+        args.config.is_none().then(|| if device_flag.as_deref() == Some("cpu") { "fp32" } else { "bf16" }.to_string())
+    });
+    if let Some(d) = &dtype_flag {
+        set("model.dtype", format!("{d:?}"));
+    }
+    if let Some(t) = &args.trainable {
+        set("model.trainable", format!("{t:?}"));
+    }
+    if let Some(t) = &args.teacher {
+        set("dist.teacher", format!("{t:?}"));
+    }
+    if let Some(r) = args.recompute {
+        set("train.recompute", r.to_string());
+    }
+    if let Some(s) = args.seq {
+        set("train.max_len", s.to_string());
+    }
+    match (args.batch, args.config.is_some()) {
+        (Some(b), _) => set("train.batch_size", b.to_string()),
+        (None, false) => set("train.batch_size", world.to_string()),
+        (None, true) => {}
+    }
+    match (&args.optim, args.config.is_some()) {
+        (Some(o), _) => {
+            set("optim.name", format!("{o:?}"));
+            if o == "sgd" && args.config.is_none() {
+                set("optim.momentum", "0.9".into());
+            }
+        }
+        (None, false) => set("optim.name", "\"adamw\"".into()),
+        (None, true) => {}
+    }
+    let (model_cfg, model_name) = match (args.preset, &args.model) {
+        (Some(p), _) => {
+            set("model.path", "\"unused-by-plan\"".into());
+            (Some(p.config()), p.name().to_string())
+        }
+        (None, Some(dir)) => {
+            set("model.path", toml_str(dir));
+            (None, dir.display().to_string())
+        }
+        (None, None) => (None, String::new()),
+    };
+    apply_overrides(&mut table, &sets)?;
+
+    // A plan reads no data and, with a preset, no model: paths need not exist here.
+    let cfg = RunConfig::from_table(&table, &label, false)?;
+    let notes: Vec<String> = vec![];
+    let (model, model_name) = match model_cfg {
+        Some(m) => (m, model_name),
+        None => {
+            let path = cfg.model.path.join("config.json");
+            if !path.exists() {
+                return Err(crate::other!(
+                    "{label}: `model.path`: {} is not a model directory here; pass --preset llama2-7b|llama3-8b or --model DIR",
+                    cfg.model.path.display()
+                ));
+            }
+            (Config::from_file(&path)?, cfg.model.path.display().to_string())
+        }
+    };
+    let device = if cfg.model.device == "cpu" { Device::Cpu } else { Device::Cuda };
+    let budget_gib = match (args.gpu_mem_gib, device) {
+        (Some(g), _) => g,
+        (None, Device::Cuda) => 80.0,
+        (None, Device::Cpu) => rss::host_memory_bytes().map(|b| b as f64 / GIB / world as f64).unwrap_or(16.0),
+    };
+    let baseline = match device {
+        Device::Cuda => (CUDA_NON_TENSOR_GIB * GIB, format!("CUDA context, cuBLAS and NCCL buffers (assumed {CUDA_NON_TENSOR_GIB} GiB)")),
+        Device::Cpu => rss::cpu_baseline(),
+    };
+    let input = PlanInput::from_run_config(&cfg, model, model_name, world, device, budget_gib, baseline)?;
+    let plan = estimate(&input);
+    if args.json {
+        let mut v = serde_json::to_value(&plan).map_err(|e| crate::other!("plan JSON: {e}"))?;
+        v["notes"] = notes.into();
+        return Ok(serde_json::to_string_pretty(&v).map_err(|e| crate::other!("plan JSON: {e}"))? + "\n");
+    }
+    let mut text = String::new();
+    for n in notes {
+        text += &format!("note: {n}\n");
+    }
+    if device == Device::Cpu {
+        text += "note: cpu figures assume freed tensors go back to the OS (launch/mpirun.sh pins MALLOC_MMAP_THRESHOLD_); \
+                 with glibc's adaptive threshold peaks were measured up to 1.45x higher\n";
+    }
+    if cfg.model.device == "auto" && args.device.is_none() {
+        text += "note: model.device = auto is planned as cuda (pass --device cpu for a CPU run)\n";
+    }
+    Ok(text + &plan.render())
+}
+
