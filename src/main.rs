@@ -56,6 +56,9 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() {
+    // Freed tensors go back to the OS (glibc would otherwise keep multi-MiB activations resident),
+    // which is also what `unlearn plan` assumes.
+    unlearn::plan::rss::release_freed_memory();
     let args = Cli::parse();
     init_logging(args.log_format);
     let rank = unlearn::dist::env_rank();

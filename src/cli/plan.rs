@@ -1,10 +1,9 @@
 //! `unlearn plan`: per-rank memory of a run before launching it, from a model (directory or
-//! preset) and the run's settings, given as flags or read from a run config.
+//! preset) and the run's settings, given as flags or read from a run config (whose model and
+//! data paths need not exist here: a plan reads neither).
 //!
 //! Settings go through the same validation as `unlearn run` (`RunConfig::from_table`), so a plan
-//! uses the trainer's defaults and rejects what the trainer would reject. What a plan does not
-//! need is stood in for: a preset's shape is staged as a `config.json` in a temporary directory,
-//! and data files that do not exist here are replaced by an empty placeholder.
+//! uses the trainer's defaults and rejects what the trainer would reject.
 
 use std::path::{Path, PathBuf};
 
@@ -190,7 +189,6 @@ pub fn run(args: &PlanArgs) -> Result<String> {
 
     // A plan reads no data and, with a preset, no model: paths need not exist here.
     let cfg = RunConfig::from_table(&table, &label, false)?;
-    let notes: Vec<String> = vec![];
     let (model, model_name) = match model_cfg {
         Some(m) => (m, model_name),
         None => {
@@ -217,14 +215,10 @@ pub fn run(args: &PlanArgs) -> Result<String> {
     let input = PlanInput::from_run_config(&cfg, model, model_name, world, device, budget_gib, baseline)?;
     let plan = estimate(&input);
     if args.json {
-        let mut v = serde_json::to_value(&plan).map_err(|e| crate::other!("plan JSON: {e}"))?;
-        v["notes"] = notes.into();
+        let v = serde_json::to_value(&plan).map_err(|e| crate::other!("plan JSON: {e}"))?;
         return Ok(serde_json::to_string_pretty(&v).map_err(|e| crate::other!("plan JSON: {e}"))? + "\n");
     }
     let mut text = String::new();
-    for n in notes {
-        text += &format!("note: {n}\n");
-    }
     if device == Device::Cpu {
         text += "note: cpu figures assume freed tensors go back to the OS (launch/mpirun.sh pins MALLOC_MMAP_THRESHOLD_); \
                  with glibc's adaptive threshold peaks were measured up to 1.45x higher\n";

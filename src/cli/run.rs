@@ -103,7 +103,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let final_dir = out.join("final");
     trainer.save_final(&final_dir)?;
     if rank == 0 {
-        tracing::info!("done: {} steps, model in {}", trainer.step, final_dir.display());
+        let rss = crate::plan::rss::peak_rss_bytes().map_or(String::new(), |b| format!(", peak RSS {} MiB on rank 0", b >> 20));
+        tracing::info!("done: {} steps, model in {}{rss}", trainer.step, final_dir.display());
     }
     Ok(())
 }

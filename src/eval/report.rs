@@ -211,7 +211,7 @@ pub fn stage_dir(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<(
 pub fn fmt_value(v: Option<f64>) -> String {
     match v {
         None => "n/a".into(),
-        Some(x) if x == 0.0 => "0".into(),
+        Some(0.0) => "0".into(),
         Some(x) if x.abs() < 1e-3 || x.abs() >= 1e6 => format!("{x:.3e}"),
         Some(x) => {
             let digits = (3 - x.abs().log10().floor() as i32).clamp(0, 6) as usize;

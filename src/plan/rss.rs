@@ -20,14 +20,6 @@ pub fn peak_rss_bytes() -> Option<u64> {
     status_bytes("VmHWM")
 }
 
-/// One log line with this rank's peak resident memory, for the end of a run:
-/// `rank R peak RSS X MiB`. Logged at warn level because ranks other than 0 log only warnings
-/// and errors by default, and the line is wanted from every rank.
-pub fn log_peak_rss(rank: usize) {
-    if let Some(b) = peak_rss_bytes() {
-        tracing::warn!("rank {rank} peak RSS {} MiB", b / (1024 * 1024));
-    }
-}
 
 /// Peak RSS after one tiny forward/backward of a random Llama on the CPU: what the binary and
 /// libtorch cost before any real model is loaded. Measured in this process (the same binary as
