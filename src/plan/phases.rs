@@ -350,9 +350,9 @@ impl<'a> Sizes<'a> {
                 ];
                 if p.zero >= 2 {
                     after.push(row(
-                        "one block's bucket buffers",
-                        format!("gradients are handed over layer by layer: block span {} × 4 B", count(self.block_span)),
-                        self.block_span * 4.0,
+                        "one bucket buffer",
+                        "gradients are handed over bucket by bucket: largest bucket × 4 B",
+                        self.max_bucket * 4.0,
                     ));
                     after.push(self.reduce_scatter_row());
                 } else {

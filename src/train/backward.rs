@@ -34,6 +34,8 @@ pub enum Weights<'a> {
 pub trait GradSink {
     /// Gradient of trainable parameter `param` (index into the layout) for this pass.
     fn add(&mut self, param: usize, grad: &Tensor) -> Result<()>;
+    /// Every gradient of `bucket` for this pass has been delivered.
+    fn bucket_done(&mut self, bucket: usize) -> Result<()>;
     /// Every gradient of `layer` for this pass has been delivered.
     fn layer_done(&mut self, layer: Option<usize>) -> Result<()>;
 }
@@ -89,18 +91,17 @@ pub fn forward_backward(
         let inputs: Vec<&Tensor> = trainable.iter().map(|(_, t)| t).collect();
         let grads = Tensor::f_run_backward(&[&loss], &inputs, false, false)?;
         drop((loss, inputs));
-        // Hand gradients over layer by layer, dropping each once delivered, so a ZeRO-2 sink
-        // holds one layer's bucket buffers at a time (the gradients themselves all exist at
-        // once here; that is the plain executor's price).
+        // Hand gradients over bucket by bucket, dropping each once delivered, so a ZeRO-2 sink
+        // holds one bucket buffer at a time (the gradients themselves all exist at once here;
+        // that is the plain executor's price).
+        let slot: std::collections::HashMap<usize, usize> = trainable.iter().enumerate().map(|(k, (i, _))| (*i, k)).collect();
         let mut grads: Vec<Option<Tensor>> = grads.into_iter().map(Some).collect();
-        for layer in layout.layers() {
-            for (k, (i, _)) in trainable.iter().enumerate() {
-                if layout.params[*i].layer == layer {
-                    let g = grads[k].take().expect("each gradient delivered once");
-                    sink.add(*i, &g)?;
-                }
+        for (b, bucket) in layout.buckets.iter().enumerate() {
+            for i in bucket.params.clone() {
+                let g = grads[slot[&i]].take().expect("each gradient delivered once");
+                sink.add(i, &g)?;
             }
-            sink.layer_done(layer)?;
+            sink.bucket_done(b)?;
         }
         return Ok(());
     }

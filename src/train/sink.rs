@@ -79,12 +79,17 @@ impl GradSink for Sink<'_> {
         Ok(())
     }
 
-    fn layer_done(&mut self, layer: Option<usize>) -> Result<()> {
+    fn bucket_done(&mut self, b: usize) -> Result<()> {
         if let Accumulator::Sharded { shard, pending } = &mut *self.acc {
-            for b in self.layout.layer_buckets(layer) {
-                let buf = pending.remove(&b).ok_or_else(|| crate::other!("no gradient reached bucket {b}"))?;
-                self.layout.reduce_scatter_add(self.comm, b, &buf, shard)?;
-            }
+            let buf = pending.remove(&b).ok_or_else(|| crate::other!("no gradient reached bucket {b}"))?;
+            self.layout.reduce_scatter_add(self.comm, b, &buf, shard)?;
+        }
+        Ok(())
+    }
+
+    fn layer_done(&mut self, layer: Option<usize>) -> Result<()> {
+        for b in self.layout.layer_buckets(layer) {
+            self.bucket_done(b)?;
         }
         Ok(())
     }
