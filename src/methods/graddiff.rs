@@ -1,11 +1,9 @@
 //! Gradient difference: minimise `w_R·NLL_R − w_F·NLL_F` (GDiff with weights; NGDiff is its
 //! normalised version).
 
-use tch::Tensor;
 
-use super::{nll_loss, Aux, Direction, Grads, LossOut, Method, Objective};
+use super::{Direction, Grads, Method, Objective};
 use crate::config::MethodCfg;
-use crate::data::loader::LocalBatch;
 use crate::Result;
 
 pub struct GradDiff {
@@ -25,10 +23,6 @@ impl Method for GradDiff {
     }
     fn objectives(&self) -> &'static [Objective] {
         &[Objective::Forget, Objective::Retain]
-    }
-    /// Both buffers hold ∇NLL; the weights and the sign are applied in `direction`.
-    fn loss(&mut self, _obj: Objective, logits: &Tensor, batch: &LocalBatch, _aux: &Aux) -> Result<LossOut> {
-        nll_loss(logits, batch)
     }
     fn direction(&mut self, g: &Grads) -> Result<Direction> {
         let (f, r) = (g.forget.expect("forget gradient"), g.retain.expect("retain gradient"));

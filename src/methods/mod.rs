@@ -81,8 +81,11 @@ pub trait Method {
     fn needs_reference(&self) -> bool {
         false
     }
-    /// The loss for `obj` from the student's logits on `batch`.
-    fn loss(&mut self, obj: Objective, logits_btv: &Tensor, batch: &LocalBatch, aux: &Aux) -> Result<LossOut>;
+    /// The loss for `obj` from the student's logits on `batch`; by default the token-mean NLL
+    /// (finetune, GDiff and NGDiff differentiate exactly that and differ only in `direction`).
+    fn loss(&mut self, _obj: Objective, logits_btv: &Tensor, batch: &LocalBatch, _aux: &Aux) -> Result<LossOut> {
+        nll_loss(logits_btv, batch)
+    }
     /// Combine the reduced gradients into the update direction (this rank's shard).
     fn direction(&mut self, g: &Grads) -> Result<Direction>;
     /// After the optimizer step, with the updated parameter shard.

@@ -5,12 +5,10 @@
 //! `d` descends on the retain loss and ascends on the forget loss to first order whatever the
 //! two gradients' scales: `d·g_R = ‖g_R‖(1 − cos) ≥ 0` and `d·g_F = ‖g_F‖(cos − 1) ≤ 0`.
 
-use tch::Tensor;
 
 use super::autolr::AutoLr;
-use super::{nll_loss, Aux, Direction, Grads, LossOut, Method, Objective};
+use super::{Direction, Grads, Method, Objective};
 use crate::config::MethodCfg;
-use crate::data::loader::LocalBatch;
 use crate::Result;
 
 pub struct NgDiff {
@@ -30,9 +28,6 @@ impl Method for NgDiff {
     }
     fn objectives(&self) -> &'static [Objective] {
         &[Objective::Forget, Objective::Retain]
-    }
-    fn loss(&mut self, _obj: Objective, logits: &Tensor, batch: &LocalBatch, _aux: &Aux) -> Result<LossOut> {
-        nll_loss(logits, batch)
     }
     fn direction(&mut self, g: &Grads) -> Result<Direction> {
         let (f, r) = (g.forget.expect("forget gradient"), g.retain.expect("retain gradient"));
