@@ -51,11 +51,11 @@ TARGET=$OUT/target/final
 
 say "3a. unlearn forget01 with NGDiff + AutoLR"
 "$BIN" run --config configs/tofu-ngdiff.toml --set "model.path=$(q "$TARGET")" --set "data.retain=$(q "$RETAIN")" \
-  --set optim.lr=2e-5 --set train.batch_size=4 --set train.steps=8 --set "train.out_dir=$(q "$OUT/ngdiff")"
+  --set optim.lr=1e-4 --set train.batch_size=4 --set train.steps=8 --set "train.out_dir=$(q "$OUT/ngdiff")"
 say "3b. unlearn forget01 with mean teacher + NLUL"
 "$BIN" run --config configs/tofu-mean-teacher.toml --set "model.path=$(q "$TARGET")" --set "data.retain=$(q "$RETAIN")" \
-  --set method.alpha=1.0 --set method.delta=0.05 --set optim.lr=0.02 --set train.batch_size=4 --set train.grad_accum=1 \
-  --set train.steps=8 --set train.checkpoint_every=0 --set "train.out_dir=$(q "$OUT/mean-teacher")"
+  --set method.alpha=1.0 --set method.beta=3 --set method.delta=0.05 --set optim.lr=0.03 --set train.batch_size=4 \
+  --set train.grad_accum=1 --set train.steps=32 --set train.checkpoint_every=0 --set "train.out_dir=$(q "$OUT/mean-teacher")"
 
 say "4. forget / retain NLL before and after"
 printf '%-14s %12s %12s\n' model forget_NLL retain_NLL
@@ -70,7 +70,7 @@ for m in target ngdiff mean-teacher; do
   "$BIN" eval tofu --model "$OUT/$m/final" "${EVAL[@]}" --retain-stats "$OUT/eval-retain/report.json" --out "$OUT/eval-$m"
 done
 "$BIN" report --reports "$OUT/eval-target" "$OUT/eval-ngdiff" "$OUT/eval-mean-teacher" "$OUT/eval-retain" \
-  --runs "$OUT/ngdiff" "$OUT/mean-teacher" --out "$OUT/report"
+  --names target ngdiff mean-teacher retain --runs "$OUT/ngdiff" "$OUT/mean-teacher" --out "$OUT/report"
 cat "$OUT/report/report.md"
 
 say "6. export the mean-teacher model to ONNX and verify it with onnxruntime"

@@ -118,7 +118,8 @@ mod tests {
             assert_eq!(fit.outcome, Outcome::Accepted);
             assert!((fit.lr_star - t_star).abs() <= 1e-9 * t_star, "η* {} vs optimum {t_star}", fit.lr_star);
             let expect = 0.9 * eta + 0.1 * t_star.clamp(eta / 2.0, 2.0 * eta);
-            assert!((a.lr - expect).abs() <= 1e-12 * expect);
+            // a.lr inherits η*'s rounding, scaled by (1 − s).
+            assert!((a.lr - expect).abs() <= 1e-9 * expect, "rate {} vs {expect}", a.lr);
         }
     }
 
