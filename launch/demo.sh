@@ -54,8 +54,8 @@ say "3a. unlearn forget01 with NGDiff + AutoLR"
   --set optim.lr=1e-4 --set train.batch_size=4 --set train.steps=8 --set "train.out_dir=$(q "$OUT/ngdiff")"
 say "3b. unlearn forget01 with mean teacher + NLUL"
 "$BIN" run --config configs/tofu-mean-teacher.toml --set "model.path=$(q "$TARGET")" --set "data.retain=$(q "$RETAIN")" \
-  --set method.alpha=1.0 --set method.beta=3 --set method.delta=0.05 --set optim.lr=0.03 --set train.batch_size=4 \
-  --set train.grad_accum=1 --set train.steps=32 --set train.checkpoint_every=0 --set "train.out_dir=$(q "$OUT/mean-teacher")"
+  --set method.alpha=1.0 --set method.beta=3 --set method.delta=0.1 --set optim.lr=0.05 --set train.batch_size=4 \
+  --set train.grad_accum=1 --set train.steps=16 --set train.checkpoint_every=0 --set "train.out_dir=$(q "$OUT/mean-teacher")"
 
 say "4. forget / retain NLL before and after"
 printf '%-14s %12s %12s\n' model forget_NLL retain_NLL
@@ -64,7 +64,7 @@ for m in target ngdiff mean-teacher retain; do
 done
 
 say "5. TOFU evaluation (forget quality against the retain model, model utility)"
-EVAL=(--forget forget01 --data "$TOFU" --max-samples 20 --max-new-tokens 48)
+EVAL=(--forget forget01 --data "$TOFU" --max-samples 15 --max-new-tokens 48)
 "$BIN" eval tofu --model "$OUT/retain/final" "${EVAL[@]}" --out "$OUT/eval-retain"
 for m in target ngdiff mean-teacher; do
   "$BIN" eval tofu --model "$OUT/$m/final" "${EVAL[@]}" --retain-stats "$OUT/eval-retain/report.json" --out "$OUT/eval-$m"
