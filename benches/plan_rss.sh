@@ -16,7 +16,7 @@
 #                  4 × 1024 tokens per rank. Peak: activations of the forward/backward.
 #   act-recompute-z3  the same model with ZeRO-3 (layer-wise executor), teacher replica.
 #
-# Ranks run through launch/mpirun.sh, which pins glibc's mmap threshold; PLAN_RSS_GLIBC_DEFAULT=1
+# The binary pins glibc's mmap threshold (1 MiB); PLAN_RSS_GLIBC_DEFAULT=1
 # runs them with glibc's adaptive threshold instead, to see what heap retention adds.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

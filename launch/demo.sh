@@ -36,10 +36,18 @@ PY
 FORGET=$TOFU/forget01.json
 RETAIN=$OUT/retain40.json
 
-mean_nll() { "$BIN" score --model "$1" --data "$2" --out "$OUT/score-$3.jsonl" --max-len 256 --batch-size 8 2>/dev/null | awk '{print $2}'; }
+# Mean answer NLL of model $1 on data $2. Its log goes to a file; a failed score stops the demo
+# (the callers assign the result first, so that `set -e` sees the exit status).
+mean_nll() {
+  local line
+  line=$("$BIN" score --model "$1" --data "$2" --out "$OUT/score-$3.jsonl" --max-len 256 --batch-size 8 2>"$OUT/score-$3.log") \
+    || { echo "unlearn score failed, see $OUT/score-$3.log:" >&2; tail -n 5 "$OUT/score-$3.log" >&2; return 1; }
+  awk '{print $2}' <<< "$line"
+}
 
 say "1. base model: score TOFU forget01"
-echo "SmolLM2-135M-Instruct forget01 answer NLL: $(mean_nll "$MODEL" "$FORGET" base)"
+base_nll=$(mean_nll "$MODEL" "$FORGET" base)
+echo "SmolLM2-135M-Instruct forget01 answer NLL: $base_nll"
 
 say "2. fine-tune the target (forget01 + retain40) and the retain model (retain40)"
 FT=(--config configs/tofu-finetune.toml --set "model.path=$(q "$MODEL")" --set optim.lr=1e-4 --set optim.warmup_steps=2
@@ -60,7 +68,9 @@ say "3b. unlearn forget01 with mean teacher + NLUL"
 say "4. forget / retain NLL before and after"
 printf '%-14s %12s %12s\n' model forget_NLL retain_NLL
 for m in target ngdiff mean-teacher retain; do
-  printf '%-14s %12s %12s\n' "$m" "$(mean_nll "$OUT/$m/final" "$FORGET" "f-$m")" "$(mean_nll "$OUT/$m/final" "$RETAIN" "r-$m")"
+  f=$(mean_nll "$OUT/$m/final" "$FORGET" "f-$m")
+  r=$(mean_nll "$OUT/$m/final" "$RETAIN" "r-$m")
+  printf '%-14s %12s %12s\n' "$m" "$f" "$r"
 done
 
 say "5. TOFU evaluation (forget quality against the retain model, model utility)"

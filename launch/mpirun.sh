@@ -22,10 +22,10 @@
 #    device `model.device = "cuda"` uses). A CUDA_VISIBLE_DEVICES list set by the scheduler is
 #    indexed by the local rank; a single entry is kept. UNLEARN_KEEP_GPUS=1 leaves it untouched.
 #  * sources launch/env.sh if present (LD_LIBRARY_PATH for libtorch and libnccl.so, ORT_DYLIB_PATH);
-#  * pins glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_, default 1 MiB) so that freed tensors go
-#    back to the OS: with glibc's adaptive threshold, freed activations of a few MiB stay resident
-#    and a CPU rank's peak RSS was measured up to 1.5× its live tensors (see benches/plan_rss.sh).
-#    MALLOC_MMAP_THRESHOLD_=default keeps glibc's adaptive behaviour;
+#  * MALLOC_MMAP_THRESHOLD_=default keeps glibc's adaptive mmap threshold (otherwise the binary
+#    pins it to 1 MiB so that freed tensors go back to the OS: with the adaptive threshold, freed
+#    activations of a few MiB stay resident and a CPU rank's peak RSS was measured up to 1.5× its
+#    live tensors, see benches/plan_rss.sh);
 #  * execs $UNLEARN_BIN (default target/release/unlearn) with the environment it was given.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -53,10 +53,10 @@ if [ "${UNLEARN_KEEP_GPUS:-0}" != 1 ]; then
   fi
 fi
 
-if [ -z "${MALLOC_MMAP_THRESHOLD_:-}" ]; then
-  export MALLOC_MMAP_THRESHOLD_=1048576
-elif [ "$MALLOC_MMAP_THRESHOLD_" = default ]; then
-  unset MALLOC_MMAP_THRESHOLD_ # glibc's adaptive threshold
+if [ "${MALLOC_MMAP_THRESHOLD_:-}" = default ]; then
+  # glibc cannot parse "default": drop it, and tell the binary not to pin the threshold itself.
+  unset MALLOC_MMAP_THRESHOLD_
+  export UNLEARN_GLIBC_MALLOC=1
 fi
 
 BIN=${UNLEARN_BIN:-$REPO/target/release/unlearn}

@@ -138,17 +138,9 @@ fn method_keys(name: &str) -> &'static [&'static str] {
 impl RunConfig {
     /// Read a TOML file and apply `--set key=value` overrides.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        Self::load_with(path, overrides, true)
-    }
-
-    /// As [`RunConfig::load`]; with `check_paths = false` the model and data paths need not exist
-    /// (for `unlearn plan` on a laptop, of a config meant for the cluster).
-    pub fn load_with(path: &Path, overrides: &[String], check_paths: bool) -> Result<Self> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut table: Table = text.parse().map_err(|e: toml::de::Error| Error::config(&file, "", e.message().to_string()))?;
+        let mut table = read_table(path)?;
         apply_overrides(&mut table, overrides)?;
-        Self::from_table(&table, &file, check_paths)
+        Self::from_table(&table, &path.display().to_string(), true)
     }
 
     /// Validate a parsed table. Relative paths in the file are taken relative to the current
@@ -234,6 +226,9 @@ impl RunConfig {
                 }
             }
         }
+        if let Some(r) = method_cfg.reference_model.as_ref().filter(|r| check_paths && !r.join("config.json").exists()) {
+            return Err(Error::config(file, "method.reference_model", format!("{} is not an HF model directory (no config.json)", r.display())));
+        }
         if check_paths && !model_cfg.path.join("config.json").exists() {
             return Err(Error::config(
                 file,
@@ -310,6 +305,12 @@ impl RunConfig {
         }
         toml::to_string_pretty(&table).expect("config serializes to TOML")
     }
+}
+
+/// Parse a TOML file; a syntax error keeps its line, column and the offending text.
+pub fn read_table(path: &Path) -> Result<Table> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    text.parse().map_err(|e: toml::de::Error| Error::format(path, e.to_string().trim_end().to_string()))
 }
 
 /// Apply `key=value` overrides; the value is parsed as TOML (`1e-5`, `true`, `"x"`, `[1, 2]`),
@@ -454,25 +455,30 @@ impl<'a> Section<'a> {
     fn path(&self, k: &str) -> Result<Option<PathBuf>> {
         match self.table.get(k) {
             None => Ok(None),
-            Some(Value::String(s)) if !s.is_empty() => Ok(Some(expand(s))),
+            Some(Value::String(s)) if !s.is_empty() => expand(s).map(Some).map_err(|m| self.err(k, m)),
             Some(v) => Err(self.err(k, format!("expected a path string, got {v}"))),
         }
     }
     fn paths(&self, k: &str) -> Result<Vec<PathBuf>> {
         match self.table.get(k) {
             None => Ok(vec![]),
-            Some(Value::String(s)) => Ok(vec![expand(s)]),
+            Some(Value::String(s)) => Ok(vec![expand(s).map_err(|m| self.err(k, m))?]),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| v.as_str().map(expand).ok_or_else(|| self.err(k, "expected a list of path strings")))
+                .map(|v| match v.as_str() {
+                    Some(s) => expand(s).map_err(|m| self.err(k, m)),
+                    None => Err(self.err(k, "expected a list of path strings")),
+                })
                 .collect(),
             Some(v) => Err(self.err(k, format!("expected a path or a list of paths, got {v}"))),
         }
     }
 }
 
-/// `$VAR` and `${VAR}` expansion in paths, so shipped configs can say `${UNLEARN_CACHE}/models/...`.
-fn expand(s: &str) -> PathBuf {
+/// `$VAR` and `${VAR}` expansion in paths, so shipped configs can say `${UNLEARN_CACHE}/models/...`
+/// (`UNLEARN_CACHE` defaults to `~/.cache/unlearn`, as in launch/setup.sh). An unset variable is an
+/// error: silently expanding it to nothing would only show up later as a puzzling missing file.
+fn expand(s: &str) -> std::result::Result<PathBuf, String> {
     let mut out = String::new();
     let mut rest = s;
     while let Some(i) = rest.find('$') {
@@ -488,10 +494,14 @@ fn expand(s: &str) -> PathBuf {
             (&after[..j], &after[j..])
         };
         let default_cache = || std::env::var("HOME").map(|h| format!("{h}/.cache/unlearn")).unwrap_or_default();
-        let value = std::env::var(name).unwrap_or_else(|_| if name == "UNLEARN_CACHE" { default_cache() } else { String::new() });
+        let value = match std::env::var(name) {
+            Ok(v) => v,
+            Err(_) if name == "UNLEARN_CACHE" => default_cache(),
+            Err(_) => return Err(format!("environment variable `{name}` in `{s}` is not set")),
+        };
         out.push_str(&value);
         rest = tail;
     }
     out.push_str(rest);
-    PathBuf::from(out)
+    Ok(PathBuf::from(out))
 }

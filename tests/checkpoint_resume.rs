@@ -83,7 +83,9 @@ fn sigkill_during_checkpoint_write_keeps_previous_and_resume_is_bit_identical() 
         // The optimizer, teacher and loader states in the final checkpoint agree too.
         let sa = tensors(&full.join("checkpoints/step-000008/shard-00000-of-00001.safetensors"));
         let sb = tensors(&out.join("checkpoints/step-000008/shard-00000-of-00001.safetensors"));
-        for ((na, ta), (_, tb)) in sa.iter().zip(&sb) {
+        assert_eq!(sa.len(), sb.len(), "{method}: the checkpoints hold different numbers of states");
+        for ((na, ta), (nb, tb)) in sa.iter().zip(&sb) {
+            assert_eq!(na, nb);
             assert!(ta.equal(tb), "{method}: checkpoint state `{na}` differs after resume");
         }
         println!("{method}: killed at step-6 checkpoint, resumed from step 4, final weights and states bit-identical");

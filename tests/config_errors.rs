@@ -89,6 +89,9 @@ fn missing_files_and_missing_data_are_named() {
     let f = fixture();
     expect_err(&f, &base(&f, "ngdiff"), &["data.forget=\"/nonexistent/forget.json\""], &["data.forget", "file not found", "/nonexistent/forget.json"]);
     expect_err(&f, &base(&f, "ngdiff"), &["model.path=\"/nonexistent/model\""], &["model.path", "no config.json"]);
+    expect_err(&f, &base(&f, "npo"), &["method.reference_model=\"/nonexistent/ref\""], &["method.reference_model", "/nonexistent/ref", "no config.json"]);
+    // An unset variable in a path is named, not silently expanded to nothing.
+    expect_err(&f, &base(&f, "ngdiff"), &["model.path=\"${UNLEARN_TEST_UNSET_VAR}/m\""], &["model.path", "UNLEARN_TEST_UNSET_VAR", "not set"]);
     // Methods without the data they need.
     let no_retain = base(&f, "ngdiff").lines().filter(|l| !l.starts_with("retain")).collect::<Vec<_>>().join("\n");
     expect_err(&f, &no_retain, &[], &["data.retain", "method `ngdiff` needs retain data"]);
@@ -107,6 +110,12 @@ fn the_cli_exits_nonzero_with_the_message() {
     assert!(!ok);
     assert!(err.contains("bad.toml") && err.contains("optim.lr"), "{err}");
     assert!(!f.dir.join("out").exists(), "a rejected config must not create the output directory");
+    // A TOML syntax error keeps its position, for `run` and for `plan` alike.
+    std::fs::write(&path, "[model\npath = \"x\"\n").unwrap();
+    for args in [vec!["run", "--config", path.to_str().unwrap()], vec!["plan", "--config", path.to_str().unwrap(), "--world-size", "2"]] {
+        let (ok, _, err) = run_unlearn(&args);
+        assert!(!ok && err.contains("bad.toml") && err.contains("line 1, column 7"), "{args:?}: {err}");
+    }
 }
 
 #[test]

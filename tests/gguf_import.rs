@@ -22,10 +22,7 @@ fn heavy() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn smollm_gguf() -> PathBuf {
-    let cache = std::env::var("UNLEARN_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/unlearn"));
-    let p = cache.join("wheels/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = cache_dir().join("wheels/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(p.exists(), "{} not found (launch/setup.sh downloads it)", p.display());
     p
 }

@@ -86,6 +86,10 @@ fn run_case(name: &str, method_toml: &str, optim_toml: &str, py_extra: &str) {
         );
         compared += 1;
     }
+    // Every state the reference keeps must be in our checkpoint, or it went unchecked.
+    for k in ref32.keys().filter(|k| !k.starts_with("clip.") && !k.starts_with("autolr.")) {
+        assert!(ours.contains_key(k), "{name}: our checkpoint lacks `{k}`");
+    }
     // The parameters must have moved, or the comparison proves nothing.
     let init: HashMap<String, Tensor> = Tensor::read_safetensors(model.join("model.safetensors")).unwrap().into_iter().collect();
     let mut flat = vec![];

@@ -33,6 +33,7 @@ fn token_ids_equal_transformers_for_sentencepiece_and_byte_level_bpe() {
         std::fs::write(&tf, serde_json::to_string(&texts).unwrap()).unwrap();
         run_py("hf_ref.py", &["tokenize", "--model", dir.to_str().unwrap(), "--texts", tf.to_str().unwrap(), "--out", of.to_str().unwrap()]);
         let theirs: Vec<Vec<i64>> = serde_json::from_str(&std::fs::read_to_string(&of).unwrap()).unwrap();
+        assert_eq!(theirs.len(), texts.len());
         for (t, ids) in texts.iter().zip(&theirs) {
             assert_eq!(&tok.encode(t, true).unwrap(), ids, "{kind}: ids differ for {t:?}");
         }
@@ -50,7 +51,9 @@ fn token_ids_equal_transformers_for_sentencepiece_and_byte_level_bpe() {
         let read = |p: &std::path::Path| -> Vec<serde_json::Value> {
             std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
         };
-        for (a, b) in read(&ours).iter().zip(read(&hf)) {
+        let (ours, hf) = (read(&ours), read(&hf));
+        assert_eq!((ours.len(), hf.len()), (12, 12), "{kind}: expected 12 scored samples from each side");
+        for (a, b) in ours.iter().zip(hf) {
             assert_eq!(a["tokens"], b["tokens"], "{kind}: scored token counts differ");
             let (x, y) = (a["nll"].as_f64().unwrap(), b["nll"].as_f64().unwrap());
             assert!((x - y).abs() <= 1e-5 * y.abs(), "{kind}: NLL {x} vs transformers {y}");

@@ -340,7 +340,6 @@ fn run_tofu(a: &TofuArgs) -> Result<()> {
     let mut retain = a.retain_stats.as_deref().map(|p| retain_stats_from_report(p, &a.forget, &tok)).transpose()?;
     let cfg = Config::from_file(&c.model.join("config.json"))?;
     let opts = TofuOptions {
-        forget: a.forget.clone(),
         max_samples: a.max_samples,
         max_new_tokens: a.max_new_tokens,
         max_len: cfg.max_position_embeddings.max(2) as usize,

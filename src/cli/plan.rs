@@ -12,7 +12,7 @@ use toml::Table;
 use crate::config::{apply_overrides, RunConfig};
 use crate::model::Config;
 use crate::plan::{estimate, rss, Device, PlanInput, CUDA_NON_TENSOR_GIB, GIB};
-use crate::{Error, Result};
+use crate::Result;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum Preset {
@@ -104,9 +104,7 @@ pub fn run(args: &PlanArgs) -> Result<String> {
     let world = args.world_size as usize;
     let (mut table, label) = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-            let t: Table = text.parse().map_err(|e: toml::de::Error| Error::config(path.display().to_string(), "", e.message().to_string()))?;
-            (t, path.display().to_string())
+            (crate::config::read_table(path)?, path.display().to_string())
         }
         None => {
             // The keys a run config requires but a plan does not use.
@@ -220,7 +218,7 @@ pub fn run(args: &PlanArgs) -> Result<String> {
     }
     let mut text = String::new();
     if device == Device::Cpu {
-        text += "note: cpu figures assume freed tensors go back to the OS (launch/mpirun.sh pins MALLOC_MMAP_THRESHOLD_); \
+        text += "note: cpu figures assume freed tensors go back to the OS (the binary pins glibc's mmap threshold to 1 MiB); \
                  with glibc's adaptive threshold peaks were measured up to 1.45x higher\n";
     }
     if cfg.model.device == "auto" && args.device.is_none() {

@@ -198,12 +198,12 @@ impl FlatLayout {
         for &b in buckets {
             let bk = &self.buckets[b];
             let per = bk.padded / self.shards as i64;
-            let src = shard.narrow(0, self.shard_offset(b), per).to_kind(dst.kind());
+            let src = shard.narrow(0, self.shard_offset(b), per);
             let mut piece = dst.narrow(0, bk.offset - base, bk.padded);
             if self.shards == 1 {
-                piece.copy_(&src);
+                piece.copy_(&src); // copy_ converts the dtype itself: no temporary
             } else {
-                comm.all_gather(&src, &mut piece)?;
+                comm.all_gather(&src.to_kind(piece.kind()), &mut piece)?;
             }
         }
         Ok(())
@@ -219,7 +219,7 @@ impl FlatLayout {
             let _ = dst.f_add_(local)?;
             return Ok(());
         }
-        let mut piece = Tensor::zeros([per], (local.kind(), local.device()));
+        let mut piece = Tensor::empty([per], (local.kind(), local.device())); // fully overwritten
         comm.reduce_scatter_sum(local, &mut piece)?;
         let _ = dst.f_add_(&piece)?;
         Ok(())

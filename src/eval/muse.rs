@@ -29,9 +29,10 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::data::{index_field, read_objects, read_qa, read_texts, str_field, str_list_field, take};
-use super::metrics::{min_k_score, muse_auc, privleak, MinKRounding, RougeScorer, AUC_RETRAIN_BOOKS, AUC_RETRAIN_NEWS};
+use super::metrics::{muse_auc, privleak, MinKRounding, RougeScorer, AUC_RETRAIN_BOOKS, AUC_RETRAIN_NEWS};
 use super::report::{python_mean, Metric, SampleRow};
 use super::shard::EvalCtx;
+use super::score::summarize;
 use super::text::{cut_at_stops, decode, keep_last_tokens, leading_specials, KNOWMEM_STOPS};
 use crate::data::batch::Example;
 use crate::error::{Error, Result};
@@ -153,7 +154,6 @@ impl MuseOptions {
 
 #[derive(Debug, Clone)]
 pub struct KnowMemSet {
-    pub file: PathBuf,
     pub qa: Vec<(String, String)>,
     pub icl: Vec<(String, String)>,
 }
@@ -222,7 +222,7 @@ pub fn load_data(o: &MuseOptions) -> Result<MuseData> {
                 data.verbmem = Some(take(rows, n));
             }
             Part::KnowmemF | Part::KnowmemR => {
-                let set = KnowMemSet { file: files[0].clone(), qa: take(read_qa(&files[0])?, n), icl: read_qa(&files[1])? };
+                let set = KnowMemSet { qa: take(read_qa(&files[0])?, n), icl: read_qa(&files[1])? };
                 if part == Part::KnowmemF {
                     data.knowmem_f = Some(set);
                 } else {
@@ -510,11 +510,11 @@ pub fn privleak_scores(
     let mut scores = Vec::with_capacity(lps.len());
     for (i, lp) in lps.iter().enumerate() {
         let (split, idx) = if i < forget.len() { ("forget", i) } else { ("holdout", i - forget.len()) };
-        let min_k = min_k_score(lp, 0.4, o.variant.rounding()).ok_or_else(|| {
+        let s = summarize(idx, lp, o.variant.rounding());
+        let min_k = s.min_k_40.ok_or_else(|| {
             crate::other!("privleak {split} text {idx}: {} scored token(s) are too few for a Min-40% score", lp.len())
         })?;
-        let nll = -lp.iter().sum::<f64>() / lp.len() as f64;
-        scores.push(TextScore { min_k, tokens: lp.len(), nll });
+        scores.push(TextScore { min_k, tokens: s.tokens, nll: s.nll });
     }
     let holdout_scores = scores.split_off(forget.len());
     let f: Vec<f64> = scores.iter().map(|s| s.min_k).collect();

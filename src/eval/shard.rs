@@ -19,7 +19,7 @@ use crate::progress::Progress;
 use crate::Result;
 
 /// How samples are grouped into forward passes.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy)]
 pub struct Batching {
     /// At most this many samples per batch.
     pub batch_size: usize,

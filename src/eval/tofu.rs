@@ -19,7 +19,7 @@ use serde_json::json;
 
 use super::data::{existing, read_objects, str_field, str_list_field, take};
 use super::metrics::tofu::{
-    answer_prob, forget_quality, forget_truth_ratio, mean_answer_prob, mean_normalized_true_prob, model_utility, normalized_true_prob,
+    answer_prob, forget_quality, forget_truth_ratio, model_utility, normalized_true_prob,
     truth_stat, utility_truth_ratio, UtilityTriple,
 };
 use super::metrics::{mean, RougeScorer};
@@ -163,7 +163,6 @@ pub const TRUTH_STAT_DEFINITION: &str = "legacy TOFU truth statistic per forget 
 
 #[derive(Debug, Clone)]
 pub struct TofuOptions {
-    pub forget: String,
     pub max_samples: Option<usize>,
     pub max_new_tokens: usize,
     /// Token limit of a scored question + answer.
@@ -242,9 +241,16 @@ pub fn evaluate(ctx: &EvalCtx, sets: &[TofuSet], o: &TofuOptions, retain: Option
         let rouge = mean(&recalls);
         let what = format!("{} ({})", key, set.file.file_name().unwrap_or_default().to_string_lossy());
         let rouge_def = format!("TOFU ROUGE on {what}: mean ROUGE-L recall (Porter stemmer) of the greedy answer (<= {} new tokens, stop at EOS) vs the gold answer", o.max_new_tokens);
+        // The per-question values above are the terms of `mean_answer_prob` /
+        // `mean_normalized_true_prob`: their mean is the set's Prob.
+        let prob = mean(&probs);
+        let prob_def = if set.kind.has_paraphrase() {
+            format!("TOFU Prob. on {what}: mean of P(a|q)^(1/|a|) = exp(-mean NLL of the answer + EOS tokens)")
+        } else {
+            format!("TOFU Prob. on {what}: mean of P(a|q) / (P(a|q) + sum_j P(pert_j|q)), all length-normalized")
+        };
         match set.kind {
             SetKind::Forget => {
-                let prob = mean_answer_prob(&losses.answer);
                 let tr = forget_truth_ratio(&stats);
                 if let Some(r) = retain {
                     let fq = forget_quality(&stats, &r.values)?;
@@ -261,17 +267,11 @@ pub fn evaluate(ctx: &EvalCtx, sets: &[TofuSet], o: &TofuOptions, retain: Option
                     out.notes.push("forget_quality: no retain model statistics (give --retain-model or --retain-stats)".into());
                 }
                 out.metrics.push(("forget_truth_ratio".into(), Metric::new(tr, format!("TOFU forget Truth Ratio on {what}: mean over questions of min(R, 1/R), R = GM_j P(pert_j|q)^(1/|pert_j|) / P(para|q)^(1/|para|)"), n, "toward retain")));
-                out.metrics.push(("forget_prob".into(), Metric::new(prob, format!("TOFU Prob. on {what}: mean of P(a|q)^(1/|a|) = exp(-mean NLL of the answer + EOS tokens)"), n, "lower")));
+                out.metrics.push(("forget_prob".into(), Metric::new(prob, prob_def, n, "lower")));
                 out.metrics.push(("forget_rouge".into(), Metric::new(rouge, rouge_def, n, "lower")));
                 out.forget_truth_stats = stats;
             }
             _ => {
-                let (prob, prob_def) = if set.kind.has_paraphrase() {
-                    (mean_answer_prob(&losses.answer), format!("TOFU Prob. on {what}: mean of P(a|q)^(1/|a|) = exp(-mean NLL of the answer + EOS tokens)"))
-                } else {
-                    let qs: Vec<(f64, Vec<f64>)> = losses.answer.iter().copied().zip(losses.perturbed.iter().cloned()).collect();
-                    (mean_normalized_true_prob(&qs), format!("TOFU Prob. on {what}: mean of P(a|q) / (P(a|q) + sum_j P(pert_j|q)), all length-normalized"))
-                };
                 let tr = utility_truth_ratio(&stats);
                 let tr_base = if set.kind.has_paraphrase() { "para" } else { "a" };
                 triples.insert(key, UtilityTriple { rouge, prob, truth_ratio: tr });

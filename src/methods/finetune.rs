@@ -7,9 +7,6 @@ use crate::Result;
 pub struct Finetune;
 
 impl Method for Finetune {
-    fn name(&self) -> &'static str {
-        "finetune"
-    }
     fn objectives(&self) -> &'static [Objective] {
         &[Objective::Retain]
     }

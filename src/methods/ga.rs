@@ -9,9 +9,6 @@ use crate::Result;
 pub struct GradientAscent;
 
 impl Method for GradientAscent {
-    fn name(&self) -> &'static str {
-        "ga"
-    }
     fn objectives(&self) -> &'static [Objective] {
         &[Objective::Forget]
     }

@@ -18,9 +18,6 @@ impl GradDiff {
 }
 
 impl Method for GradDiff {
-    fn name(&self) -> &'static str {
-        "graddiff"
-    }
     fn objectives(&self) -> &'static [Objective] {
         &[Objective::Forget, Objective::Retain]
     }

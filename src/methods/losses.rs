@@ -24,8 +24,12 @@ pub fn nll(lp_bt: &Tensor, n_targets: f64) -> Tensor {
 /// surrogate `Σ m·w·log p / N` with `w = p / (1 + tol - p)` detached and `p` from the detached
 /// logits; it has the same gradient (`w·∇log p`) and avoids a `log(0)` as p → 1.
 pub fn nlul(logits_btv: &Tensor, input_ids: &Tensor, target_mask: &Tensor, tol: f64, n_targets: f64) -> Tensor {
-    let lp = target_logprobs(logits_btv, input_ids, target_mask);
-    let p = target_logprobs(&logits_btv.detach(), input_ids, target_mask).exp();
+    nlul_from_logprobs(&target_logprobs(logits_btv, input_ids, target_mask), target_mask, tol, n_targets)
+}
+
+/// [`nlul`] from the target log-probs, for callers that already have them (no second softmax).
+pub fn nlul_from_logprobs(lp: &Tensor, target_mask: &Tensor, tol: f64, n_targets: f64) -> Tensor {
+    let p = lp.detach().exp();
     let w = (&p / (p.ones_like() * (1.0 + tol) - &p)).detach();
     (w * lp * target_mask).sum(Kind::Float) / n_targets
 }

@@ -16,7 +16,7 @@ use tch::{Kind, Tensor};
 
 use super::losses::{self, NpoVariant};
 use super::npo::{npo_forget_loss, npo_variant};
-use super::{batch_nll, Aux, Direction, Grads, LossOut, Method, Objective};
+use super::{batch_logprobs, Aux, Direction, Grads, LossOut, Method, Objective};
 use crate::config::MethodCfg;
 use crate::data::loader::LocalBatch;
 use crate::Result;
@@ -65,9 +65,6 @@ impl MeanTeacher {
 }
 
 impl Method for MeanTeacher {
-    fn name(&self) -> &'static str {
-        "mean-teacher"
-    }
     fn objectives(&self) -> &'static [Objective] {
         &[Objective::Forget, Objective::Retain]
     }
@@ -83,12 +80,14 @@ impl Method for MeanTeacher {
         match obj {
             Objective::Forget => {
                 let n = batch.global.targets.max(1) as f64;
-                // Logged: the plain token-mean NLL, whatever the loss (as the authors log it).
-                let nll = tch::no_grad(|| batch_nll(logits, batch)).double_value(&[]);
+                // One log-softmax serves the loss and the logged value: the plain token-mean NLL,
+                // whatever the loss (as the authors log it).
+                let lp = batch_logprobs(logits, batch);
+                let nll = losses::nll(&lp.detach(), n).double_value(&[]);
                 let loss = match &self.forget_loss {
-                    ForgetLoss::Nlul { tol } => losses::nlul(logits, &b.input_ids, &b.target_mask, *tol, n),
-                    ForgetLoss::Ga => -batch_nll(logits, batch),
-                    ForgetLoss::Npo { beta, variant } => npo_forget_loss(logits, batch, aux, *beta, *variant)?.loss,
+                    ForgetLoss::Nlul { tol } => losses::nlul_from_logprobs(&lp, &b.target_mask, *tol, n),
+                    ForgetLoss::Ga => -losses::nll(&lp, n),
+                    ForgetLoss::Npo { beta, variant } => npo_forget_loss(&lp, batch, aux, *beta, *variant)?.loss,
                 };
                 Ok(LossOut { loss: loss * self.alpha, value: nll })
             }

@@ -70,7 +70,6 @@ pub struct Direction {
 }
 
 pub trait Method {
-    fn name(&self) -> &'static str;
     /// Objectives that get a batch and a gradient buffer every micro-step.
     fn objectives(&self) -> &'static [Objective];
     /// Whether the trainer must run the teacher on this objective's batch.
@@ -128,6 +127,10 @@ pub(crate) fn nll_loss(logits_btv: &Tensor, batch: &LocalBatch) -> Result<LossOu
 /// Token-mean NLL of the targets of a batch against the global target count: the loss of
 /// finetune/GA/GDiff/NGDiff, and the value every method logs for the forget set.
 pub(crate) fn batch_nll(logits_btv: &Tensor, batch: &LocalBatch) -> Tensor {
-    let lp = losses::target_logprobs(logits_btv, &batch.batch.input_ids, &batch.batch.target_mask);
-    losses::nll(&lp, batch.global.targets.max(1) as f64)
+    losses::nll(&batch_logprobs(logits_btv, batch), batch.global.targets.max(1) as f64)
+}
+
+/// Target-token log-probs of a batch (see [`losses::target_logprobs`]).
+pub(crate) fn batch_logprobs(logits_btv: &Tensor, batch: &LocalBatch) -> Tensor {
+    losses::target_logprobs(logits_btv, &batch.batch.input_ids, &batch.batch.target_mask)
 }

@@ -23,9 +23,6 @@ impl NgDiff {
 }
 
 impl Method for NgDiff {
-    fn name(&self) -> &'static str {
-        "ngdiff"
-    }
     fn objectives(&self) -> &'static [Objective] {
         &[Objective::Forget, Objective::Retain]
     }

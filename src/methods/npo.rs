@@ -7,7 +7,7 @@
 use tch::Tensor;
 
 use super::losses::{self, NpoVariant};
-use super::{nll_loss, Aux, Direction, Grads, LossOut, Method, Objective};
+use super::{batch_logprobs, nll_loss, Aux, Direction, Grads, LossOut, Method, Objective};
 use crate::config::MethodCfg;
 use crate::data::loader::LocalBatch;
 use crate::Result;
@@ -32,20 +32,16 @@ pub(crate) fn npo_variant(name: &str) -> NpoVariant {
     }
 }
 
-/// The NPO forget loss of a batch (shared with mean teacher's `forget_loss = "npo"`).
-pub(crate) fn npo_forget_loss(logits: &Tensor, batch: &LocalBatch, aux: &Aux, beta: f64, variant: NpoVariant) -> Result<LossOut> {
-    let b = &batch.batch;
+/// The NPO forget loss of a batch from its target log-probs `lp` (shared with mean teacher's
+/// `forget_loss = "npo"`).
+pub(crate) fn npo_forget_loss(lp: &Tensor, batch: &LocalBatch, aux: &Aux, beta: f64, variant: NpoVariant) -> Result<LossOut> {
     let ref_sums = aux.ref_sums.as_ref().ok_or_else(|| crate::other!("NPO needs reference log-likelihoods"))?;
-    let lp = losses::target_logprobs(logits, &b.input_ids, &b.target_mask);
     let g = &batch.global;
-    let loss = losses::npo(&lp, ref_sums, beta, variant, g.sequences as f64, g.targets.max(1) as f64, g.padded_len as f64);
+    let loss = losses::npo(lp, ref_sums, beta, variant, g.sequences as f64, g.targets.max(1) as f64, g.padded_len as f64);
     Ok(LossOut { value: losses::npo_value(&lp.detach(), ref_sums, beta, g.sequences as f64), loss })
 }
 
 impl Method for Npo {
-    fn name(&self) -> &'static str {
-        "npo"
-    }
     fn objectives(&self) -> &'static [Objective] {
         if self.retain_weight > 0.0 {
             &[Objective::Forget, Objective::Retain]
@@ -58,7 +54,7 @@ impl Method for Npo {
     }
     fn loss(&mut self, obj: Objective, logits: &Tensor, batch: &LocalBatch, aux: &Aux) -> Result<LossOut> {
         match obj {
-            Objective::Forget => npo_forget_loss(logits, batch, aux, self.beta, self.variant),
+            Objective::Forget => npo_forget_loss(&batch_logprobs(logits, batch), batch, aux, self.beta, self.variant),
             Objective::Retain => nll_loss(logits, batch),
         }
     }

@@ -243,6 +243,11 @@ impl<'a> Cursor<'a> {
             8 => MetaValue::Str(self.string(what)?),
             9 => {
                 let elem_ty = self.u32(what)?;
+                // GGUF writers emit flat arrays only; refusing nesting also bounds the recursion
+                // (a crafted file could otherwise nest deep enough to overflow the stack).
+                if elem_ty == 9 {
+                    return Err(Error::format(self.path, format!("{what} is an array of arrays, which GGUF models do not use; corrupt file?")));
+                }
                 let n = self.u64(what)?;
                 // Every element takes at least one byte: a larger count is corruption, and
                 // checking it first keeps a corrupt count from allocating unbounded memory.
@@ -310,6 +315,10 @@ impl GgufFile {
                 return Err(Error::format(path, format!("tensor `{name}` claims {n_dims} dimensions; corrupt file?")));
             }
             let dims = (0..n_dims).map(|_| c.u64(&format!("shape of tensor `{name}`"))).collect::<Result<Vec<_>>>()?;
+            // Checked once here, so that `n_elements` and `shape` never overflow later.
+            if dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d)).is_none_or(|n| n > i64::MAX as u64) {
+                return Err(Error::format(path, format!("tensor `{name}` claims dimensions {dims:?} whose element count overflows; corrupt file?")));
+            }
             let ggml_type = GgmlType(c.u32(&format!("type of tensor `{name}`"))?);
             let offset = c.u64(&format!("offset of tensor `{name}`"))?;
             tensors.push(TensorInfo { name, dims, ggml_type, offset });

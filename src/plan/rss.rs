@@ -74,13 +74,14 @@ pub fn cpu_baseline() -> (f64, String) {
 }
 
 /// Make glibc hand freed tensors back to the OS: serve every allocation of 1 MiB or more with its
-/// own mmap, as `MALLOC_MMAP_THRESHOLD_=1048576` does (launch/mpirun.sh sets it). glibc's adaptive
+/// own mmap, as `MALLOC_MMAP_THRESHOLD_=1048576` does (main calls this first thing). glibc's adaptive
 /// threshold otherwise rises to 32 MiB after the first large free, so that activations of a few
 /// MiB come from the heap and stay resident after they are freed: a CPU rank then peaked at up to
-/// 1.45× its live tensors (benches/plan_rss.sh). Leaves an explicit MALLOC_MMAP_THRESHOLD_ alone.
-/// Returns whether the threshold was set here.
+/// 1.45× its live tensors (benches/plan_rss.sh). Leaves an explicit MALLOC_MMAP_THRESHOLD_ alone,
+/// and glibc's adaptive threshold under `UNLEARN_GLIBC_MALLOC=1` (what launch/mpirun.sh sets for
+/// `MALLOC_MMAP_THRESHOLD_=default`). Returns whether the threshold was set here.
 pub fn release_freed_memory() -> bool {
-    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some() {
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some() || std::env::var_os("UNLEARN_GLIBC_MALLOC").is_some_and(|v| v == "1") {
         return false;
     }
     // SAFETY: mallopt only changes allocator parameters; any thread may call it.

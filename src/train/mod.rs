@@ -327,8 +327,7 @@ impl Trainer {
         for b in batches {
             let w = weights_of(&self.student_full, &*self.comm, &self.master, self.kind);
             let logits = forward_logits(&mut self.student, &self.layout, &w, &b.batch)?;
-            let lp = methods::losses::target_logprobs(&logits, &b.batch.input_ids, &b.batch.target_mask);
-            total += methods::losses::nll(&lp, b.global.targets.max(1) as f64).double_value(&[]);
+            total += methods::batch_nll(&logits, b).double_value(&[]);
         }
         let mut v = [total / batches.len() as f64];
         self.comm.all_reduce_f64(&mut v)?;

@@ -65,7 +65,8 @@ pub struct Sink<'a> {
 impl GradSink for Sink<'_> {
     fn add(&mut self, param: usize, grad: &Tensor) -> Result<()> {
         let p = &self.layout.params[param];
-        let g = grad.reshape([-1]).to_kind(Kind::Float);
+        // Added straight into fp32 buffers: a bf16 gradient is widened exactly by add_, no copy.
+        let g = grad.reshape([-1]);
         match &mut *self.acc {
             Accumulator::Full(full) => {
                 let _ = full.narrow(0, p.offset, p.numel).f_add_(&g)?;

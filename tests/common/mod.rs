@@ -5,13 +5,19 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// launch/setup.sh's cache: `$UNLEARN_CACHE`, else `~/.cache/unlearn`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var("UNLEARN_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").expect("HOME is set")).join(".cache/unlearn"))
+}
+
 /// The Python with torch/transformers/onnxruntime/rouge_score/scipy/sklearn (set up by launch/setup.sh).
 pub fn python() -> PathBuf {
     if let Ok(p) = std::env::var("UNLEARN_PYTHON") {
         return PathBuf::from(p);
     }
-    let home = std::env::var("HOME").expect("HOME is set");
-    let p = PathBuf::from(home).join(".cache/unlearn/venv/bin/python");
+    let p = cache_dir().join("venv/bin/python");
     assert!(p.exists(), "reference Python not found at {} (run launch/setup.sh or set UNLEARN_PYTHON)", p.display());
     p
 }

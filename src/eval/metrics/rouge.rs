@@ -73,10 +73,6 @@ impl RougeScorer {
         RougeScorer { tokenizer: RougeTokenizer::new(use_stemmer) }
     }
 
-    pub fn tokenizer(&self) -> &RougeTokenizer {
-        &self.tokenizer
-    }
-
     /// `scorer.score(target=reference, prediction=prediction)["rougeL"]`.
     pub fn score(&self, reference: &str, prediction: &str) -> RougeL {
         rouge_l_tokens(&self.tokenizer.tokenize(reference), &self.tokenizer.tokenize(prediction))
