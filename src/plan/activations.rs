@@ -131,10 +131,8 @@ impl LossKind {
         match self {
             // Saved log-probs (4) + the cast and output of the backward's first kernels: the
             // incoming gradient, log_softmax's saved output and its backward output (12 in all).
-            LossKind::Nll | LossKind::Npo => c + 12.0,
-            // Saved log-probs (4), and, for the weights, a second log-softmax of the detached
-            // logits (cast 4 + output 4).
-            LossKind::Nlul => c + 12.0,
+            // NLUL's weights come from the same log-probs (no second softmax).
+            LossKind::Nll | LossKind::Npo | LossKind::Nlul => c + 12.0,
             // log q (saved 4), log p (4), p = exp(log p) (saved 4), log p − log q (4), the product (4).
             LossKind::Kl => c + 20.0,
             // fp32 casts of both logit sets (bf16 only), Δ, p̄, (Δ − ⟨p̄,Δ⟩), F̄Δ.
@@ -145,8 +143,7 @@ impl LossKind {
     /// What the count stands for, for the plan's table.
     pub fn peak_words(self) -> &'static str {
         match self {
-            LossKind::Nll | LossKind::Npo => "logits + saved fp32 log-probs + backward's fp32 gradient temporaries",
-            LossKind::Nlul => "logits + saved fp32 log-probs + a second fp32 log-softmax (cast + output) for p",
+            LossKind::Nll | LossKind::Npo | LossKind::Nlul => "logits + saved fp32 log-probs + backward's fp32 gradient temporaries",
             LossKind::Kl => "logits + fp32 log q (saved), log p, p (saved), log p − log q, p·(log p − log q)",
             LossKind::Qkl => "logits + fp32 casts, Δ, p̄, Δ − ⟨p̄,Δ⟩, F̄Δ",
         }
