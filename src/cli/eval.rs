@@ -70,6 +70,9 @@ pub struct CommonArgs {
     /// Rank group: auto (MPI under mpirun), none, mpi or nccl.
     #[arg(long, default_value = "auto")]
     pub dist: String,
+    /// Replace a non-empty --out that is not an earlier evaluation (its files are deleted).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -99,7 +102,7 @@ pub struct MuseArgs {
     #[arg(long)]
     pub retain_model: Option<PathBuf>,
     /// Use only the first N samples of every split.
-    #[arg(long)]
+    #[arg(long, value_parser = super::at_least_one)]
     pub max_samples: Option<usize>,
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens_verbmem: usize,
@@ -132,7 +135,7 @@ pub struct TofuArgs {
     #[arg(long)]
     pub retain_stats: Option<PathBuf>,
     /// Use only the first N questions of every set.
-    #[arg(long)]
+    #[arg(long, value_parser = super::at_least_one)]
     pub max_samples: Option<usize>,
     /// Greedy answer length limit for ROUGE.
     #[arg(long, default_value_t = 200)]
@@ -254,12 +257,20 @@ impl Session {
     }
 }
 
+/// `--out` may be replaced by this evaluation (checked before any rank starts work).
+fn check_out(c: &CommonArgs, inputs: &[Option<&Path>]) -> Result<()> {
+    let mut all: Vec<&Path> = vec![&c.model];
+    all.extend(inputs.iter().flatten());
+    crate::files::check_output_dir(&c.out, &crate::files::EVAL_OUTPUT, &all, c.overwrite)
+}
+
 fn load_compares(c: &CommonArgs) -> Result<Vec<Report>> {
     c.compare.iter().map(|p| Report::load(p)).collect()
 }
 
 fn run_muse(a: &MuseArgs) -> Result<()> {
     let c = &a.common;
+    check_out(c, &[a.retain_model.as_deref(), Some(&a.data), a.mmlu.as_deref()])?;
     let s = Session::new(c)?;
     let tok = tokenizer_of(&c.model)?;
     let retain_tok = a.retain_model.as_deref().map(tokenizer_of).transpose()?;
@@ -331,6 +342,7 @@ fn retain_stats_from_report(path: &Path, forget: &str, tok: &Tokenizer) -> Resul
 
 fn run_tofu(a: &TofuArgs) -> Result<()> {
     let c = &a.common;
+    check_out(c, &[a.retain_model.as_deref(), Some(&a.data)])?;
     let s = Session::new(c)?;
     let tok = tokenizer_of(&c.model)?;
     let retain_tok = a.retain_model.as_deref().map(tokenizer_of).transpose()?;

@@ -29,9 +29,13 @@ pub struct ExportArgs {
     /// (at most, and by default, 2e9: protobuf files cannot exceed 2 GiB).
     #[arg(long, default_value_t = MAX_INLINE_BYTES)]
     pub external_threshold_bytes: u64,
+    /// Replace a non-empty --out that is not an earlier export (its files are deleted).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run(args: &ExportArgs) -> Result<()> {
+    crate::files::check_output_dir(&args.out, &crate::files::EXPORT_OUTPUT, &[&args.model], args.overwrite)?;
     let opts = ExportOptions {
         dtype: ExportDtype::parse(&args.dtype)?,
         kv_cache: args.kv_cache,

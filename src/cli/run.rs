@@ -25,6 +25,9 @@ pub struct RunArgs {
 pub fn run(args: &RunArgs) -> Result<()> {
     let config_path = match (&args.config, &args.resume) {
         (Some(c), _) => c.clone(),
+        (None, Some(dir)) if !dir.join("config.toml").is_file() => {
+            return Err(crate::other!("--resume {}: not a run directory (no config.toml); give --config FILE to start a run there", dir.display()))
+        }
         (None, Some(dir)) => dir.join("config.toml"),
         (None, None) => return Err(crate::other!("give --config FILE (or --resume DIR of an earlier run)")),
     };
@@ -53,20 +56,29 @@ pub fn run(args: &RunArgs) -> Result<()> {
             None
         }
     };
-    if rank == 0 {
-        std::fs::create_dir_all(&ckpt_root).map_err(|e| crate::Error::io(&ckpt_root, e))?;
-        crate::model::weights::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
-    }
-    comm.barrier()?;
-
+    // The model, data and checkpoint are checked before anything is written, so bad input leaves
+    // no half-made run directory behind and a refused resume keeps the run's config.toml.
+    let config_toml = cfg.to_toml();
     let mut trainer = Trainer::new(cfg, comm.clone())?;
-    let metrics = out.join("metrics.jsonl");
     if let Some(dir) = &resume_from {
         trainer.restore(dir)?;
-        if rank == 0 {
-            tracing::info!("resumed from {} at step {}", dir.display(), trainer.step);
-            truncate_metrics(&metrics, trainer.step)?;
+        if trainer.step > trainer.cfg.train.steps {
+            return Err(crate::Error::config(
+                config_path.display().to_string(),
+                "train.steps",
+                format!("{} is below the step of the checkpoint {} ({}); nothing to resume", trainer.cfg.train.steps, dir.display(), trainer.step),
+            ));
         }
+    }
+    if rank == 0 {
+        std::fs::create_dir_all(&ckpt_root).map_err(|e| crate::Error::io(&ckpt_root, e))?;
+        crate::model::weights::write_atomic(&out.join("config.toml"), config_toml.as_bytes())?;
+    }
+    comm.barrier()?;
+    let metrics = out.join("metrics.jsonl");
+    if let Some(dir) = resume_from.as_ref().filter(|_| rank == 0) {
+        tracing::info!("resumed from {} at step {}", dir.display(), trainer.step);
+        truncate_metrics(&metrics, trainer.step)?;
     } else if rank == 0 && metrics.exists() {
         std::fs::remove_file(&metrics).map_err(|e| crate::Error::io(&metrics, e))?;
     }

@@ -22,8 +22,8 @@ impl Tokenizer {
         if !path.exists() {
             return Err(Error::format(dir, "no tokenizer.json in this directory"));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
+        let text = crate::files::read_text(&path)?;
+        let inner = text.parse::<tokenizers::Tokenizer>().map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
         let n = inner.get_vocab_size(true) as i64;
         if n > cfg.vocab_size {
             return Err(Error::format(

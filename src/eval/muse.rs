@@ -258,6 +258,10 @@ pub fn load_data(o: &MuseOptions) -> Result<MuseData> {
             }
         }
     }
+    let found = data.verbmem.is_some() || data.knowmem_f.is_some() || data.knowmem_r.is_some() || data.privleak.is_some() || data.mmlu.is_some();
+    if !found {
+        return Err(Error::format(&o.data, format!("no MUSE part could be evaluated: {}", data.notes.join("; "))));
+    }
     Ok(data)
 }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 /// `rope_type: "llama3"` frequency rescaling (Llama-3.1/3.2).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -43,7 +43,7 @@ pub struct Config {
 impl Config {
     /// Read and validate `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).at(path)?;
+        let text = crate::files::read_text(path)?;
         let raw: Value = serde_json::from_str(&text)
             .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
         Self::from_json(&raw, path)
@@ -110,6 +110,12 @@ impl Config {
         let hidden_size = int("hidden_size")?;
         let num_attention_heads = int("num_attention_heads")?;
         let num_key_value_heads = opt_int("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        if field("head_dim").is_none() && hidden_size % num_attention_heads != 0 {
+            return Err(Error::format(
+                path,
+                format!("hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads}) when head_dim is not given"),
+            ));
+        }
         let head_dim = opt_int("head_dim")?.unwrap_or(hidden_size / num_attention_heads);
         if num_key_value_heads <= 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(Error::format(
@@ -166,7 +172,7 @@ impl Config {
             Some(v) => v.as_i64().into_iter().collect(),
         };
 
-        Ok(Config {
+        let config = Config {
             vocab_size: int("vocab_size")?,
             hidden_size,
             intermediate_size: int("intermediate_size")?,
@@ -181,8 +187,48 @@ impl Config {
             tie_word_embeddings: bool_or("tie_word_embeddings", false)?,
             bos_token_id: opt_int("bos_token_id")?,
             eos_token_ids,
-            pad_token_id: opt_int("pad_token_id")?,
-        })
+            // Some old Llama configs say `pad_token_id: -1` for "none".
+            pad_token_id: opt_int("pad_token_id")?.filter(|&p| p != -1),
+        };
+        config.check_ranges(path)?;
+        Ok(config)
+    }
+
+    /// Values that parse but cannot describe a model: non-positive sizes, token ids outside the
+    /// vocabulary, a parameter count no machine holds (checked so that nothing is sized from it).
+    fn check_ranges(&self, path: &Path) -> Result<()> {
+        let bad = |msg: String| Err(Error::format(path, msg));
+        if self.head_dim <= 0 || self.max_position_embeddings <= 0 {
+            return bad(format!("`head_dim` ({}) and `max_position_embeddings` ({}) must be positive", self.head_dim, self.max_position_embeddings));
+        }
+        let positive_finite = |v: f64| v.is_finite() && v > 0.0;
+        if !positive_finite(self.rms_norm_eps) || !positive_finite(self.rope_theta) {
+            return bad(format!("`rms_norm_eps` ({}) and `rope_theta` ({}) must be finite and > 0", self.rms_norm_eps, self.rope_theta));
+        }
+        if let Some(r) = &self.rope_llama3 {
+            if ![r.factor, r.low_freq_factor, r.high_freq_factor, r.original_max_position_embeddings].into_iter().all(positive_finite) {
+                return bad("rope scaling `llama3`: every factor must be finite and > 0".into());
+            }
+        }
+        let ids = self.bos_token_id.iter().chain(&self.eos_token_ids).chain(&self.pad_token_id);
+        if let Some(id) = ids.copied().find(|id| !(0..self.vocab_size).contains(id)) {
+            return bad(format!("token id {id} (bos/eos/pad_token_id) is outside the vocabulary 0..{}", self.vocab_size));
+        }
+        let per_layer = [
+            self.hidden_size.checked_mul(self.head_dim).and_then(|x| x.checked_mul(self.num_attention_heads + 2 * self.num_key_value_heads)),
+            self.hidden_size.checked_mul(self.intermediate_size).and_then(|x| x.checked_mul(3)),
+        ];
+        let total = per_layer
+            .into_iter()
+            .try_fold(0i64, |acc, x| acc.checked_add(x?))
+            .and_then(|l| l.checked_mul(self.num_hidden_layers))
+            .and_then(|l| l.checked_add(self.vocab_size.checked_mul(self.hidden_size)?.checked_mul(2)?));
+        const MAX_PARAMS: i64 = 1 << 42;
+        if total.is_none_or(|t| t > MAX_PARAMS) {
+            return bad(format!("the sizes describe more than 2^42 parameters (hidden_size {}, intermediate_size {}, layers {}, vocab_size {})",
+                self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size));
+        }
+        Ok(())
     }
 
     /// A `config.json` that transformers loads into the same model.

@@ -10,7 +10,6 @@
 //! open, so a truncated or corrupt file fails with a message naming the file, never a panic.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
@@ -277,7 +276,7 @@ impl GgufFile {
     /// Map and parse `path`, checking magic, version, and that every tensor's data lies inside
     /// the file.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).at(path)?;
+        let file = crate::files::open_regular(path)?;
         // SAFETY: read-only map, never written through; a concurrent truncation by another
         // process is outside what we can defend against.
         let mmap = unsafe { Mmap::map(&file) }.at(path)?;

@@ -564,10 +564,10 @@ impl Trainer {
             ck.read_shard("teacher", &self.layout, rank, t)?;
         }
         if let (Some(l), Some(s)) = (self.forget.as_mut(), ck.meta.forget) {
-            l.restore(s);
+            l.restore(s).map_err(|e| crate::other!("{}: forget loader: {e}", dir.display()))?;
         }
         if let (Some(l), Some(s)) = (self.retain.as_mut(), ck.meta.retain) {
-            l.restore(s);
+            l.restore(s).map_err(|e| crate::other!("{}: retain loader: {e}", dir.display()))?;
         }
         if let (Some(a), Some(saved)) = (self.method.autolr(), ck.meta.autolr.clone()) {
             *a = saved;
