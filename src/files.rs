@@ -158,7 +158,8 @@ pub fn check_output_dir(out: &Path, spec: &OutputDir, inputs: &[&Path], overwrit
     check_disjoint(out, inputs)?;
     let meta = match std::fs::symlink_metadata(out) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        // Absent, or below a file (creating it fails later with its own message).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(()),
         Err(e) => return Err(Error::io(out, e)),
     };
     if !meta.is_dir() {

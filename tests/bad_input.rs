@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use common::tiny::*;
@@ -16,7 +16,10 @@ use common::unlearn_bin;
 use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
-static CASES: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    /// Cases passed by the test running on this thread (each test has its own thread).
+    static CASES: Cell<usize> = const { Cell::new(0) };
+}
 
 /// A case may not take longer than this (a hang in open() or an allocation loop shows up here).
 const CASE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -93,7 +96,7 @@ fn refused(dir: &Path, args: &[&str], needles: &[&str]) -> String {
     let before = snapshot(dir);
     let (code, err) = run_bin(dir, args);
     let what = format!("unlearn {}", args.join(" "));
-    let message = err.lines().filter(|l| l.contains("error")).next_back().unwrap_or_default().to_string();
+    let message = err.lines().rfind(|l| l.contains("error")).unwrap_or_default().to_string();
     println!("{}: {message}", args[..2.min(args.len())].join(" "));
     assert!(code.is_some(), "{what}: killed by a signal:\n{err}");
     assert!(code != Some(0), "{what}: succeeded, expected a refusal:\n{err}");
@@ -102,7 +105,7 @@ fn refused(dir: &Path, args: &[&str], needles: &[&str]) -> String {
         assert!(err.contains(n), "{what}: the message lacks {n:?}:\n{err}");
     }
     assert_unchanged(&before, &snapshot(dir), &what);
-    CASES.fetch_add(1, Ordering::SeqCst);
+    CASES.with(|c| c.set(c.get() + 1));
     err
 }
 
@@ -112,8 +115,8 @@ fn succeeds(dir: &Path, args: &[&str]) -> String {
     err
 }
 
-fn report(test: &str, start: usize) {
-    println!("{test}: {} bad-input cases passed", CASES.load(Ordering::SeqCst) - start);
+fn report(test: &str) {
+    println!("{test}: {} bad-input cases passed", CASES.with(Cell::get));
 }
 
 fn edit_json(path: &Path, f: impl FnOnce(&mut Value)) {
@@ -152,23 +155,13 @@ fn copy_tree(from: &Path, to: &Path) {
 }
 
 /// Inputs shared by the cases of one test: a tiny model, forget and retain data.
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    model: PathBuf,
-    forget: PathBuf,
-    retain: PathBuf,
-}
+type Fixture = TinyInputs;
 
 fn fixture() -> Fixture {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().to_path_buf();
-    let model = make_tiny(&root.join("inputs/model"), 7);
-    let forget = write_qa(&root.join("inputs/forget.json"), 8, "the forget author");
-    let retain = write_qa(&root.join("inputs/retain.json"), 8, "the retain author");
-    Fixture { _tmp: tmp, root, model, forget, retain }
+    tiny_inputs()
 }
 
+/// What the cases do with the inputs.
 impl Fixture {
     /// A fresh, empty directory for one case (what the case may touch and must leave alone).
     fn case(&self, name: &str) -> PathBuf {
@@ -205,7 +198,6 @@ impl Fixture {
 
 #[test]
 fn run_configs_and_data_files() {
-    let start = CASES.load(Ordering::SeqCst);
     let f = fixture();
     let d = f.case("run-config");
     let out = d.join("out");
@@ -267,12 +259,11 @@ fn run_configs_and_data_files() {
     with_forget("fifo.json", None, &["fifo.json", "FIFO"]);
     with_forget("empty.json", Some(b"[]"), &["empty.json", "no records"]);
     with_forget("keys.json", Some(br#"[{"q": "x", "a": "y"}]"#), &["keys.json", "record 0", "not a known layout"]);
-    report("run_configs_and_data_files", start);
+    report("run_configs_and_data_files");
 }
 
 #[test]
 fn resume_refuses_what_it_cannot_continue() {
-    let start = CASES.load(Ordering::SeqCst);
     let f = fixture();
     let base = f.root.join("trained");
     let cfg = f.run_config(&f.root, &f.model, &base);
@@ -379,12 +370,11 @@ fn resume_refuses_what_it_cannot_continue() {
         assert!(ta.equal(tb), "{na}: resuming from the misaligned shard gave other weights");
     }
     println!("a misaligned shard resumes bit-identically to the aligned one");
-    report("resume_refuses_what_it_cannot_continue", start);
+    report("resume_refuses_what_it_cannot_continue");
 }
 
 #[test]
 fn model_directories() {
-    let start = CASES.load(Ordering::SeqCst);
     let f = fixture();
     let cfg = tiny_config();
     // Each case: a broken copy of the model, scored into a file that must not appear.
@@ -415,8 +405,10 @@ fn model_directories() {
         &["model.safetensors", "model.embed_tokens.weight", "[258, 32]", "[300, 32]"]);
     case("eos-outside-vocab", &|m| edit_json(&m.join("config.json"), |v| v["eos_token_id"] = json!(999)),
         &["config.json", "token id 999", "outside the vocabulary"]);
-    case("absurd-sizes", &|m| edit_json(&m.join("config.json"), |v| v["num_hidden_layers"] = json!(1i64 << 40)),
+    case("absurd-sizes", &|m| edit_json(&m.join("config.json"), |v| v["intermediate_size"] = json!(1i64 << 40)),
         &["config.json", "2^42 parameters"]);
+    case("absurd-layers", &|m| edit_json(&m.join("config.json"), |v| v["num_hidden_layers"] = json!(1 << 20)),
+        &["config.json", "`num_hidden_layers` is 1048576"]);
     case("tokenizer-bigger", &|m| {
         let small = unlearn::model::Config { vocab_size: 100, bos_token_id: Some(1), eos_token_ids: vec![2], ..tiny_config() };
         std::fs::write(m.join("config.json"), small.to_hf_json().to_string()).unwrap();
@@ -486,12 +478,11 @@ fn model_directories() {
     case("index-not-names", &|m| {
         std::fs::write(m.join("model.safetensors.index.json"), json!({"weight_map": {"model.norm.weight": 3}}).to_string()).unwrap();
     }, &["model.safetensors.index.json", "`model.norm.weight`", "must be a file name"]);
-    report("model_directories", start);
+    report("model_directories");
 }
 
 #[test]
 fn score_export_verify_import_report_eval_plan() {
-    let start = CASES.load(Ordering::SeqCst);
     let f = fixture();
 
     // score: zero counts, an output that is an input or a directory, a broken data file.
@@ -621,5 +612,5 @@ fn score_export_verify_import_report_eval_plan() {
     let cfg = f.run_config(&d, &f.model, &d.join("out"));
     refused(&d, &["plan", "--config", s(&cfg), "--world-size", "2", "--set", "train.batch_size=1000000000"], &["train.batch_size", "limit"]);
     refused(&d, &["plan", "--config", s(&cfg), "--world-size", "2", "--set", "dist.zero=7"], &["dist.zero"]);
-    report("score_export_verify_import_report_eval_plan", start);
+    report("score_export_verify_import_report_eval_plan");
 }

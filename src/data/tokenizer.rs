@@ -23,6 +23,8 @@ impl Tokenizer {
             return Err(Error::format(dir, "no tokenizer.json in this directory"));
         }
         let text = crate::files::read_text(&path)?;
+        // The tokenizers crate panics on a JSON syntax error inside `decoder`: check syntax first.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
         let inner = text.parse::<tokenizers::Tokenizer>().map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
         let n = inner.get_vocab_size(true) as i64;
         if n > cfg.vocab_size {

@@ -198,6 +198,10 @@ impl Config {
     /// vocabulary, a parameter count no machine holds (checked so that nothing is sized from it).
     fn check_ranges(&self, path: &Path) -> Result<()> {
         let bad = |msg: String| Err(Error::format(path, msg));
+        // Layers are listed one by one (parameter specs, buckets, graph nodes): bound them too.
+        if self.num_hidden_layers > 1 << 12 {
+            return bad(format!("`num_hidden_layers` is {}, above the limit of 4096", self.num_hidden_layers));
+        }
         if self.head_dim <= 0 || self.max_position_embeddings <= 0 {
             return bad(format!("`head_dim` ({}) and `max_position_embeddings` ({}) must be positive", self.head_dim, self.max_position_embeddings));
         }

@@ -109,3 +109,21 @@ pub fn copy_dir(from: &Path, to: &Path) -> PathBuf {
     }
     to.to_path_buf()
 }
+
+/// A tiny model with forget and retain data in a fresh temporary directory (removed on drop).
+pub struct TinyInputs {
+    _tmp: tempfile::TempDir,
+    pub root: PathBuf,
+    pub model: PathBuf,
+    pub forget: PathBuf,
+    pub retain: PathBuf,
+}
+
+pub fn tiny_inputs() -> TinyInputs {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let model = make_tiny(&root.join("inputs/model"), 7);
+    let forget = write_qa(&root.join("inputs/forget.json"), 8, "the forget author");
+    let retain = write_qa(&root.join("inputs/retain.json"), 8, "the retain author");
+    TinyInputs { _tmp: tmp, root, model, forget, retain }
+}
