@@ -110,10 +110,11 @@ impl Session {
         let name = c.name.clone().unwrap_or_else(|| {
             c.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| c.model.display().to_string())
         });
+        let about = bench.describe();
         let mut limits = c.limits();
-        limits.extend(bench.limits());
+        limits.extend(about.limits);
         Ok(Report {
-            benchmark: bench.name().into(),
+            benchmark: about.name.into(),
             name,
             model: ModelInfo {
                 path: c.model.display().to_string(),
@@ -121,8 +122,8 @@ impl Session {
                 tokenizer_fingerprint: tok.vocab_fingerprint(),
                 dtype: c.dtype.clone(),
             },
-            variant: bench.variant().into(),
-            data: bench.data().display().to_string(),
+            variant: about.variant.into(),
+            data: about.data.display().to_string(),
             limits,
             metrics: Default::default(),
             order: vec![],

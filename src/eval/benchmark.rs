@@ -15,7 +15,7 @@
 //! and writes the report.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
@@ -40,16 +40,21 @@ pub trait BenchmarkArgs {
     fn prepare(&self, model: &ModelFacts) -> Result<Box<dyn Benchmark>>;
 }
 
+/// What a report says about the benchmark run.
+pub struct Description {
+    /// report.json's `benchmark`, e.g. "muse".
+    pub name: &'static str,
+    /// Whose evaluation code the numbers follow (report.json's `variant`).
+    pub variant: &'static str,
+    /// The data directory.
+    pub data: PathBuf,
+    /// Settings that change the numbers.
+    pub limits: BTreeMap<String, Value>,
+}
+
 /// A benchmark with its inputs read and checked.
 pub trait Benchmark {
-    /// report.json's `benchmark`, e.g. "muse".
-    fn name(&self) -> &'static str;
-    /// Whose evaluation code the numbers follow (report.json's `variant`).
-    fn variant(&self) -> &'static str;
-    /// The data directory, for the report.
-    fn data(&self) -> &Path;
-    /// Settings that change the numbers, for the report.
-    fn limits(&self) -> BTreeMap<String, Value>;
+    fn describe(&self) -> Description;
     /// A model to evaluate before the evaluated one because the metrics compare against it (the
     /// retain model), when this evaluation needs one.
     fn reference_model(&self) -> Option<&Path> {

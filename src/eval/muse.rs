@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::benchmark::{Benchmark, BenchmarkArgs, ModelFacts, Outcome};
+use super::benchmark::{Benchmark, BenchmarkArgs, Description, ModelFacts, Outcome};
 use super::context::EvalCtx;
 use super::data::{index_field, read_objects, read_qa, read_texts, str_field, str_list_field, take};
 use super::metrics::{muse_auc, privleak, MinKRounding, RougeScorer, AUC_RETRAIN_BOOKS, AUC_RETRAIN_NEWS};
@@ -127,17 +127,8 @@ pub struct Muse {
 }
 
 impl Benchmark for Muse {
-    fn name(&self) -> &'static str {
-        "muse"
-    }
-    fn variant(&self) -> &'static str {
-        self.opts.variant.name()
-    }
-    fn data(&self) -> &Path {
-        &self.opts.data
-    }
-    fn limits(&self) -> BTreeMap<String, Value> {
-        self.opts.limits()
+    fn describe(&self) -> Description {
+        Description { name: "muse", variant: self.opts.variant.name(), data: self.opts.data.clone(), limits: self.opts.limits() }
     }
     fn reference_model(&self) -> Option<&Path> {
         self.retain_model.as_deref()

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::benchmark::{Benchmark, BenchmarkArgs, ModelFacts, Outcome};
+use super::benchmark::{Benchmark, BenchmarkArgs, Description, ModelFacts, Outcome};
 use super::context::EvalCtx;
 use super::data::{existing, read_objects, str_field, str_list_field, take};
 use super::metrics::tofu::{
@@ -101,17 +101,8 @@ pub struct Tofu {
 }
 
 impl Benchmark for Tofu {
-    fn name(&self) -> &'static str {
-        "tofu"
-    }
-    fn variant(&self) -> &'static str {
-        "tofu"
-    }
-    fn data(&self) -> &Path {
-        &self.data
-    }
-    fn limits(&self) -> BTreeMap<String, serde_json::Value> {
-        self.opts.limits()
+    fn describe(&self) -> Description {
+        Description { name: "tofu", variant: "tofu", data: self.data.clone(), limits: self.opts.limits() }
     }
     fn reference_model(&self) -> Option<&Path> {
         self.retain_model.as_deref()
