@@ -12,10 +12,13 @@
 //! 6. shards are all-gathered back into the compute-dtype replicas (student, teacher).
 
 pub mod backward;
+mod final_model;
 pub mod layout;
+mod net;
 pub mod params;
 mod passes;
 pub mod sink;
+mod verify;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,16 +28,17 @@ use serde::Serialize;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{DataSource, RunConfig, TeacherMode};
+use crate::config::{DataSource, RunConfig};
 use crate::data::loader::{local_batch, LocalBatch, Loader};
 use crate::data::{read_records, tokenize_all, Example, Record, Tokenizer};
 use crate::dist::zero::FlatLayout;
 use crate::dist::{Collective, Comm};
 use crate::methods::{self, Aux, GradStats, Grads, Method, Objective, Spec};
-use crate::model::{load_model, param_specs, Llama};
+use crate::model::{load_model, param_specs};
 use crate::optim::{self, Optimizer, Schedule};
 use crate::Result;
-use backward::{forward_backward, forward_logits, Weights};
+use backward::{forward_backward, forward_logits};
+use net::{teacher_net, Net, Residency};
 use sink::{Accumulator, Sink};
 
 /// One line of metrics.jsonl.
@@ -51,47 +55,6 @@ pub struct StepLog {
     pub elapsed_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub autolr: Option<methods::autolr::Fit>,
-}
-
-/// Where a model's trainable weights live between passes.
-enum Residency {
-    /// A compute-dtype replica of the whole flat buffer, bound to the model (ZeRO 0–2; the
-    /// teacher with `dist.teacher = "replica"`).
-    Replica(Tensor),
-    /// Nowhere: gathered layer by layer from the fp32 shards for each pass.
-    Gathered,
-}
-
-/// A model the trainer runs (student or teacher).
-struct Net {
-    model: Llama,
-    residency: Residency,
-}
-
-impl Net {
-    /// How a pass gets the trainable weights: resident, or gathered per layer from `shard`.
-    fn weights<'a>(&self, comm: &'a dyn Collective, shard: &'a Tensor, kind: Kind) -> Weights<'a> {
-        match self.residency {
-            Residency::Replica(_) => Weights::Resident,
-            Residency::Gathered => Weights::Gathered { comm, shard, kind },
-        }
-    }
-
-    fn replica(&self) -> Option<&Tensor> {
-        match &self.residency {
-            Residency::Replica(t) => Some(t),
-            Residency::Gathered => None,
-        }
-    }
-
-    /// Copy `shard` into the compute replica (all-gather when sharded); nothing when gathered.
-    fn sync(&mut self, layout: &FlatLayout, comm: &dyn Collective, shard: &Tensor) -> Result<()> {
-        if let Residency::Replica(full) = &mut self.residency {
-            let all: Vec<usize> = (0..layout.buckets.len()).collect();
-            tch::no_grad(|| layout.gather_buckets(comm, shard, full, &all, 0))?;
-        }
-        Ok(())
-    }
 }
 
 /// One objective's data and gradient accumulator.
@@ -431,78 +394,6 @@ impl Trainer {
         Ok(self.method.autolr().expect("autolr").update(l_minus, l_zero, l_plus))
     }
 
-    /// Fault injection for the divergence-check test: `UNLEARN_FAULT_PERTURB=RANK:STEP` nudges
-    /// that rank's student replica before the check of that step. Never set in normal use.
-    fn fault_injection_perturb(&mut self, step: u64) {
-        let Ok(v) = std::env::var("UNLEARN_FAULT_PERTURB") else { return };
-        let Some((r, s)) = v.split_once(':') else { return };
-        if r.parse() == Ok(self.comm.rank()) && s.parse() == Ok(step) {
-            if let Some(full) = self.student.replica() {
-                tch::no_grad(|| {
-                    let _ = full.narrow(0, 0, 1).f_add_scalar_(1e-3);
-                });
-            }
-        }
-    }
-
-    /// Fail loudly if the replicated buffers differ across ranks.
-    fn verify_replicas(&self) -> Result<()> {
-        let replicas = [("student", self.student.replica()), ("teacher", self.teacher.as_ref().and_then(Net::replica))];
-        for (name, t) in replicas {
-            let Some(t) = t else { continue };
-            let (sum, sq) = crate::dist::zero::checksum(t);
-            let mut v = [sum, sq, -sum, -sq];
-            self.comm.all_reduce_max_f64(&mut v)?;
-            if v[0] != -v[2] || v[1] != -v[3] {
-                return Err(crate::Error::Dist(format!(
-                    "step {}: {name} weights differ across ranks (checksum range {:.9e}..{:.9e})",
-                    self.step, -v[2], v[0]
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// Write the current student as an HF model directory (rank 0 writes; every rank takes part
-    /// in the per-bucket gathers, so no rank ever holds the fp32 model twice).
-    pub fn save_final(&mut self, out: &Path) -> Result<()> {
-        let cfg = self.student.model.config().clone();
-        let specs = param_specs(&cfg);
-        let index = params::param_index(&self.layout);
-        let mut writer = if self.is_main() {
-            Some(crate::model::weights::HfWriter::create(out, &self.raw_config, &specs, self.kind, crate::model::weights::DEFAULT_MAX_SHARD_BYTES)?)
-        } else {
-            None
-        };
-        let frozen: std::collections::HashMap<String, Tensor> =
-            self.student.model.named_params().into_iter().filter(|(n, _)| !index.contains_key(n)).collect();
-        let mut cached: Option<(usize, Tensor)> = None;
-        for s in &specs {
-            let t = match index.get(&s.name) {
-                None => frozen[&s.name].shallow_clone(),
-                Some(&i) => {
-                    let p = &self.layout.params[i];
-                    if cached.as_ref().map(|c| c.0) != Some(p.bucket) {
-                        let bk = &self.layout.buckets[p.bucket];
-                        let mut buf = Tensor::zeros([bk.padded], (Kind::Float, self.device));
-                        self.layout.gather_buckets(&*self.comm, &self.master, &mut buf, &[p.bucket], bk.offset)?;
-                        cached = Some((p.bucket, buf));
-                    }
-                    let (_, buf) = cached.as_ref().unwrap();
-                    let bk = &self.layout.buckets[p.bucket];
-                    buf.narrow(0, p.offset - bk.offset, p.numel).view(p.shape.as_slice())
-                }
-            };
-            if let Some(w) = writer.as_mut() {
-                w.write(&s.name, &t)?;
-            }
-        }
-        if let Some(w) = writer {
-            w.finish(Some(&self.cfg.model.path))?;
-        }
-        self.comm.barrier()
-    }
-
     /// What a checkpoint holds, borrowed from the trainer, and the communicator to write it with.
     fn checkpoint_parts(&mut self) -> (crate::checkpoint::Parts<'_>, &dyn Collective) {
         let parts = crate::checkpoint::Parts {
@@ -529,40 +420,6 @@ impl Trainer {
         let (mut parts, _) = self.checkpoint_parts();
         self.step = crate::checkpoint::restore(dir, &mut parts)?;
         self.sync_replicas()
-    }
-}
-
-/// The teacher's model: a shallow copy of the student's frozen weights, with its trainable
-/// weights in a compute replica (gathered once from the initial master) or gathered per pass.
-fn teacher_net(
-    student: &Net,
-    mode: TeacherMode,
-    layout: &FlatLayout,
-    comm: &dyn Collective,
-    master: &Tensor,
-    kind: Kind,
-    device: Device,
-) -> Result<Net> {
-    let mut model = student.model.shallow_copy();
-    match mode {
-        TeacherMode::Replica => {
-            let full = match student.replica() {
-                Some(f) => f.copy(),
-                None => {
-                    let full = Tensor::zeros([layout.total], (kind, device));
-                    layout.gather_buckets(comm, master, &mut full.shallow_clone(), &(0..layout.buckets.len()).collect::<Vec<_>>(), 0)?;
-                    full
-                }
-            };
-            params::bind(&mut model, layout, &full, 0, None, false);
-            Ok(Net { model, residency: Residency::Replica(full) })
-        }
-        TeacherMode::Gather => {
-            for l in layout.layers() {
-                params::release(&mut model, layout, l);
-            }
-            Ok(Net { model, residency: Residency::Gathered })
-        }
     }
 }
 
