@@ -57,8 +57,8 @@ pub struct PlanArgs {
     /// Number of ranks (processes, one per GPU).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub world_size: u64,
-    /// finetune, ga, graddiff, npo, ngdiff or mean-teacher.
-    #[arg(long)]
+    /// Method (method.name), one of the registered methods.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::methods::NAMES))]
     pub method: Option<String>,
     /// ZeRO stage (dist.zero): 0, 1, 2 or 3.
     #[arg(long)]
