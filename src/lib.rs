@@ -14,6 +14,7 @@ pub mod error;
 pub mod eval;
 pub mod export;
 pub mod files;
+pub mod gguf;
 pub mod methods;
 pub mod model;
 pub mod optim;
