@@ -48,6 +48,8 @@ pub struct DataCfg {
     pub retain_overflow: String,
     /// `shuffle` (epoch permutations) or `replacement` (i.i.d. draws, as mt-unlearn's RandomSampler).
     pub sampling: String,
+    /// Prompt format of QA records (see `data::template`); evaluation of the result uses the same.
+    pub template: crate::data::TemplateKind,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -157,7 +159,7 @@ impl RunConfig {
 
         model.only(&["path", "dtype", "device", "trainable"])?;
         let model_cfg = ModelCfg {
-            path: model.path("path")?.ok_or_else(|| model.missing("path"))?,
+            path: model.model_dir("path")?.ok_or_else(|| model.missing("path"))?,
             dtype: model.choice("dtype", &["fp32", "bf16"], "fp32")?,
             device: model.choice("device", &["auto", "cpu", "cuda"], "auto")?,
             trainable: model.choice("trainable", &["matrices", "all"], "matrices")?,
@@ -177,7 +179,7 @@ impl RunConfig {
             retain_weight: method.float("retain_weight", if name == "npo" { 0.0 } else { 1.0 }, Bound::NonNegative)?,
             npo_beta: method.float("npo_beta", 0.1, Bound::Positive)?,
             npo_variant: method.choice("npo_variant", &["standard", "mt-unlearn"], if is_mt { "mt-unlearn" } else { "standard" })?,
-            reference_model: method.path("reference_model")?,
+            reference_model: method.model_dir("reference_model")?,
             eps: method.float("eps", 1e-8, Bound::Positive)?,
             autolr: method.boolean("autolr", true)?,
             autolr_period: method.int("autolr_period", 4, 1)?,
@@ -193,7 +195,7 @@ impl RunConfig {
             name,
         };
 
-        data.only(&["forget", "retain", "forget_limit", "retain_limit", "retain_max_len", "forget_overflow", "retain_overflow", "sampling"])?;
+        data.only(&["forget", "retain", "forget_limit", "retain_limit", "retain_max_len", "forget_overflow", "retain_overflow", "sampling", "template"])?;
         let data_cfg = DataCfg {
             forget: data.paths("forget")?,
             retain: data.paths("retain")?,
@@ -203,6 +205,8 @@ impl RunConfig {
             forget_overflow: data.choice("forget_overflow", &["truncate", "chunk"], "truncate")?,
             retain_overflow: data.choice("retain_overflow", &["truncate", "chunk"], "chunk")?,
             sampling: data.choice("sampling", &["shuffle", "replacement"], "shuffle")?,
+            template: crate::data::TemplateKind::from_name(&data.choice("template", &crate::data::TemplateKind::NAMES, "phi-qa")?)
+                .expect("choice() returns an allowed name"),
         };
         let needs_forget = method_cfg.name != "finetune";
         let needs_retain = matches!(method_cfg.name.as_str(), "finetune" | "graddiff" | "ngdiff" | "mean-teacher")
@@ -458,6 +462,10 @@ impl<'a> Section<'a> {
             Some(Value::String(s)) if !s.is_empty() => expand(s).map(Some).map_err(|m| self.err(k, m)),
             Some(v) => Err(self.err(k, format!("expected a path string, got {v}"))),
         }
+    }
+    /// A model directory, or a hub id `org/name` resolved from the local Hugging Face cache.
+    fn model_dir(&self, k: &str) -> Result<Option<PathBuf>> {
+        self.path(k)?.map(|p| crate::model::hub::resolve_model(&p).map_err(|m| self.err(k, m))).transpose()
     }
     fn paths(&self, k: &str) -> Result<Vec<PathBuf>> {
         match self.table.get(k) {

@@ -9,7 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::data::Tokenizer;
+use crate::data::template::template_for;
+use crate::data::{Template, TemplateKind, Tokenizer};
 use crate::dist;
 use crate::error::{Error, Result};
 use crate::eval::muse::{self, AucReference, Corpus, MuseOptions, Part, Variant};
@@ -35,9 +36,13 @@ pub enum EvalBench {
 /// Options shared by both benchmarks.
 #[derive(clap::Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// HF model directory to evaluate.
-    #[arg(long)]
+    /// HF model directory to evaluate, or a hub id `org/name` in the local Hugging Face cache.
+    #[arg(long, value_parser = crate::model::hub::model_arg)]
     pub model: PathBuf,
+    /// Prompt template of QA prompts and answers [default: data.template of the training run
+    /// whose config.toml is next to --model, else phi-qa].
+    #[arg(long, value_enum)]
+    pub template: Option<TemplateKind>,
     /// Output directory (report.json, report.md, samples.jsonl, metrics.svg); replaced when done.
     #[arg(long)]
     pub out: PathBuf,
@@ -96,7 +101,7 @@ pub struct MuseArgs {
     #[arg(long, conflicts_with = "retain_model")]
     pub retain_auc: Option<f64>,
     /// Retained model whose forget-vs-holdout AUC, measured now, is the PrivLeak reference.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::model::hub::model_arg)]
     pub retain_model: Option<PathBuf>,
     /// Use only the first N samples of every split.
     #[arg(long)]
@@ -126,7 +131,7 @@ pub struct TofuArgs {
     #[arg(long, default_value = "../shared/data/tofu")]
     pub data: PathBuf,
     /// Retain model, evaluated now on the forget set, for Forget Quality.
-    #[arg(long, conflicts_with = "retain_stats")]
+    #[arg(long, conflicts_with = "retain_stats", value_parser = crate::model::hub::model_arg)]
     pub retain_model: Option<PathBuf>,
     /// report.json (or its directory) of an earlier `eval tofu` of the retain model.
     #[arg(long)]
@@ -200,20 +205,19 @@ impl Session {
         load_model(dir, self.kind, self.device)
     }
 
-    fn ctx<'a>(&'a self, m: &'a LoadedModel, tok: &'a Tokenizer) -> Result<EvalCtx<'a>> {
+    fn ctx<'a>(&'a self, m: &'a LoadedModel, tok: &'a Tokenizer, template: &'a Template) -> Result<EvalCtx<'a>> {
         let mut eos = m.config.eos_token_ids.clone();
-        if let Ok(e) = tok.eos_id() {
+        // A chat format's end-of-turn token ends an answer even when config.json does not list it.
+        for e in tok.eos_id().ok().into_iter().chain(template.stop_ids()) {
             if !eos.contains(&e) {
                 eos.push(e);
             }
         }
-        Ok(EvalCtx { model: &m.model, tok, comm: &*self.comm, score_batching: self.score_batching, gen_batching: self.gen_batching, eos, pad_id: tok.pad_id() })
+        Ok(EvalCtx { model: &m.model, tok, template, comm: &*self.comm, score_batching: self.score_batching, gen_batching: self.gen_batching, eos, pad_id: tok.pad_id() })
     }
 
-    fn report(&self, c: &CommonArgs, benchmark: &str, variant: &str, data: &Path, tok: &Tokenizer) -> Result<Report> {
-        let name = c.name.clone().unwrap_or_else(|| {
-            c.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| c.model.display().to_string())
-        });
+    fn report(&self, c: &CommonArgs, benchmark: &str, variant: &str, data: &Path, tok: &Tokenizer, template: &(Template, String)) -> Result<Report> {
+        let name = c.name.clone().unwrap_or_else(|| crate::model::hub::display_name(&c.model));
         let mut limits = std::collections::BTreeMap::new();
         limits.insert("batch_size".into(), serde_json::json!(c.batch_size));
         limits.insert("max_batch_tokens".into(), serde_json::json!(c.max_batch_tokens));
@@ -236,6 +240,7 @@ impl Session {
             notes: vec![],
             reference: None,
             truth_stats: None,
+            template: Some(serde_json::json!({"name": template.0.name(), "detail": template.0.describe(), "source": template.1})),
             run: RunInfo { ranks: self.comm.world(), device: format!("{:?}", self.device), ..Default::default() },
         })
     }
@@ -254,6 +259,16 @@ impl Session {
     }
 }
 
+/// The evaluated model's template (with where the choice came from) and the retain model's, which
+/// uses the same kind.
+fn templates(c: &CommonArgs, tok: &Tokenizer, retain: Option<(&Path, &Tokenizer)>) -> Result<((Template, String), Option<Template>)> {
+    let (kind, source) = template_for(c.template, &c.model)?;
+    let main = Template::load(kind, &c.model, tok)?;
+    tracing::info!("prompt template {} ({source})", main.describe());
+    let retain = retain.map(|(dir, rt)| Template::load(kind, dir, rt)).transpose()?;
+    Ok(((main, source), retain))
+}
+
 fn load_compares(c: &CommonArgs) -> Result<Vec<Report>> {
     c.compare.iter().map(|p| Report::load(p)).collect()
 }
@@ -266,6 +281,7 @@ fn run_muse(a: &MuseArgs) -> Result<()> {
     if let (Some(rt), Some(rdir)) = (&retain_tok, &a.retain_model) {
         check_same_tokenizer(&tok, &c.model, rt, rdir)?;
     }
+    let (template, retain_template) = templates(c, &tok, a.retain_model.as_deref().zip(retain_tok.as_ref()))?;
     let opts = MuseOptions {
         mmlu: a.mmlu.clone().unwrap_or_else(|| a.data.join("../mmlu_subsample")),
         data: a.data.clone(),
@@ -286,7 +302,8 @@ fn run_muse(a: &MuseArgs) -> Result<()> {
         (None, Some(dir), Some((forget, holdout))) => {
             let m = s.load(dir)?;
             let rt = retain_tok.as_ref().expect("tokenizer loaded with the retain model");
-            let (auc, _, _) = muse::privleak_scores(&s.ctx(&m, rt)?, forget, holdout, &opts, "retain privleak")?;
+            let rtemplate = retain_template.as_ref().expect("template loaded with the retain tokenizer");
+            let (auc, _, _) = muse::privleak_scores(&s.ctx(&m, rt, rtemplate)?, forget, holdout, &opts, "retain privleak")?;
             Some(AucReference { value: auc, source: format!("forget-vs-holdout AUC of the retain model {}, measured with the same settings", dir.display()) })
         }
         (None, Some(_), None) => {
@@ -299,9 +316,9 @@ fn run_muse(a: &MuseArgs) -> Result<()> {
         }),
     };
     let m = s.load(&c.model)?;
-    let outcome = muse::evaluate(&s.ctx(&m, &tok)?, &data, &opts, reference.as_ref())?;
+    let outcome = muse::evaluate(&s.ctx(&m, &tok, &template.0)?, &data, &opts, reference.as_ref())?;
     drop(m);
-    let mut report = s.report(c, "muse", a.variant.name(), &a.data, &tok)?;
+    let mut report = s.report(c, "muse", a.variant.name(), &a.data, &tok, &template)?;
     report.limits.extend(opts.limits());
     for (k, metric) in outcome.metrics {
         report.push(&k, metric);
@@ -313,9 +330,14 @@ fn run_muse(a: &MuseArgs) -> Result<()> {
 }
 
 /// Forget-set truth statistics of an earlier `eval tofu` report, checked against this run.
-fn retain_stats_from_report(path: &Path, forget: &str, tok: &Tokenizer) -> Result<RetainStats> {
+fn retain_stats_from_report(path: &Path, forget: &str, tok: &Tokenizer, template: &Template) -> Result<RetainStats> {
     let r = Report::load(path)?;
     let file = if path.is_dir() { path.join("report.json") } else { path.to_path_buf() };
+    // Reports from before templates existed were all phi-qa.
+    let theirs = r.template.as_ref().and_then(|t| t.get("name")).and_then(|n| n.as_str()).unwrap_or("phi-qa");
+    if theirs != template.name() {
+        return Err(Error::format(&file, format!("truth_stats were computed with the `{theirs}` prompt template, this evaluation uses `{}`", template.name())));
+    }
     let ts = r.truth_stats.ok_or_else(|| Error::format(&file, "has no `truth_stats` (it is not the report of an `unlearn eval tofu` run)"))?;
     if ts.split != forget {
         return Err(Error::format(&file, format!("truth_stats are for {}, but --forget is {forget}", ts.split)));
@@ -337,7 +359,8 @@ fn run_tofu(a: &TofuArgs) -> Result<()> {
     if let (Some(rt), Some(rdir)) = (&retain_tok, &a.retain_model) {
         check_same_tokenizer(&tok, &c.model, rt, rdir)?;
     }
-    let mut retain = a.retain_stats.as_deref().map(|p| retain_stats_from_report(p, &a.forget, &tok)).transpose()?;
+    let (template, retain_template) = templates(c, &tok, a.retain_model.as_deref().zip(retain_tok.as_ref()))?;
+    let mut retain = a.retain_stats.as_deref().map(|p| retain_stats_from_report(p, &a.forget, &tok, &template.0)).transpose()?;
     let cfg = Config::from_file(&c.model.join("config.json"))?;
     let opts = TofuOptions {
         max_samples: a.max_samples,
@@ -348,13 +371,14 @@ fn run_tofu(a: &TofuArgs) -> Result<()> {
     let compare = load_compares(c)?;
     if let (Some(dir), Some(rt)) = (&a.retain_model, &retain_tok) {
         let m = s.load(dir)?;
-        let values = tofu::forget_truth_stats(&s.ctx(&m, rt)?, &sets[0], opts.max_len)?;
+        let rtemplate = retain_template.as_ref().expect("template loaded with the retain tokenizer");
+        let values = tofu::forget_truth_stats(&s.ctx(&m, rt, rtemplate)?, &sets[0], opts.max_len)?;
         retain = Some(RetainStats { values, source: format!("retain model {}, evaluated in this run", dir.display()) });
     }
     let m = s.load(&c.model)?;
-    let outcome = tofu::evaluate(&s.ctx(&m, &tok)?, &sets, &opts, retain.as_ref())?;
+    let outcome = tofu::evaluate(&s.ctx(&m, &tok, &template.0)?, &sets, &opts, retain.as_ref())?;
     drop(m);
-    let mut report = s.report(c, "tofu", "tofu", &a.data, &tok)?;
+    let mut report = s.report(c, "tofu", "tofu", &a.data, &tok, &template)?;
     report.limits.extend(opts.limits());
     for (k, metric) in outcome.metrics {
         report.push(&k, metric);

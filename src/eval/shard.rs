@@ -118,6 +118,8 @@ pub fn logprobs(
 pub struct EvalCtx<'a> {
     pub model: &'a Llama,
     pub tok: &'a crate::data::Tokenizer,
+    /// Prompt format of QA prompts and answers (the one the model was trained with).
+    pub template: &'a crate::data::Template,
     pub comm: &'a dyn Collective,
     /// Batches of teacher-forced scoring (bounded by the `[rows, len, vocab]` logits).
     pub score_batching: Batching,

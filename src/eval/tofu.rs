@@ -2,9 +2,10 @@
 //! (see `metrics::tofu`), on the four evaluation sets: the forget split's `_perturbed` file,
 //! `retain_perturbed`, `real_authors_perturbed` and `world_facts_perturbed`.
 //!
-//! Every probability is the length-normalized probability of an answer in our data pipeline's
-//! documented QA format (`data::batch::qa_prompt` with specials, then `qa_answer` + EOS as
-//! targets), the format training uses; mean NLL L over those target tokens, P = exp(-L).
+//! Every probability is the length-normalized probability of an answer in the run's prompt
+//! template (`data::template`: by default `"Question: {q}\nAnswer:"` with specials, then `" {a}"` +
+//! EOS as targets; a chat format's answer + end-of-turn token), the format training uses; mean NLL
+//! L over those target tokens, P = exp(-L).
 //! Generation for ROUGE starts from the same prompt (greedy, up to 200 new tokens, stop at EOS),
 //! decoded without specials and without `clean_up_tokenization` (the tokenizer configs of Llama-2
 //! and SmolLM2 turn it off); ROUGE-L recall with the Porter stemmer against the answer. The
@@ -26,7 +27,7 @@ use super::metrics::{mean, RougeScorer};
 use super::report::{Metric, SampleRow};
 use super::shard::EvalCtx;
 use super::text::decode;
-use crate::data::batch::{qa_prompt, tokenize, Example, Overflow};
+use crate::data::batch::{tokenize, Example, Overflow};
 use crate::data::Record;
 use crate::error::{Error, Result};
 
@@ -126,7 +127,7 @@ pub fn set_losses(ctx: &EvalCtx, set: &TofuSet, max_len: usize) -> Result<SetLos
         answers.extend(it.perturbed.iter().enumerate().map(|(j, a)| (2 + j, a.as_str())));
         for (slot, a) in answers {
             let rec = Record::Qa { question: it.question.clone(), answer: a.to_string() };
-            let ex = tokenize(ctx.tok, &rec, max_len, Overflow::Truncate)
+            let ex = tokenize(ctx.tok, ctx.template, &rec, max_len, Overflow::Truncate)
                 .map_err(|e| Error::format(&set.file, format!("record {i}: {e}")))?
                 .remove(0);
             examples.push(ex);
@@ -159,7 +160,7 @@ pub fn truth_stats(losses: &SetLosses) -> Vec<f64> {
     base.iter().zip(&losses.perturbed).map(|(&b, p)| truth_stat(b, p)).collect()
 }
 
-pub const TRUTH_STAT_DEFINITION: &str = "legacy TOFU truth statistic per forget question: exp(mean_j L_pert_j - L_para) = 1/R, L = mean NLL of the answer (+EOS) tokens after \"Question: {q}\\nAnswer:\"";
+pub const TRUTH_STAT_DEFINITION: &str = "legacy TOFU truth statistic per forget question: exp(mean_j L_pert_j - L_para) = 1/R, L = mean NLL of the answer (+EOS or end-of-turn) tokens after the prompt of the report's `template`";
 
 #[derive(Debug, Clone)]
 pub struct TofuOptions {
@@ -205,7 +206,7 @@ pub fn evaluate(ctx: &EvalCtx, sets: &[TofuSet], o: &TofuOptions, retain: Option
         let t = Instant::now();
         let key = set.kind.key();
         let losses = set_losses(ctx, set, o.max_len)?;
-        let prompts: Vec<Vec<i64>> = set.items.iter().map(|it| ctx.tok.encode(&qa_prompt(&it.question), true)).collect::<Result<_>>()?;
+        let prompts: Vec<Vec<i64>> = set.items.iter().map(|it| ctx.template.prompt_ids(ctx.tok, &it.question)).collect::<Result<_>>()?;
         let gens = ctx.generate(&prompts, o.max_new_tokens, &format!("{key} gen"))?;
         let stats = truth_stats(&losses);
         let mut recalls = vec![];
@@ -223,7 +224,7 @@ pub fn evaluate(ctx: &EvalCtx, sets: &[TofuSet], o: &TofuOptions, retain: Option
             out.samples.push(SampleRow::new(
                 key,
                 i,
-                &qa_prompt(&it.question),
+                &ctx.template.prompt_text(&[], &it.question)?,
                 Some(&it.answer),
                 Some(&generation),
                 json!({

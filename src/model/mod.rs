@@ -3,6 +3,7 @@
 pub mod config;
 pub mod gguf;
 pub mod gguf_import;
+pub mod hub;
 pub mod llama;
 pub mod weights;
 

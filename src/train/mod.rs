@@ -25,7 +25,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::RunConfig;
 use crate::data::loader::{local_batch, LocalBatch, Loader, Sampling};
-use crate::data::{read_records, tokenize_all, Example, Overflow, Record, Tokenizer};
+use crate::data::{read_records, tokenize_all, Example, Overflow, Record, Template, Tokenizer};
 use crate::dist::zero::FlatLayout;
 use crate::dist::Comm;
 use crate::methods::{self, Aux, GradStats, Grads, Method, Objective};
@@ -100,8 +100,10 @@ impl Trainer {
             tracing::info!("dist.zero = 3 gathers weights per layer, so layers are recomputed in backward");
         }
 
+        // Tokenizer and prompt template first: a bad template stops the run before the weights load.
+        let tok = Tokenizer::from_model_dir(&cfg.model.path, &crate::model::Config::from_file(&cfg.model.path.join("config.json"))?)?;
+        let template = Template::load(cfg.data.template, &cfg.model.path, &tok)?;
         let mut loaded = load_model(&cfg.model.path, kind, device)?;
-        let tok = Tokenizer::from_model_dir(&cfg.model.path, &loaded.config)?;
         let specs = param_specs(&loaded.config);
         let trainable: Vec<_> =
             specs.iter().filter(|s| cfg.model.trainable == "all" || s.role == ParamRole::Matrix).collect();
@@ -155,14 +157,14 @@ impl Trainer {
         let overflow = |s: &str| if s == "chunk" { Overflow::Chunk } else { Overflow::Truncate };
         let uses = |o| method.objectives().contains(&o);
         let forget = if uses(Objective::Forget) {
-            let ex = load_examples(&cfg.data.forget, cfg.data.forget_limit, &tok, cfg.train.max_len, overflow(&cfg.data.forget_overflow))?;
+            let ex = load_examples(&cfg.data.forget, cfg.data.forget_limit, &tok, &template, cfg.train.max_len, overflow(&cfg.data.forget_overflow))?;
             Some(Loader::new(ex, sampling, cfg.train.seed, 1))
         } else {
             None
         };
         let retain = if uses(Objective::Retain) {
             let max_len = cfg.data.retain_max_len.unwrap_or(cfg.train.max_len);
-            let ex = load_examples(&cfg.data.retain, cfg.data.retain_limit, &tok, max_len, overflow(&cfg.data.retain_overflow))?;
+            let ex = load_examples(&cfg.data.retain, cfg.data.retain_limit, &tok, &template, max_len, overflow(&cfg.data.retain_overflow))?;
             Some(Loader::new(ex, sampling, cfg.train.seed, 2))
         } else {
             None
@@ -588,7 +590,7 @@ fn weights_of<'a>(full: &Option<Tensor>, comm: &'a dyn crate::dist::Collective, 
 }
 
 /// Read, limit and tokenize the records of one or more dataset files.
-fn load_examples(paths: &[PathBuf], limit: Option<usize>, tok: &Tokenizer, max_len: usize, overflow: Overflow) -> Result<Vec<Example>> {
+fn load_examples(paths: &[PathBuf], limit: Option<usize>, tok: &Tokenizer, template: &Template, max_len: usize, overflow: Overflow) -> Result<Vec<Example>> {
     let mut records: Vec<Record> = vec![];
     for p in paths {
         records.extend(read_records(p)?);
@@ -596,7 +598,7 @@ fn load_examples(paths: &[PathBuf], limit: Option<usize>, tok: &Tokenizer, max_l
     if let Some(n) = limit {
         records.truncate(n);
     }
-    let ex = tokenize_all(tok, &records, max_len, overflow).map_err(|e| crate::other!("{}: {e}", paths[0].display()))?;
+    let ex = tokenize_all(tok, template, &records, max_len, overflow).map_err(|e| crate::other!("{}: {e}", paths[0].display()))?;
     if ex.is_empty() {
         return Err(crate::other!("{}: no usable examples after tokenization", paths[0].display()));
     }
