@@ -17,6 +17,9 @@
 //! part of the example: generation stops at that token, so a loss on what follows would teach
 //! nothing the model ever produces (open-unlearning keeps it and appends EOS again; we do not). A
 //! template with no special token after the answer gets the EOS id appended, as phi-qa does.
+//! When an answer's first characters would merge with the prompt's last token (whitespace after
+//! ChatML's `"\n"`), the prompt keeps its own tokens and the turn is tokenized on its own, so the
+//! context is always exactly the generation prompt.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -222,10 +225,18 @@ impl Template {
         let context = tok.encode(&prompt, false)?;
         let mut ids = tok.encode(&format!("{prompt}{turn}"), false)?;
         if !ids.starts_with(&context) {
-            return Err(crate::other!(
-                "template `{}`: the tokens of the prompt are not a prefix of the tokens of prompt + answer (the answer {answer:?} merges with the prompt's last token), so answer tokens cannot be told apart",
-                self.name()
-            ));
+            // The answer's first characters merge with the prompt's last token (an answer starting
+            // with whitespace after ChatML's "\n"): keep the generation prompt's tokens, which is
+            // what the model answers from in evaluation, and tokenize the turn on its own.
+            static NOTED: std::sync::Once = std::sync::Once::new();
+            NOTED.call_once(|| {
+                tracing::warn!(
+                    "template `{}`: an answer ({answer:?}) merges with the prompt's last token; such answers are tokenized apart from the prompt",
+                    self.name()
+                )
+            });
+            ids = context.clone();
+            ids.extend(tok.encode(turn, false)?);
         }
         if chat.end_of_turn.is_none() {
             ids.push(tok.eos_id()?);

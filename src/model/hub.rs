@@ -154,8 +154,8 @@ mod tests {
         std::fs::write(snap.join("config.json"), "{}").unwrap();
         std::fs::create_dir_all(cache.join("models--org--tiny/refs")).unwrap();
         std::fs::write(cache.join("models--org--tiny/refs/main"), "abc123\n").unwrap();
-        let cache_s = cache.to_str().unwrap();
-        let env = env_of(&[("HF_HUB_CACHE", cache_s)]);
+        let vars = [("HF_HUB_CACHE", cache.to_str().unwrap())];
+        let env = env_of(&vars);
         let got = resolve_with(Path::new("org/tiny"), &env).unwrap();
         assert_eq!(got, snap);
         assert_eq!(display_name(&got), "org/tiny");
