@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
+
 use common::*;
 use unlearn::data::formats::read_json_values;
 use unlearn::data::read_records;
@@ -20,15 +22,27 @@ const FILES: &[(&str, bool)] = &[
     ("muse/mmlu_subsample/mmlu_all_val.json", false),
 ];
 
+/// Write each (JSON file, Parquet file, codec) job with pyarrow, in one Python process.
+fn write_parquet(dir: &Path, jobs: &[(PathBuf, PathBuf, &str)]) {
+    let list: Vec<serde_json::Value> = jobs.iter().map(|(j, p, c)| serde_json::json!({"json": j, "out": p, "compression": c})).collect();
+    let file = dir.join("jobs.json");
+    std::fs::write(&file, serde_json::to_string(&list).unwrap()).unwrap();
+    run_py("parquet_ref.py", &["write", "--jobs", file.to_str().unwrap()]);
+}
+
 #[test]
 fn parquet_rows_equal_the_json_records_for_every_codec() {
     let tmp = tempfile::tempdir().unwrap();
+    let codecs = ["snappy", "zstd", "none"];
+    let pq = |rel: &str, codec: &str| tmp.path().join(format!("{}.{codec}.parquet", rel.replace('/', "_")));
+    let jobs: Vec<(PathBuf, PathBuf, &str)> =
+        FILES.iter().flat_map(|(rel, _)| codecs.iter().map(move |c| (shared_data().join(rel), pq(rel, c), *c))).collect();
+    write_parquet(tmp.path(), &jobs);
     for &(rel, is_training) in FILES {
         let json = shared_data().join(rel);
         let values = read_json_values(&json).unwrap();
-        for codec in ["snappy", "zstd", "none"] {
-            let pq = tmp.path().join(format!("{}.{codec}.parquet", rel.replace('/', "_")));
-            run_py("parquet_ref.py", &["write", "--json", json.to_str().unwrap(), "--out", pq.to_str().unwrap(), "--compression", codec]);
+        for codec in codecs {
+            let pq = pq(rel, codec);
             let rows = read_json_values(&pq).unwrap();
             assert_eq!(rows.len(), values.len(), "{rel} ({codec}): row count");
             for (i, (row, v)) in rows.iter().zip(&values).enumerate() {
@@ -47,9 +61,8 @@ fn parquet_rows_equal_the_json_records_for_every_codec() {
 #[test]
 fn damaged_parquet_is_an_error_naming_the_file() {
     let tmp = tempfile::tempdir().unwrap();
-    let json = shared_data().join("tofu/forget01.json");
     let pq = tmp.path().join("forget01.parquet");
-    run_py("parquet_ref.py", &["write", "--json", json.to_str().unwrap(), "--out", pq.to_str().unwrap(), "--compression", "zstd"]);
+    write_parquet(tmp.path(), &[(shared_data().join("tofu/forget01.json"), pq.clone(), "zstd")]);
     let bytes = std::fs::read(&pq).unwrap();
     for (what, cut) in [("truncated", &bytes[..bytes.len() / 2]), ("header only", &bytes[..4])] {
         let bad = tmp.path().join(format!("{}.parquet", what.replace(' ', "_")));

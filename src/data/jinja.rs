@@ -115,13 +115,6 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<String, JinjaError> {
 }
 
 fn write_json(v: &Value, indent: Option<usize>, sort: bool, level: usize, out: &mut String) -> Result<(), JinjaError> {
-    let newline = |out: &mut String, level: usize| {
-        if let Some(n) = indent {
-            out.push('\n');
-            out.push_str(&" ".repeat(n * level));
-        }
-    };
-    let item_sep = if indent.is_some() { "," } else { ", " };
     match v.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
@@ -132,45 +125,52 @@ fn write_json(v: &Value, indent: Option<usize>, sort: bool, level: usize, out: &
         ValueKind::String => write_json_str(v.as_str().unwrap_or_default(), out),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = v.try_iter()?.collect();
-            if items.is_empty() {
-                out.push_str("[]");
-                return Ok(());
-            }
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(item_sep);
-                }
-                newline(out, level + 1);
-                write_json(item, indent, sort, level + 1, out)?;
-            }
-            newline(out, level);
-            out.push(']');
+            write_items(('[', ']'), &items, indent, level, out, |item, out| write_json(item, indent, sort, level + 1, out))?;
         }
         ValueKind::Map => {
             let mut keys: Vec<Value> = v.try_iter()?.collect();
             if sort {
                 keys.sort();
             }
-            if keys.is_empty() {
-                out.push_str("{}");
-                return Ok(());
-            }
-            out.push('{');
-            for (i, k) in keys.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(item_sep);
-                }
-                newline(out, level + 1);
+            write_items(('{', '}'), &keys, indent, level, out, |k, out| {
                 write_json_str(&k.to_string(), out);
                 out.push_str(": ");
-                write_json(&v.get_item(k)?, indent, sort, level + 1, out)?;
-            }
-            newline(out, level);
-            out.push('}');
+                write_json(&v.get_item(k)?, indent, sort, level + 1, out)
+            })?;
         }
         other => return Err(JinjaError::new(ErrorKind::InvalidOperation, format!("tojson cannot write a value of kind {other}"))),
     }
+    Ok(())
+}
+
+/// A bracketed JSON list of `items` laid out as `json.dumps` lays them out: `", "` between items
+/// without `indent`, else one item per line indented by `indent` spaces per level.
+fn write_items(
+    (open, close): (char, char),
+    items: &[Value],
+    indent: Option<usize>,
+    level: usize,
+    out: &mut String,
+    mut write: impl FnMut(&Value, &mut String) -> Result<(), JinjaError>,
+) -> Result<(), JinjaError> {
+    let newline = |out: &mut String, level: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
+    };
+    out.push(open);
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push_str(if indent.is_some() { "," } else { ", " });
+        }
+        newline(out, level + 1);
+        write(item, out)?;
+    }
+    if !items.is_empty() {
+        newline(out, level);
+    }
+    out.push(close);
     Ok(())
 }
 
