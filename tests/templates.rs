@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use serde_json::Value;
+use unlearn::config::Choice;
 use unlearn::data::{Template, TemplateKind, Tokenizer};
 use unlearn::model::Config;
 

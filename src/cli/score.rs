@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use crate::config::parse_choice;
 use crate::data::template::template_for;
 use crate::data::{read_records, tokenize_all, Overflow, Template, TemplateKind, Tokenizer};
 use crate::eval::metrics::MinKRounding;
@@ -35,8 +36,9 @@ pub struct ScoreArgs {
     /// Score only the first N samples.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Prompt template of QA records [default: data.template of the training run next to --model, else phi-qa].
-    #[arg(long, value_enum)]
+    /// Prompt template of QA records: phi-qa, llama2-chat, llama3-chat, chatml or model [default:
+    /// data.template of the training run next to --model, else phi-qa].
+    #[arg(long, value_parser = parse_choice::<TemplateKind>)]
     pub template: Option<TemplateKind>,
 }
 

@@ -26,10 +26,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use minijinja::{context, Environment, Value};
-use serde::{Deserialize, Serialize};
 
 use super::jinja;
 use super::tokenizer::Tokenizer;
+use crate::config::{choice, Choice};
 use crate::error::{Error, Result};
 
 /// The plain QA prompt format (the one TOFU used for Phi-1.5).
@@ -43,38 +43,21 @@ pub fn qa_answer(answer: &str) -> String {
 }
 
 /// Which prompt format: the `[data] template` setting and `--template` of eval and score.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TemplateKind {
-    #[serde(rename = "phi-qa")]
-    #[value(name = "phi-qa")]
     PhiQa,
-    #[serde(rename = "llama2-chat")]
-    #[value(name = "llama2-chat")]
     Llama2Chat,
-    #[serde(rename = "llama3-chat")]
-    #[value(name = "llama3-chat")]
     Llama3Chat,
-    #[serde(rename = "chatml")]
-    #[value(name = "chatml")]
     Chatml,
-    #[serde(rename = "model")]
-    #[value(name = "model")]
     Model,
 }
-
-impl TemplateKind {
-    pub const ALL: [TemplateKind; 5] =
-        [TemplateKind::PhiQa, TemplateKind::Llama2Chat, TemplateKind::Llama3Chat, TemplateKind::Chatml, TemplateKind::Model];
-    pub const NAMES: [&'static str; 5] = ["phi-qa", "llama2-chat", "llama3-chat", "chatml", "model"];
-
-    pub fn name(self) -> &'static str {
-        Self::NAMES[Self::ALL.iter().position(|&k| k == self).expect("every kind is in ALL")]
-    }
-
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::NAMES.iter().position(|&n| n == name).map(|i| Self::ALL[i])
-    }
-}
+choice!(TemplateKind {
+    "phi-qa" => TemplateKind::PhiQa,
+    "llama2-chat" => TemplateKind::Llama2Chat,
+    "llama3-chat" => TemplateKind::Llama3Chat,
+    "chatml" => TemplateKind::Chatml,
+    "model" => TemplateKind::Model,
+});
 
 /// The template for evaluating or scoring `model_dir`, with where the choice came from: `given`
 /// (`--template`), else `data.template` of the run that produced the model (`unlearn run` writes
@@ -87,18 +70,10 @@ pub fn template_for(given: Option<TemplateKind>, model_dir: &Path) -> Result<(Te
     let Some(path) = run_config else {
         return Ok((TemplateKind::PhiQa, "default".into()));
     };
-    let table = crate::config::read_table(&path)?;
-    let Some(data) = table.get("data").and_then(|d| d.as_table()) else {
-        return Ok((TemplateKind::PhiQa, "default".into()));
-    };
     let from = format!("data.template of {}", path.display());
-    match data.get("template") {
+    match crate::config::saved_template(&path)? {
         None => Ok((TemplateKind::PhiQa, format!("{from} (unset: phi-qa)"))),
-        Some(toml::Value::String(s)) => match TemplateKind::from_name(s) {
-            Some(kind) => Ok((kind, from)),
-            None => Err(Error::config(path.display().to_string(), "data.template", format!("unknown value {s:?} (allowed: {})", TemplateKind::NAMES.join(", ")))),
-        },
-        Some(v) => Err(Error::config(path.display().to_string(), "data.template", format!("expected a string, got {v}"))),
+        Some(kind) => Ok((kind, from)),
     }
 }
 
@@ -406,15 +381,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_round_trip_through_serde_clap_and_from_name() {
-        use clap::ValueEnum;
-        for (kind, name) in TemplateKind::ALL.iter().zip(TemplateKind::NAMES) {
+    fn names_round_trip_through_serde_the_command_line_and_from_name() {
+        assert_eq!(TemplateKind::names(), ["phi-qa", "llama2-chat", "llama3-chat", "chatml", "model"]);
+        for &(name, kind) in TemplateKind::VALUES {
             assert_eq!(kind.name(), name);
-            assert_eq!(TemplateKind::from_name(name), Some(*kind));
-            assert_eq!(serde_json::to_string(kind).unwrap(), format!("\"{name}\""));
-            assert_eq!(kind.to_possible_value().unwrap().get_name(), name);
+            assert_eq!(TemplateKind::from_name(name), Some(kind));
+            assert_eq!(serde_json::to_string(&kind).unwrap(), format!("\"{name}\""));
+            assert_eq!(crate::config::parse_choice::<TemplateKind>(name), Ok(kind));
         }
         assert_eq!(TemplateKind::from_name("llama3"), None);
+        assert!(crate::config::parse_choice::<TemplateKind>("llama3").unwrap_err().contains("allowed: phi-qa, llama2-chat"));
     }
 
     #[test]
