@@ -456,6 +456,7 @@ fn configs_and_data_in_process() {
 
     // Data files in the three layouts: read, then tokenize as training does.
     let tok = unlearn::data::Tokenizer::from_model_dir(&inp.model, &tiny_config()).unwrap();
+    let template = unlearn::data::Template::phi_qa(); // the default of data.template
     let json_array = std::fs::read(&inp.forget).unwrap();
     let records: Vec<serde_json::Value> = serde_json::from_slice(&json_array).unwrap();
     let json_lines: Vec<u8> = records.iter().flat_map(|r| format!("{r}\n").into_bytes()).collect();
@@ -471,7 +472,7 @@ fn configs_and_data_in_process() {
             }
             std::fs::write(&path, bytes).unwrap();
             let recs = unlearn::data::read_records(&path).map_err(err)?;
-            unlearn::data::tokenize_all(&tok, &recs, 64, unlearn::data::Overflow::Chunk).map_err(err)?;
+            unlearn::data::tokenize_all(&tok, &template, &recs, 64, unlearn::data::Overflow::Chunk).map_err(err)?;
             Ok(())
         });
     }

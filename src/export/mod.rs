@@ -94,10 +94,7 @@ impl Drop for TempDir {
 /// Export `opts.model_dir` to `opts.out_dir` (created or replaced atomically).
 pub fn export(opts: &ExportOptions) -> Result<Manifest> {
     check_options(opts)?;
-    let cfg_path = opts.model_dir.join("config.json");
-    if !cfg_path.exists() {
-        return Err(Error::format(&opts.model_dir, "no config.json in this directory (is it an HF model directory?)"));
-    }
+    let cfg_path = crate::model::config::config_path(&opts.model_dir)?;
     let cfg = Config::from_file(&cfg_path)?;
     let ckpt = Checkpoint::open(&opts.model_dir)?;
     // Every parameter is checked before anything is written, so a missing tensor is reported

@@ -4,7 +4,7 @@
 //! `use_cache`, ...), but every key that would change the computation and that we do not
 //! implement is rejected with an error naming it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -40,7 +40,21 @@ pub struct Config {
     pub pad_token_id: Option<i64>,
 }
 
+/// `dir/config.json`, or an error saying that `dir` is not an HF model directory.
+pub fn config_path(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("config.json");
+    if !path.exists() {
+        return Err(Error::format(dir, "no config.json in this directory (is it an HF model directory?)"));
+    }
+    Ok(path)
+}
+
 impl Config {
+    /// Read and validate the `config.json` of the HF model directory `dir`.
+    pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        Self::from_file(&config_path(dir)?)
+    }
+
     /// Read and validate `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = crate::files::read_text(path)?;

@@ -186,10 +186,7 @@ pub struct LoadedModel {
 
 /// Load `dir` (config.json + safetensors) onto `device` in `kind` (fp32 or bf16).
 pub fn load_model(dir: &Path, kind: Kind, device: Device) -> Result<LoadedModel> {
-    let cfg_path = dir.join("config.json");
-    if !cfg_path.exists() {
-        return Err(Error::format(dir, "no config.json in this directory (is it an HF model directory?)"));
-    }
+    let cfg_path = super::config::config_path(dir)?;
     let text = crate::files::read_text(&cfg_path)?;
     let raw_config: Value =
         serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?;
