@@ -1,4 +1,5 @@
-//! `unlearn export`: an HF Llama model directory to a self-contained ONNX directory.
+//! `unlearn export`: an HF model directory to a self-contained ONNX directory that optimum and
+//! onnxruntime-genai load as is.
 
 use std::path::PathBuf;
 
@@ -12,14 +13,19 @@ pub struct ExportArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Output directory: model.onnx (+ model.onnx.data), config.json, tokenizer files,
-    /// export.json. Written under a temporary name and renamed into place when complete.
+    /// genai_config.json (with the KV cache), export.json. Written under a temporary name and
+    /// renamed into place when complete.
     #[arg(long)]
     pub out: PathBuf,
     /// fp32, or fp16 for GPUs (norms and softmax still computed in fp32).
     #[arg(long, default_value = "fp32")]
     pub dtype: String,
-    /// Add past_key_values.N.key/.value inputs and present.N.key/.value outputs (optimum's
-    /// names), so that ONNX LLM runtimes can decode incrementally.
+    /// Export the graph without past_key_values.N.key/.value inputs and present.N.key/.value
+    /// outputs (every step then re-runs the whole sequence; onnxruntime-genai cannot load it).
+    #[arg(long, conflicts_with = "kv_cache")]
+    pub no_kv_cache: bool,
+    /// The KV-cache graph (optimum's names) and genai_config.json: the default; the flag is kept
+    /// so that scripts written when the cache was opt-in keep working.
     #[arg(long)]
     pub kv_cache: bool,
     /// ONNX default-domain opset, 15..=26 (21 runs on onnxruntime >= 1.18).
@@ -34,18 +40,19 @@ pub struct ExportArgs {
 pub fn run(args: &ExportArgs) -> Result<()> {
     let opts = ExportOptions {
         dtype: ExportDtype::parse(&args.dtype)?,
-        kv_cache: args.kv_cache,
+        kv_cache: !args.no_kv_cache,
         opset: args.opset,
         external_threshold_bytes: args.external_threshold_bytes,
         ..ExportOptions::new(&args.model, &args.out)
     };
     let m = export(&opts)?;
     tracing::info!(
-        "exported {} ({}, opset {}, kv_cache={}, {}) -> {}",
+        "exported {} ({}, opset {}, kv_cache={}{}, {}) -> {}",
         m.source_model,
         m.dtype.name(),
         m.opset,
         m.kv_cache,
+        if m.genai_config.is_some() { " + genai_config.json" } else { "" },
         m.external_data.as_deref().unwrap_or("weights inline"),
         args.out.display()
     );

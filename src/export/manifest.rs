@@ -36,6 +36,10 @@ pub struct Manifest {
     pub opset: i64,
     pub ir_version: i64,
     pub kv_cache: bool,
+    /// `genai_config.json` (onnxruntime-genai's loader config), written with the cache graph only;
+    /// absent from manifests written before it existed.
+    #[serde(default)]
+    pub genai_config: Option<String>,
     pub weight_bytes: u64,
     pub tool: String,
     pub tool_version: String,
