@@ -13,11 +13,13 @@ pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod logging;
 pub mod methods;
 pub mod model;
 pub mod optim;
 pub mod plan;
 pub mod progress;
+pub mod tensorboard;
 pub mod train;
 
 pub use error::{Error, Result};
