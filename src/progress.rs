@@ -1,6 +1,8 @@
 //! Progress of long work, on the main rank only: a bar on an interactive terminal, and elsewhere
 //! (batch jobs, redirected logs, `--log-format json`) a log line through `tracing` every 10% of the
-//! work or every 30 s, whichever comes first, with the items done, the rate and the ETA.
+//! work or every 30 s, whichever comes first, with the items done, the rate and the ETA. Tenths
+//! that pass within a second of the last line are folded into the next one, so that a stage that
+//! takes a second logs one line, not ten.
 //!
 //! Whether this process is the main rank and whether bars may be drawn are decided once at
 //! start-up by the binary ([`configure`]), so this module needs nothing from the distribution
@@ -16,6 +18,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 /// A line at least every this many seconds, and at every tenth of the work.
 const LINE_EVERY: Duration = Duration::from_secs(30);
 const LINE_FRACTION_STEPS: u64 = 10;
+const MIN_GAP: Duration = Duration::from_secs(1);
 
 const UNSET: u8 = 0;
 const QUIET: u8 = 1;
@@ -122,8 +125,14 @@ impl LineReporter {
 
     fn advance(&mut self, n: u64, now: Instant) -> Option<String> {
         self.done += n;
+        if self.total == 0 {
+            return None;
+        }
         let tenths = self.tenths();
-        if tenths <= self.reported_tenths && now.duration_since(self.last_line) < LINE_EVERY {
+        let since = now.duration_since(self.last_line);
+        let all_done = self.done >= self.total && self.reported_done < self.total;
+        let new_tenth = tenths > self.reported_tenths && (since >= MIN_GAP || all_done);
+        if !new_tenth && since < LINE_EVERY {
             return None;
         }
         self.reported_tenths = tenths;
@@ -208,6 +217,17 @@ mod tests {
         // Stopped between lines: the closing line says where.
         let got = lines(1000, 32, Duration::from_secs(7));
         assert!(got.last().unwrap().1.starts_with("eval: 32/1000 (3%)"), "{got:#?}");
+    }
+
+    #[test]
+    fn quick_work_logs_only_its_end() {
+        let got = lines(100, 100, Duration::from_millis(10));
+        assert_eq!(got.len(), 1, "{got:#?}");
+        assert_eq!(got[0].1, "eval: 100/100 (100%), 100.00/s, elapsed 1s");
+        // Tenths closer than a second are folded into the next line.
+        let got = lines(100, 100, Duration::from_millis(40));
+        let done: Vec<&str> = got.iter().map(|(_, l)| l.split(' ').nth(1).unwrap()).collect();
+        assert_eq!(done, ["25/100", "50/100", "75/100", "100/100"]);
     }
 
     #[test]

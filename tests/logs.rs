@@ -105,9 +105,10 @@ fn json_run_logs_progress_lines_and_tensorboard_reads_the_metrics_across_a_resum
     assert!(lines.iter().all(|l| l["rank"] == 0 && l["level"].is_string() && l["timestamp"].is_string()), "{err}");
     let progress: Vec<&str> = lines.iter().filter(|l| l["target"] == "unlearn::progress").map(message).collect();
     println!("progress lines:\n{}", progress.join("\n"));
-    assert!(progress.len() >= 5, "a progress line per tenth of 12 steps expected:\n{err}");
-    assert!(progress.iter().any(|m| m.starts_with("train: ") && m.contains("/s") && m.contains("ETA")), "{progress:?}");
-    assert!(progress.last().unwrap().starts_with("train: 12/12 (100%)"), "{progress:?}");
+    // How many lines depends on the machine's speed (tenths within a second of the last line are
+    // folded; src/progress.rs tests the cadence); the last one reports the whole run and its rate.
+    let last = progress.last().unwrap_or_else(|| panic!("no progress line:\n{err}"));
+    assert!(last.starts_with("train: 12/12 (100%), ") && last.contains("/s") && last.contains("elapsed"), "{progress:?}");
     assert!(lines.iter().any(|l| message(l).starts_with("step 12/12")), "step lines are JSON too");
 
     let n = assert_tensorboard_equals_metrics(&run);
