@@ -167,7 +167,7 @@ fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
         offset += bytes;
     }
     let mut text = serde_json::to_string(&serde_json::Value::Object(header)).expect("header serializes");
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     let file = std::fs::File::create(path).at(path)?;

@@ -21,7 +21,8 @@ pub struct ExportArgs {
     #[arg(long, default_value = "fp32")]
     pub dtype: String,
     /// Export the graph without past_key_values.N.key/.value inputs and present.N.key/.value
-    /// outputs (every step then re-runs the whole sequence; onnxruntime-genai cannot load it).
+    /// outputs: every step then re-runs the whole sequence, optimum loads it with
+    /// use_cache=False, and onnxruntime-genai cannot run it (no genai_config.json is written).
     #[arg(long, conflicts_with = "kv_cache")]
     pub no_kv_cache: bool,
     /// The KV-cache graph (optimum's names) and genai_config.json: the default; the flag is kept

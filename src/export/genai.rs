@@ -154,3 +154,57 @@ fn read_json(path: &Path) -> Result<Option<Map<String, Value>>> {
         Err(e) => Err(Error::format(path, format!("invalid JSON: {e}"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::llama::{build_graph, ExportDtype, GraphOptions};
+
+    fn model_dir(generation: Option<Value>) -> (tempfile::TempDir, Config) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = json!({"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2});
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        if let Some(g) = generation {
+            std::fs::write(dir.path().join("generation_config.json"), g.to_string()).unwrap();
+        }
+        let cfg = Config::from_json(&config, &dir.path().join("config.json")).unwrap();
+        (dir, cfg)
+    }
+
+    fn graph(cfg: &Config, kv_cache: bool) -> GraphProto {
+        build_graph(cfg, &GraphOptions { dtype: ExportDtype::Fp32, kv_cache, opset: 21 }).0
+    }
+
+    #[test]
+    fn geometry_names_and_defaults_follow_the_model() {
+        let (dir, cfg) = model_dir(None);
+        let g = genai_config(dir.path(), &cfg, &graph(&cfg, true), "model.onnx").unwrap();
+        let (m, d) = (&g["model"], &g["model"]["decoder"]);
+        assert_eq!((m["type"].as_str(), m["context_length"].as_i64(), m["vocab_size"].as_i64()), (Some("llama"), Some(128), Some(64)));
+        assert_eq!((m["bos_token_id"].as_i64(), m["eos_token_id"].clone(), m["pad_token_id"].as_i64()), (Some(1), json!([2]), Some(2)));
+        assert_eq!([&d["num_hidden_layers"], &d["num_key_value_heads"], &d["head_size"]], [&json!(3), &json!(2), &json!(4)]);
+        assert_eq!(d["inputs"]["past_key_names"], "past_key_values.%d.key");
+        assert_eq!(d["outputs"]["present_value_names"], "present.%d.value");
+        assert_eq!((g["search"]["do_sample"].as_bool(), g["search"]["max_length"].as_i64()), (Some(false), Some(128)));
+        assert_eq!(g["search"]["past_present_share_buffer"], false);
+    }
+
+    #[test]
+    fn generation_config_overrides_ids_and_search_settings() {
+        let gen = json!({"eos_token_id": [2, 7], "pad_token_id": 0, "do_sample": true, "temperature": 0.6, "top_p": 0.9});
+        let (dir, cfg) = model_dir(Some(gen));
+        let g = genai_config(dir.path(), &cfg, &graph(&cfg, true), "model.onnx").unwrap();
+        assert_eq!((g["model"]["eos_token_id"].clone(), g["model"]["pad_token_id"].as_i64()), (json!([2, 7]), Some(0)));
+        assert_eq!((g["search"]["do_sample"].as_bool(), g["search"]["temperature"].as_f64()), (Some(true), Some(0.6)));
+        assert_eq!((g["search"]["top_p"].as_f64(), g["search"]["top_k"].as_i64()), (Some(0.9), Some(50)));
+    }
+
+    #[test]
+    fn a_graph_without_the_cache_is_refused() {
+        let (dir, cfg) = model_dir(None);
+        let err = genai_config(dir.path(), &cfg, &graph(&cfg, false), "model.onnx").unwrap_err().to_string();
+        assert!(err.contains("past_key_values.0.key"), "{err}");
+    }
+}

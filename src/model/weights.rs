@@ -297,7 +297,7 @@ impl HfWriter {
         }
         header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
         let mut text = serde_json::to_string(&Value::Object(header)).expect("header serializes");
-        while text.len() % 8 != 0 {
+        while !text.len().is_multiple_of(8) {
             text.push(' '); // keep the data section 8-byte aligned, as the reference writer does
         }
         let mut w = BufWriter::with_capacity(1 << 22, File::create(&path).at(&path)?);

@@ -194,7 +194,7 @@ impl PlanInput {
         if world_size == 0 {
             return Err(crate::other!("--world-size must be at least 1"));
         }
-        if cfg.train.batch_size % world_size != 0 {
+        if !cfg.train.batch_size.is_multiple_of(world_size) {
             return Err(crate::Error::config(
                 "plan",
                 "train.batch_size",

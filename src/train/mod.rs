@@ -87,7 +87,7 @@ impl Trainer {
         let device = crate::dist::rank_device(parse_device(&cfg.model.device)?);
         let kind = parse_kind(&cfg.model.dtype)?;
         let (rank, world) = (comm.rank(), comm.world());
-        if cfg.train.batch_size % world != 0 {
+        if !cfg.train.batch_size.is_multiple_of(world) {
             return Err(crate::Error::config(
                 "config",
                 "train.batch_size",
@@ -411,7 +411,7 @@ impl Trainer {
         self.sync_student()?;
         self.sync_teacher()?;
         self.step = step;
-        if self.cfg.dist.verify_every > 0 && step % self.cfg.dist.verify_every == 0 {
+        if self.cfg.dist.verify_every > 0 && step.is_multiple_of(self.cfg.dist.verify_every) {
             self.fault_injection_perturb(step);
             self.verify_replicas()?;
         }
