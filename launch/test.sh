@@ -14,7 +14,10 @@ if [ ! -d "$UNLEARN_SHARED/data/tofu" ]; then
   echo "test data not found: $UNLEARN_SHARED/data (set UNLEARN_SHARED to the shared/ directory)" >&2
   exit 1
 fi
-# Release profile and setup.sh's cargo flags (env.sh): the binary and the dependencies built by
-# setup.sh are reused, and a CUDA build is never rebuilt as a CPU one.
+# Lint gate first, then every test. Release profile and setup.sh's cargo flags (env.sh): the binary
+# and the dependencies built by setup.sh are reused, and a CUDA build is never rebuilt as a CPU one;
+# any clippy warning fails the run.
 # shellcheck disable=SC2086 # the flags are words
+cargo clippy --release $UNLEARN_CARGO_FLAGS --all-targets -- -D warnings
+# shellcheck disable=SC2086
 cargo test --release $UNLEARN_CARGO_FLAGS --no-fail-fast "$@"

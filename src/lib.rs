@@ -13,6 +13,7 @@ pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod gguf;
 pub mod logging;
 pub mod methods;
 pub mod model;
