@@ -82,6 +82,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         std::fs::remove_file(&metrics).map_err(|e| crate::Error::io(&metrics, e))?;
     }
 
+    let mut events = (rank == 0).then(|| crate::tensorboard::EventWriter::create(&out, trainer.step() + 1)).transpose()?;
     let total = cfg.train.steps;
     let every = cfg.train.checkpoint_every;
     let keep = cfg.train.keep_checkpoints;
@@ -92,6 +93,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let log = trainer.train_step()?;
         if rank == 0 {
             append_metrics(&metrics, &log)?;
+            events.as_mut().map_or(Ok(()), |e| e.scalars(log.step, &log))?;
             if log.step % log_every == 0 || log.step == total {
                 tracing::info!("{}", format_log(&log, total));
             }

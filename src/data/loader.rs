@@ -152,7 +152,7 @@ pub fn local_batch(
     pad_id: i64,
     device: tch::Device,
 ) -> LocalBatch {
-    assert!(global.len() % world == 0, "global batch {} not divisible by world size {world}", global.len());
+    assert!(global.len().is_multiple_of(world), "global batch {} not divisible by world size {world}", global.len());
     let per = global.len() / world;
     let mine = &global[rank * per..(rank + 1) * per];
     let padded_len = global.iter().map(|&i| examples[i].ids.len()).max().unwrap_or(2).max(2);

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::llama::ExportDtype;
 use crate::error::{Error, IoContext, Result};
+use crate::progress::Progress;
 
 pub const MANIFEST_FILE: &str = "export.json";
 
@@ -36,6 +37,10 @@ pub struct Manifest {
     pub opset: i64,
     pub ir_version: i64,
     pub kv_cache: bool,
+    /// `genai_config.json` (onnxruntime-genai's loader config), written with the cache graph only;
+    /// absent from manifests written before it existed.
+    #[serde(default)]
+    pub genai_config: Option<String>,
     pub weight_bytes: u64,
     pub tool: String,
     pub tool_version: String,
@@ -43,11 +48,16 @@ pub struct Manifest {
     pub created: String,
 }
 
-/// SHA-256 of each file and of all of them concatenated, in one read of each file.
+/// SHA-256 of each file and of all of them concatenated, in one read of each file (a 7B model's
+/// 13 GB take a minute: progress is reported in MiB).
 pub fn hash_weight_files<'a>(files: impl IntoIterator<Item = &'a Path>) -> Result<(String, Vec<SourceFile>)> {
+    let files: Vec<&Path> = files.into_iter().collect();
+    let total_mib = files.iter().map(|p| std::fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>() >> 20;
+    let bar = Progress::new(total_mib, "hash MiB");
     let mut all = Sha256::new();
     let mut out = vec![];
     let mut buf = vec![0u8; 1 << 22];
+    let (mut hashed, mut reported_mib) = (0u64, 0u64);
     for path in files {
         let mut f = File::open(path).at(path)?;
         let mut one = Sha256::new();
@@ -60,10 +70,14 @@ pub fn hash_weight_files<'a>(files: impl IntoIterator<Item = &'a Path>) -> Resul
             one.update(&buf[..n]);
             all.update(&buf[..n]);
             bytes += n as u64;
+            hashed += n as u64;
+            bar.inc((hashed >> 20) - reported_mib);
+            reported_mib = hashed >> 20;
         }
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         out.push(SourceFile { name, bytes, sha256: format!("{:x}", one.finalize()) });
     }
+    bar.finish();
     Ok((format!("{:x}", all.finalize()), out))
 }
 

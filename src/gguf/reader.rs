@@ -170,7 +170,7 @@ impl TensorInfo {
     fn n_bytes(&self) -> Option<u64> {
         let (block_elems, block_bytes) = self.ggml_type.block()?;
         let ne0 = *self.dims.first().unwrap_or(&1);
-        if ne0 % block_elems != 0 {
+        if !ne0.is_multiple_of(block_elems) {
             return None;
         }
         self.n_elements().checked_div(block_elems)?.checked_mul(block_bytes)

@@ -417,7 +417,7 @@ impl SafetensorsFile {
             header.insert("__metadata__".into(), m);
         }
         let mut text = serde_json::to_string(&Value::Object(header)).expect("header serializes");
-        while text.len() % 8 != 0 {
+        while !text.len().is_multiple_of(8) {
             text.push(' ');
         }
         let mut w = BufWriter::with_capacity(1 << 22, File::create(path).at(path)?);

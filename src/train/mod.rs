@@ -357,7 +357,7 @@ impl Trainer {
         self.method.after_step(&self.master, &dir)?;
         self.sync_replicas()?;
         self.step = step;
-        if self.cfg.dist.verify_every > 0 && step % self.cfg.dist.verify_every == 0 {
+        if self.cfg.dist.verify_every > 0 && step.is_multiple_of(self.cfg.dist.verify_every) {
             self.fault_injection_perturb(step);
             self.verify_replicas()?;
         }

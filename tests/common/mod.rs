@@ -28,6 +28,14 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// launch/setup.sh's overlay with optimum-onnx and the transformers it supports (< 4.58), put in
+/// front of the venv with PYTHONPATH: `$UNLEARN_OPTIMUM_PATH`, else `<cache>/py-optimum`.
+pub fn optimum_path() -> PathBuf {
+    let p = std::env::var("UNLEARN_OPTIMUM_PATH").map(PathBuf::from).unwrap_or_else(|_| cache_dir().join("py-optimum"));
+    assert!(p.join("optimum/onnxruntime").is_dir(), "optimum-onnx not found at {} (run launch/setup.sh)", p.display());
+    p
+}
+
 /// ../shared/data (or $UNLEARN_SHARED/data).
 pub fn shared_data() -> PathBuf {
     let base = std::env::var("UNLEARN_SHARED").map(PathBuf::from).unwrap_or_else(|_| repo().join("../shared"));
@@ -36,10 +44,16 @@ pub fn shared_data() -> PathBuf {
 
 /// Run a reference script under tests/py and return its stdout; panics with stderr on failure.
 pub fn run_py(script: &str, args: &[&str]) -> String {
+    run_py_env(script, args, &[])
+}
+
+/// [`run_py`] with extra environment variables (e.g. a PYTHONPATH overlay).
+pub fn run_py_env(script: &str, args: &[&str], env: &[(&str, &Path)]) -> String {
     let out = Command::new(python())
         .arg(repo().join("tests/py").join(script))
         .args(args)
         .env("UNLEARN_SHARED", shared_data().parent().unwrap())
+        .envs(env.iter().copied())
         .output()
         .expect("spawn python");
     assert!(
