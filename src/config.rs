@@ -200,8 +200,8 @@ impl RunConfig {
             forget_limit: data.opt_int("forget_limit", 1)?.map(|v| v as usize),
             retain_limit: data.opt_int("retain_limit", 1)?.map(|v| v as usize),
             retain_max_len: data.opt_int("retain_max_len", 2)?.map(|v| v as usize),
-            forget_overflow: data.choice("forget_overflow", &["truncate", "chunk"], "truncate")?,
-            retain_overflow: data.choice("retain_overflow", &["truncate", "chunk"], "chunk")?,
+            forget_overflow: data.choice("forget_overflow", &crate::data::Overflow::NAMES, "truncate")?,
+            retain_overflow: data.choice("retain_overflow", &crate::data::Overflow::NAMES, "chunk")?,
             sampling: data.choice("sampling", &["shuffle", "replacement"], "shuffle")?,
         };
         let needs_forget = method_cfg.name != "finetune";

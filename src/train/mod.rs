@@ -152,7 +152,7 @@ impl Trainer {
         };
 
         let sampling = if cfg.data.sampling == "replacement" { Sampling::Replacement } else { Sampling::Shuffle };
-        let overflow = |s: &str| if s == "chunk" { Overflow::Chunk } else { Overflow::Truncate };
+        let overflow = |s: &str| Overflow::from_name(s).expect("config validated the overflow name");
         let uses = |o| method.objectives().contains(&o);
         let forget = if uses(Objective::Forget) {
             let ex = load_examples(&cfg.data.forget, cfg.data.forget_limit, &tok, cfg.train.max_len, overflow(&cfg.data.forget_overflow))?;
