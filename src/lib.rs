@@ -18,6 +18,7 @@ pub mod model;
 pub mod optim;
 pub mod plan;
 pub mod progress;
+pub mod record;
 pub mod train;
 
 pub use error::{Error, Result};

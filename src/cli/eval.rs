@@ -13,10 +13,11 @@ use crate::data::Tokenizer;
 use crate::dist;
 use crate::error::{Error, Result};
 use crate::eval::muse::{self, AucReference, Corpus, MuseOptions, Part, Variant};
-use crate::eval::report::{model_sha256, write_eval_outputs, ModelInfo, Report, RunInfo, SampleRow, TruthStats};
+use crate::eval::report::{write_eval_outputs, ModelInfo, Report, RunInfo, SampleRow, TruthStats};
 use crate::eval::shard::{Batching, EvalCtx};
 use crate::eval::tofu::{self, RetainStats, TofuOptions, TRUTH_STAT_DEFINITION};
 use crate::model::{load_model, parse_device, parse_kind, Config, LoadedModel};
+use crate::record::{Input, Record};
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
@@ -224,7 +225,7 @@ impl Session {
             name,
             model: ModelInfo {
                 path: c.model.display().to_string(),
-                sha256: if self.comm.rank() == 0 { model_sha256(&c.model)? } else { String::new() },
+                sha256: String::new(), // set by `finish` from the record's digest (one read of the weights)
                 tokenizer_fingerprint: tok.vocab_fingerprint(),
                 dtype: c.dtype.clone(),
             },
@@ -241,10 +242,17 @@ impl Session {
     }
 
     /// Rank 0 writes; everyone waits so that no rank exits (and tears down MPI) early.
-    fn finish(&self, c: &CommonArgs, mut report: Report, samples: &[SampleRow], compare: &[Report]) -> Result<()> {
+    fn finish(&self, c: &CommonArgs, mut report: Report, samples: &[SampleRow], compare: &[Report], inputs: &[Input]) -> Result<()> {
         report.run.wall_s = self.start.elapsed().as_secs_f64();
         if self.comm.rank() == 0 {
+            let settings = serde_json::json!({"benchmark": report.benchmark, "variant": report.variant, "data": report.data,
+                "dtype": c.dtype, "device": c.device, "limits": report.limits});
+            let mut record = Record::new("eval", settings, self.comm.world()).with_inputs(&[&[Input::Model("model", &c.model)], inputs].concat())?;
+            record.metric_variant = Some(report.variant.clone());
+            report.model.sha256 = record.weights_sha256("model").unwrap_or_default().to_string();
             write_eval_outputs(&c.out, &report, samples, compare)?;
+            crate::record::log_given(&c.model)?;
+            crate::record::write_and_log(&record, &c.out)?;
             for (k, m) in report.ordered() {
                 tracing::info!("{k} = {}", crate::eval::report::fmt_value(m.value));
             }
@@ -309,7 +317,10 @@ fn run_muse(a: &MuseArgs) -> Result<()> {
     report.notes = notes.into_iter().chain(outcome.notes).collect();
     report.reference = outcome.reference;
     report.run.timings_s = outcome.timings_s;
-    s.finish(c, report, &outcome.samples, &compare)
+    let mut inputs = vec![Input::Data("benchmark", &a.data)];
+    inputs.extend(opts.mmlu.exists().then_some(Input::Data("mmlu", &opts.mmlu)));
+    inputs.extend(a.retain_model.as_deref().map(|d| Input::Model("retain_model", d)));
+    s.finish(c, report, &outcome.samples, &compare, &inputs)
 }
 
 /// Forget-set truth statistics of an earlier `eval tofu` report, checked against this run.
@@ -367,5 +378,8 @@ fn run_tofu(a: &TofuArgs) -> Result<()> {
         tokenizer_fingerprint: tok.vocab_fingerprint(),
         values: outcome.forget_truth_stats,
     });
-    s.finish(c, report, &outcome.samples, &compare)
+    let mut inputs = vec![Input::Data("benchmark", &a.data)];
+    inputs.extend(a.retain_model.as_deref().map(|d| Input::Model("retain_model", d)));
+    inputs.extend(a.retain_stats.as_deref().map(|p| Input::Data("retain_stats", p)));
+    s.finish(c, report, &outcome.samples, &compare, &inputs)
 }

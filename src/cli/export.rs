@@ -49,5 +49,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         m.external_data.as_deref().unwrap_or("weights inline"),
         args.out.display()
     );
+    crate::record::log_given(&args.model)?;
+    crate::record::write_and_log(&crate::record::Record::for_export(&m, &args.model)?, &args.out)?;
     Ok(())
 }
