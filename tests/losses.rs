@@ -30,6 +30,18 @@ fn fixed_batch() -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
     (logits, teacher, ids, amask, tmask)
 }
 
+/// tests/py/loss_ref.py on (logits, teacher, input_ids, target_mask, attention_mask, ref_sums)
+/// with the hyper-parameters `hp` (JSON): `<loss>.value` and `<loss>.grad` for every loss.
+fn pytorch_reference(inputs: &[&Tensor; 6], hp: &str) -> std::collections::HashMap<String, Tensor> {
+    let names = ["logits", "teacher", "input_ids", "target_mask", "attention_mask", "ref_sums"];
+    let tmp = tempfile::tempdir().unwrap();
+    let (inp, out) = (tmp.path().join("in.safetensors"), tmp.path().join("out.safetensors"));
+    let named: Vec<(&str, &Tensor)> = names.iter().copied().zip(inputs.iter().copied()).collect();
+    Tensor::write_safetensors(&named, &inp).unwrap();
+    run_py("loss_ref.py", &[inp.to_str().unwrap(), hp, out.to_str().unwrap()]);
+    Tensor::read_safetensors(&out).unwrap().into_iter().collect()
+}
+
 #[test]
 fn losses_and_gradients_match_pytorch_reference() {
     let (b, t) = (B, T);
@@ -39,17 +51,8 @@ fn losses_and_gradients_match_pytorch_reference() {
     let n_targets = tmask.sum(Kind::Float).double_value(&[]);
     let (tol, beta) = (0.02, 0.3);
 
-    let tmp = tempfile::tempdir().unwrap();
-    let inp = tmp.path().join("in.safetensors");
-    let out = tmp.path().join("out.safetensors");
-    Tensor::write_safetensors(
-        &[("logits", &logits), ("teacher", &teacher), ("input_ids", &ids), ("target_mask", &tmask), ("attention_mask", &amask), ("ref_sums", &ref_sums)],
-        &inp,
-    )
-    .unwrap();
     let hp = format!(r#"{{"n_targets": {n_targets}, "n_sequences": {b}, "tol": {tol}, "npo_beta": {beta}}}"#);
-    run_py("loss_ref.py", &[inp.to_str().unwrap(), &hp, out.to_str().unwrap()]);
-    let reference: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&out).unwrap().into_iter().collect();
+    let reference = pytorch_reference(&[&logits, &teacher, &ids, &tmask, &amask, &ref_sums], &hp);
 
     type LossFn<'a> = Box<dyn Fn(&Tensor) -> Tensor + 'a>;
     let cases: Vec<(&str, LossFn)> = vec![
@@ -105,17 +108,9 @@ fn nlul_with_tol_zero_is_finite_and_matches_pytorch() {
     let (b, t) = (B, T);
     let (logits, _, ids, amask, tmask) = fixed_batch();
     let n_targets = tmask.sum(Kind::Float).double_value(&[]);
-    let tmp = tempfile::tempdir().unwrap();
-    let (inp, out) = (tmp.path().join("in.safetensors"), tmp.path().join("out.safetensors"));
     let ref_sums = Tensor::zeros([b], (Kind::Float, Device::Cpu));
-    Tensor::write_safetensors(
-        &[("logits", &logits), ("teacher", &logits), ("input_ids", &ids), ("target_mask", &tmask), ("attention_mask", &amask), ("ref_sums", &ref_sums)],
-        &inp,
-    )
-    .unwrap();
     let hp = format!(r#"{{"n_targets": {n_targets}, "n_sequences": {b}, "tol": 0.0, "npo_beta": 0.1}}"#);
-    run_py("loss_ref.py", &[inp.to_str().unwrap(), &hp, out.to_str().unwrap()]);
-    let reference: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&out).unwrap().into_iter().collect();
+    let reference = pytorch_reference(&[&logits, &logits, &ids, &tmask, &amask, &ref_sums], &hp);
 
     let (value, grad) = nlul_grad(&logits, &ids, &tmask, 0.0, n_targets);
     assert!(value.is_finite(), "tol = 0 gives loss {value}");

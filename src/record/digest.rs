@@ -53,8 +53,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
-/// Stream `path` once into its own digest and into each of `also`.
-fn stream(path: &Path, name: String, also: &mut [&mut Sha256]) -> Result<FileDigest> {
+/// Read `path` once, in 4 MiB blocks, into its own SHA-256 and into each of `also`; returns its
+/// size and hex digest.
+pub fn hash_file(path: &Path, also: &mut [&mut Sha256]) -> Result<(u64, String)> {
     let mut f = File::open(path).at(path)?;
     let mut one = Sha256::new();
     let mut buf = vec![0u8; 1 << 22];
@@ -70,7 +71,12 @@ fn stream(path: &Path, name: String, also: &mut [&mut Sha256]) -> Result<FileDig
         }
         bytes += n as u64;
     }
-    Ok(FileDigest { name, bytes, sha256: format!("{:x}", one.finalize()) })
+    Ok((bytes, format!("{:x}", one.finalize())))
+}
+
+fn stream(path: &Path, name: String, also: &mut [&mut Sha256]) -> Result<FileDigest> {
+    let (bytes, sha256) = hash_file(path, also)?;
+    Ok(FileDigest { name, bytes, sha256 })
 }
 
 /// Regular files directly in `dir`, sorted by path.
