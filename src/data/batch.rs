@@ -53,20 +53,6 @@ pub enum Overflow {
     ChunkExact,
 }
 
-impl Overflow {
-    /// The names a config may use (`data.forget_overflow`, `data.retain_overflow`).
-    pub const NAMES: [&'static str; 3] = ["truncate", "chunk", "chunk-exact"];
-
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "truncate" => Some(Overflow::Truncate),
-            "chunk" => Some(Overflow::Chunk),
-            "chunk-exact" => Some(Overflow::ChunkExact),
-            _ => None,
-        }
-    }
-}
-
 /// Tokenize one record. QA answers are cut at `max_len` total tokens; a prompt that leaves no room
 /// for any answer token is an error naming the record. Text chunks with fewer than two tokens (no
 /// target) are dropped.

@@ -1,8 +1,6 @@
 //! The model: Llama-family decoder, its HF config and its weights on disk.
 
 pub mod config;
-pub mod gguf;
-pub mod gguf_import;
 pub mod llama;
 pub mod weights;
 

@@ -90,7 +90,7 @@ impl Record {
 
     /// The record of an unlearning or fine-tuning run: the resolved config (exactly the TOML a
     /// run writes next to its outputs and `--resume` reads, as JSON), its seed, the world size
-    /// and ZeRO stage, the model (and NPO reference model) and every forget/retain file. The
+    /// and ZeRO stage, the model (and the method's reference model, if any) and every forget/retain file. The
     /// loaders derive their streams from `train.seed` (forget stream 1, retain stream 2); nothing
     /// else in a run is random. Call it on rank 0 only: it reads every input file once.
     pub fn for_run(cfg: &RunConfig, world_size: usize) -> Result<Record> {
@@ -100,9 +100,7 @@ impl Record {
         r.seeds.insert("train.seed".into(), cfg.train.seed);
         r.zero_stage = Some(cfg.dist.zero);
         let mut inputs = vec![Input::Model("model", &cfg.model.path)];
-        if let Some(reference) = &cfg.method.reference_model {
-            inputs.push(Input::Model("reference_model", reference));
-        }
+        inputs.extend(cfg.method.model_dirs().into_iter().map(|(role, dir)| Input::Model(role, dir)));
         inputs.extend(cfg.data.forget.iter().map(|p| Input::Data("forget", p)));
         inputs.extend(cfg.data.retain.iter().map(|p| Input::Data("retain", p)));
         r.with_inputs(&inputs)
@@ -183,6 +181,12 @@ pub fn log_given(dir: &Path) -> Result<Option<String>> {
 /// Write a record into `dir` and log its hash.
 pub fn write_and_log(record: &Record, dir: &Path) -> Result<String> {
     let h = record.write(dir)?;
-    tracing::info!("record written: {} sha256 {h}", dir.join(RECORD_FILE).display());
+    log_written(dir, &h);
     Ok(h)
+}
+
+/// Log the hash of the record now in `dir` (written there, or into a staging directory that
+/// became `dir`).
+pub fn log_written(dir: &Path, sha256: &str) {
+    tracing::info!("record written: {} sha256 {sha256}", dir.join(RECORD_FILE).display());
 }
