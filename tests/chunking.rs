@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use unlearn::data::{read_records, tokenize_all, Overflow, Record, Tokenizer};
+use unlearn::data::{read_records, tokenize_all, Overflow, Record, Template, Tokenizer};
 use unlearn::model::Config;
 
 fn load_tokenizer(dir: &Path) -> Tokenizer {
@@ -28,7 +28,7 @@ fn check_against_transformers(name: &str, dir: &Path, max_len: usize, bos: Optio
     let tok = load_tokenizer(dir);
     let mut line = format!("{name} ({}), {} articles, max_len {max_len}:", reference["tokenizer_class"], records.len());
     for (mode, key) in [(Overflow::Chunk, "chunk"), (Overflow::ChunkExact, "chunk_exact"), (Overflow::Truncate, "truncate")] {
-        let ours: Vec<Vec<i64>> = tokenize_all(&tok, &records, max_len, mode).unwrap().into_iter().map(|e| e.ids).collect();
+        let ours: Vec<Vec<i64>> = tokenize_all(&tok, &Template::phi_qa(), &records, max_len, mode).unwrap().into_iter().map(|e| e.ids).collect();
         let theirs: Vec<Vec<i64>> = serde_json::from_value(reference[key].clone()).unwrap();
         assert_eq!(ours.len(), theirs.len(), "{name} {key}: {} chunks vs transformers' {}", ours.len(), theirs.len());
         for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
@@ -89,20 +89,20 @@ fn specials_start_every_chunk_and_qa_records_are_never_chunked() {
     assert!(chunks.iter().take(chunks.len() - 1).all(|c| c.len() == max_len), "all but the tail are full");
     // Truncate = the first chunk, exactly transformers' `truncation=True`.
     let rec = vec![Record::Text(text.clone())];
-    let first = tokenize_all(&tok, &rec, max_len, Overflow::Truncate).unwrap();
+    let first = tokenize_all(&tok, &Template::phi_qa(), &rec, max_len, Overflow::Truncate).unwrap();
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].ids, chunks[0]);
     // A text with no full chunk gives nothing under chunk-exact, and says why.
     let short = vec![Record::Text("A short text.".into())];
-    let err = tokenize_all(&tok, &short, max_len, Overflow::ChunkExact).unwrap_err().to_string();
+    let err = tokenize_all(&tok, &Template::phi_qa(), &short, max_len, Overflow::ChunkExact).unwrap_err().to_string();
     assert!(err.contains("chunk-exact") && err.contains("max_len 16"), "{err}");
 
     // QA records shorter than max_len: identical examples in every mode.
     let qa = read_records(&shared_data().join("tofu/forget01.json")).unwrap();
-    let base = tokenize_all(&tok, &qa, 256, Overflow::Truncate).unwrap();
+    let base = tokenize_all(&tok, &Template::phi_qa(), &qa, 256, Overflow::Truncate).unwrap();
     assert_eq!(base.len(), qa.len(), "one example per QA record");
     for mode in [Overflow::Chunk, Overflow::ChunkExact] {
-        assert_eq!(tokenize_all(&tok, &qa, 256, mode).unwrap(), base, "{mode:?} changed QA examples");
+        assert_eq!(tokenize_all(&tok, &Template::phi_qa(), &qa, 256, mode).unwrap(), base, "{mode:?} changed QA examples");
     }
     println!("QA: {} forget01 records give the same {} examples in all three modes", qa.len(), base.len());
 }
