@@ -225,7 +225,7 @@ impl Trainable {
     }
 }
 
-choice!(Overflow { "truncate" => Overflow::Truncate, "chunk" => Overflow::Chunk });
+choice!(Overflow { "truncate" => Overflow::Truncate, "chunk" => Overflow::Chunk, "chunk-exact" => Overflow::ChunkExact });
 
 /// `Sampling` serializes itself (kebab-case, the same names).
 impl Choice for Sampling {

@@ -21,6 +21,7 @@ pub mod model;
 pub mod optim;
 pub mod plan;
 pub mod progress;
+pub mod record;
 pub mod tensorboard;
 pub mod train;
 

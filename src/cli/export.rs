@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use crate::export::writer::MAX_INLINE_BYTES;
-use crate::export::{export, ExportDtype, ExportOptions, DEFAULT_OPSET};
+use crate::export::{export_with, ExportDtype, ExportOptions, DEFAULT_OPSET};
+use crate::record::{self, Record};
 use crate::Result;
 
 #[derive(clap::Args, Debug)]
@@ -14,8 +15,8 @@ pub struct ExportArgs {
     #[arg(long, value_parser = crate::model::hub::model_arg)]
     pub model: PathBuf,
     /// Output directory: model.onnx (+ model.onnx.data), config.json, tokenizer files,
-    /// genai_config.json (with the KV cache), export.json. Written under a temporary name and
-    /// renamed into place when complete.
+    /// genai_config.json (with the KV cache), export.json, record.json. Written under a temporary
+    /// name and renamed into place when complete.
     #[arg(long)]
     pub out: PathBuf,
     /// fp32, or fp16 for GPUs (norms and softmax still computed in fp32).
@@ -51,7 +52,12 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         external_threshold_bytes: args.external_threshold_bytes,
         ..ExportOptions::new(&args.model, &args.out)
     };
-    let m = export(&opts)?;
+    record::log_given(&args.model)?;
+    let mut record_sha256 = String::new();
+    let m = export_with(&opts, |m, staging| {
+        record_sha256 = Record::for_export(m, &args.model)?.write(staging)?;
+        Ok(())
+    })?;
     tracing::info!(
         "exported {} ({}, opset {}, kv_cache={}{}, {}) -> {}",
         m.source_model,
@@ -62,5 +68,6 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         m.external_data.as_deref().unwrap_or("weights inline"),
         args.out.display()
     );
+    record::log_written(&args.out, &record_sha256);
     Ok(())
 }

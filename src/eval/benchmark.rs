@@ -55,6 +55,9 @@ pub struct Description {
     pub data: PathBuf,
     /// Settings that change the numbers.
     pub limits: BTreeMap<String, Value>,
+    /// Files read besides `data` and the models, by role (hashed into record.json): MUSE's MMLU
+    /// directory, TOFU's `--retain-stats` report.
+    pub inputs: Vec<(&'static str, PathBuf)>,
 }
 
 /// A benchmark with its inputs read and checked.

@@ -142,7 +142,8 @@ pub struct Muse {
 
 impl Benchmark for Muse {
     fn describe(&self) -> Description {
-        Description { name: "muse", variant: self.opts.variant.name(), data: self.opts.data.clone(), limits: self.opts.limits() }
+        let inputs = self.data.mmlu.is_some().then(|| ("mmlu", self.opts.mmlu.clone())).into_iter().collect();
+        Description { name: "muse", variant: self.opts.variant.name(), data: self.opts.data.clone(), limits: self.opts.limits(), inputs }
     }
     fn reference_model(&self) -> Option<&Path> {
         self.retain_model.as_deref()

@@ -73,7 +73,8 @@ impl BenchmarkArgs for TofuArgs {
             max_len: model.config.max_position_embeddings.max(2) as usize,
         };
         let sets = load_sets(&self.data, &self.forget, self.max_samples)?;
-        Ok(Box::new(Tofu { forget: self.forget.clone(), data: self.data.clone(), opts, sets, retain, retain_model: self.retain_model.clone() }))
+        let retain_stats = self.retain_stats.clone();
+        Ok(Box::new(Tofu { forget: self.forget.clone(), data: self.data.clone(), opts, sets, retain, retain_stats, retain_model: self.retain_model.clone() }))
     }
 }
 
@@ -108,12 +109,15 @@ pub struct Tofu {
     pub sets: Vec<TofuSet>,
     /// Forget Quality's other side, when known (from a report, or measured on `retain_model`).
     pub retain: Option<RetainStats>,
+    /// The `--retain-stats` report `retain` was read from.
+    pub retain_stats: Option<PathBuf>,
     pub retain_model: Option<PathBuf>,
 }
 
 impl Benchmark for Tofu {
     fn describe(&self) -> Description {
-        Description { name: "tofu", variant: "tofu", data: self.data.clone(), limits: self.opts.limits() }
+        let inputs = self.retain_stats.iter().map(|p| ("retain_stats", p.clone())).collect();
+        Description { name: "tofu", variant: "tofu", data: self.data.clone(), limits: self.opts.limits(), inputs }
     }
     fn reference_model(&self) -> Option<&Path> {
         self.retain_model.as_deref()

@@ -97,6 +97,12 @@ impl Drop for TempDir {
 
 /// Export `opts.model_dir` to `opts.out_dir` (created or replaced atomically).
 pub fn export(opts: &ExportOptions) -> Result<Manifest> {
+    export_with(opts, |_, _| Ok(()))
+}
+
+/// [`export`], with `extra` writing further files (the reproduction record) into the staging
+/// directory, given the manifest, before the directory is published: it appears complete or not at all.
+pub fn export_with(opts: &ExportOptions, extra: impl FnOnce(&Manifest, &Path) -> Result<()>) -> Result<Manifest> {
     check_options(opts)?;
     let cfg_path = crate::model::config::config_path(&opts.model_dir)?;
     let cfg = Config::from_file(&cfg_path)?;
@@ -186,6 +192,7 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
         created: rfc3339_utc(std::time::SystemTime::now()),
     };
     write_json(&tmp.path.join(MANIFEST_FILE), &serde_json::to_value(&manifest).expect("manifest serializes"))?;
+    extra(&manifest, &tmp.path)?;
     publish_dir(&tmp.path, &opts.out_dir)?;
     tmp.keep = true;
     tracing::info!("wrote {}", opts.out_dir.join(MODEL_FILE).display());
