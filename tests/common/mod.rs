@@ -74,6 +74,36 @@ pub const LLAMA_CASES: &[Case] = &[
     },
 ];
 
+/// The other families, each with the parts that set it apart from Llama switched on: biases
+/// (Qwen2, Qwen3's and Llama's `attention_bias`), per-head q/k norms with a head_dim that is not
+/// hidden/heads (Qwen3), fused projections, partial rotation and longrope on both sides of its
+/// switch (Phi-3), sliding windows that hide keys of an 11-token batch (Mistral, Qwen2 on its
+/// second layer only, Phi-3).
+pub const FAMILY_CASES: &[Case] = &[
+    Case { name: "llama-biases", config: r#"{"attention_bias": true, "mlp_bias": true}"# },
+    Case { name: "mistral", config: r#"{"model_type": "mistral", "sliding_window": null}"# },
+    Case { name: "mistral-window4", config: r#"{"model_type": "mistral", "sliding_window": 4, "num_key_value_heads": 1}"# },
+    Case { name: "qwen2-tied", config: r#"{"model_type": "qwen2", "tie_word_embeddings": true}"# },
+    Case {
+        name: "qwen2-window-layer1",
+        config: r#"{"model_type": "qwen2", "use_sliding_window": true, "sliding_window": 5, "max_window_layers": 1}"#,
+    },
+    Case { name: "qwen3-headdim32", config: r#"{"model_type": "qwen3", "head_dim": 32}"# },
+    Case { name: "qwen3-bias-tied", config: r#"{"model_type": "qwen3", "head_dim": 16, "attention_bias": true, "tie_word_embeddings": true}"# },
+    Case { name: "phi3", config: r#"{"model_type": "phi3"}"# },
+    Case {
+        name: "phi3-partial-longrope-long",
+        config: r#"{"model_type": "phi3", "partial_rotary_factor": 0.5, "max_position_embeddings": 64, "original_max_position_embeddings": 8,
+                   "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3], "long_factor": [2.0, 3.0, 4.0, 5.0]}}"#,
+    },
+    Case {
+        name: "phi3-longrope-short-window6",
+        config: r#"{"model_type": "phi3", "sliding_window": 6, "max_position_embeddings": 256, "original_max_position_embeddings": 32,
+                   "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5, 1.0, 1.5, 2.0, 2.5],
+                                    "long_factor": [4.0, 3.0, 2.0, 1.0, 4.0, 3.0, 2.0, 1.0]}}"#,
+    },
+];
+
 /// The `unlearn` binary built for these tests.
 pub fn unlearn_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_unlearn"))
