@@ -37,7 +37,7 @@ impl ParamSpec {
 }
 
 /// What the forward does with a weight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Slot {
     Embed,
     FinalNorm,

@@ -104,6 +104,40 @@ pub const FAMILY_CASES: &[Case] = &[
     },
 ];
 
+/// Three token sequences of lengths 11, 7 and 3, padded with 0 to 11 tokens; left or right aligned.
+pub fn padded_batch(vocab: i64, left: bool) -> (tch::Tensor, tch::Tensor) {
+    let lens = [11i64, 7, 3];
+    let t = 11;
+    let mut ids = vec![0i64; 3 * t as usize];
+    let mut mask = vec![0i64; 3 * t as usize];
+    for (r, &len) in lens.iter().enumerate() {
+        for j in 0..len {
+            let col = if left { t - len + j } else { j };
+            let idx = r * t as usize + col as usize;
+            ids[idx] = 3 + (r as i64 * 37 + j * 11) % (vocab - 3);
+            mask[idx] = 1;
+        }
+    }
+    (tch::Tensor::from_slice(&ids).view([3, t]), tch::Tensor::from_slice(&mask).view([3, t]))
+}
+
+/// transformers' logits (through `hf_ref.py logits`) for a batch, with explicit positions if given.
+pub fn hf_logits(model_dir: &std::path::Path, ids: &tch::Tensor, mask: &tch::Tensor, pos: Option<&tch::Tensor>, dtype: &str) -> tch::Tensor {
+    let dir = model_dir.parent().unwrap();
+    let inp = dir.join(format!("inputs-{dtype}.safetensors"));
+    let out = dir.join(format!("logits-{dtype}.safetensors"));
+    let mut named = vec![("input_ids", ids.shallow_clone()), ("attention_mask", mask.shallow_clone())];
+    if let Some(p) = pos {
+        named.push(("position_ids", p.shallow_clone()));
+    }
+    tch::Tensor::write_safetensors(&named, &inp).unwrap();
+    run_py(
+        "hf_ref.py",
+        &["logits", "--model", model_dir.to_str().unwrap(), "--inputs", inp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--dtype", dtype],
+    );
+    tch::Tensor::read_safetensors(&out).unwrap().remove(0).1
+}
+
 /// The `unlearn` binary built for these tests.
 pub fn unlearn_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_unlearn"))
