@@ -138,6 +138,17 @@ pub fn hf_logits(model_dir: &std::path::Path, ids: &tch::Tensor, mask: &tch::Ten
     tch::Tensor::read_safetensors(&out).unwrap().remove(0).1
 }
 
+/// transformers' greedy `generate` of each prompt alone (through `hf_ref.py generate`), EOS cut.
+pub fn hf_generate(model_dir: &Path, prompts: &[Vec<i64>], max_new_tokens: usize) -> Vec<Vec<i64>> {
+    let tmp = tempfile::tempdir().unwrap();
+    let (pfile, ofile) = (tmp.path().join("prompts.json"), tmp.path().join("hf.json"));
+    std::fs::write(&pfile, serde_json::to_string(prompts).unwrap()).unwrap();
+    let n = max_new_tokens.to_string();
+    let args = ["generate", "--model", model_dir.to_str().unwrap(), "--prompts", pfile.to_str().unwrap(), "--out", ofile.to_str().unwrap(), "--max-new-tokens", &n];
+    run_py("hf_ref.py", &args);
+    serde_json::from_str(&std::fs::read_to_string(&ofile).unwrap()).unwrap()
+}
+
 /// The `unlearn` binary built for these tests.
 pub fn unlearn_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_unlearn"))
