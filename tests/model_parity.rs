@@ -75,7 +75,8 @@ fn family_switches_are_read_from_config_json() {
 
 /// Greedy generation through the KV cache (batched, left-padded) equals transformers' `generate`
 /// one prompt at a time, and our uncached recomputation; prompts plus generations run past the
-/// sliding windows and, for Phi-3, across longrope's switch to the long factors.
+/// sliding windows and, for Phi-3, across longrope's switch to the long factors (prompt 13 + 24
+/// new tokens > 32 original positions).
 #[test]
 fn family_cached_greedy_generation_equals_transformers_generate() {
     // One case per family, each with its window or longrope switch inside the generated span.
@@ -96,8 +97,12 @@ fn family_cached_greedy_generation_equals_transformers_generate() {
         // matches transformers' one-prompt generate.
         let batch = if loaded.config.rope_longrope.is_some() { 1 } else { 3 };
         let ours = greedy_all(&loaded.model, &prompts, 24, &eos, 0, batch, "gen");
-        for (p, g) in prompts.iter().zip(&ours) {
-            assert_eq!(g, &greedy_uncached(&loaded.model, p, 24, &eos), "{}: cached vs uncached for prompt {p:?}", case.name);
+        // Past the switch, a cache holds keys rotated with the short factors while a recomputation
+        // rotates them all with the long ones (so does transformers); only the cache is compared.
+        if loaded.config.rope_longrope.is_none() {
+            for (p, g) in prompts.iter().zip(&ours) {
+                assert_eq!(g, &greedy_uncached(&loaded.model, p, 24, &eos), "{}: cached vs uncached for prompt {p:?}", case.name);
+            }
         }
         let hf = hf_generate(&dir, &prompts, 24);
         let n: usize = ours.iter().map(Vec::len).sum();

@@ -283,8 +283,8 @@ impl Llama {
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
         let (mut cos, mut sin) = (emb.cos(), emb.sin());
         if let Some(r) = &self.cfg.rope_longrope {
-            cos = cos * r.attention_factor;
-            sin = sin * r.attention_factor;
+            cos *= r.attention_factor;
+            sin *= r.attention_factor;
         }
         let kind = self.kind();
         // An explicit mask only when needed: padding present, cached keys before the queries, or
