@@ -264,7 +264,7 @@ fn qwen2_qwen3_and_phi3_ggufs_round_trip() {
         let f32_names = made["f32_tensors"].to_string();
         let orig = format!("{}.orig.safetensors", gguf.display());
         let r = check_weights(&gguf, &dir, &["--orig", &orig, "--exact", &f32_names]);
-        assert!(r["orig_compared"].as_i64().unwrap() >= 10, "{arch}: {r}");
+        assert!(r["orig_compared"].as_i64().unwrap() >= 9, "{arch}: {r}");
         assert_eq!(r["orig_max_abs_diff"].as_f64().unwrap(), 0.0, "{arch}: F32 tensors changed on the way GGUF -> HF");
         let loaded = load_model(&dir, tch::Kind::Float, tch::Device::Cpu).unwrap();
         assert_eq!(loaded.config.family.model_type(), arch);

@@ -23,7 +23,9 @@
 //! In fp16 the norms and the softmax (mask added) run in fp32 between `Cast`s. Fused projections
 //! are one `Gemm` followed by a `Split`, as transformers slices them. A sliding window is a second
 //! additive mask, built once and used by the windowed layers; the graph applies it at any length,
-//! so the export is exact beyond the window too.
+//! so the export is exact beyond the window too. Longrope's switch is computed from the largest
+//! position of each run; a client's KV cache filled before the switch keeps short-factor keys,
+//! whereas transformers (and `model::llama`) recompute the cache there.
 
 use std::collections::HashMap;
 

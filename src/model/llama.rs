@@ -32,10 +32,15 @@ pub struct AttnCtx {
     window_mask_b1st: Option<Tensor>,
 }
 
-/// Keys and values of the tokens seen so far, per layer: `[b, g, t, e]`.
+/// Keys and values of the tokens seen so far, per layer: `[b, g, t, e]`; and the token ids and
+/// positions they came from, `[b, t]`, so that a model with longrope can recompute them all when
+/// a forward switches to the long factors (transformers' Phi-3 generation drops its cache there).
 #[derive(Default)]
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
+    seen: Option<(Tensor, Tensor)>,
+    /// The keys were rotated with longrope's long factors.
+    long_rope: bool,
 }
 
 impl KvCache {
@@ -51,7 +56,7 @@ impl KvCache {
     }
     /// Keep only the batch rows in `idx` (used when finished sequences leave a generation batch).
     pub fn select_rows(&mut self, idx: &Tensor) {
-        for (k, v) in self.layers.iter_mut() {
+        for (k, v) in self.layers.iter_mut().chain(self.seen.as_mut()) {
             *k = k.index_select(0, idx);
             *v = v.index_select(0, idx);
         }
@@ -225,6 +230,22 @@ impl Llama {
     /// Final hidden states (before the last norm) of an incremental forward.
     fn hidden_cached(&self, input_ids: &Tensor, attention_mask: &Tensor, position_ids: &Tensor, cache: &mut KvCache) -> Tensor {
         let (b, s) = (input_ids.size()[0], input_ids.size()[1]);
+        let long_rope = self.long_rope(position_ids);
+        if !cache.is_empty() && long_rope != cache.long_rope {
+            // Keys rotated with the other longrope factors cannot be mixed with these: start over
+            // from every token seen, as transformers' Phi-3 `prepare_inputs_for_generation` does.
+            let (ids, pos) = cache.seen.take().expect("a filled cache knows its tokens");
+            *cache = KvCache::new();
+            let all_ids = Tensor::cat(&[&ids, input_ids], 1);
+            let all_pos = Tensor::cat(&[&pos, position_ids], 1);
+            let x = self.hidden_cached(&all_ids, attention_mask, &all_pos, cache);
+            return x.narrow(1, all_ids.size()[1] - s, s);
+        }
+        cache.long_rope = long_rope;
+        cache.seen = Some(match cache.seen.take() {
+            None => (input_ids.shallow_clone(), position_ids.shallow_clone()),
+            Some((ids, pos)) => (Tensor::cat(&[&ids, input_ids], 1), Tensor::cat(&[&pos, position_ids], 1)),
+        });
         let ctx = self.attn_ctx(s, cache.len(), Some(attention_mask), Some(position_ids), b);
         let mut x = self.embed(input_ids);
         let fresh = cache.layers.is_empty();
@@ -272,10 +293,8 @@ impl Llama {
             Some(p) => p.shallow_clone(),
             None => Tensor::arange_start(past, past + s, (Kind::Int64, dev)).unsqueeze(0).expand([batch, s], false),
         };
-        // Longrope switches every position of a forward to the long factors once any position
-        // reaches past the original context (transformers' `dynamic_rope_update`).
-        let inv_freq = match (&self.long_inv_freq, &self.cfg.rope_longrope) {
-            (Some(long), Some(r)) if pos_bs.max().int64_value(&[]) + 1 > r.original_max_position_embeddings => long,
+        let inv_freq = match &self.long_inv_freq {
+            Some(long) if self.long_rope(&pos_bs) => long,
             _ => &self.inv_freq,
         };
         // freqs[b, s, j] = pos * inv_freq[j], in fp32 as transformers does (autocast off).
@@ -299,6 +318,12 @@ impl Llama {
         let mask_b1st = (has_padding || past > 0).then(|| causal_padding_mask(&full(), s));
         let window_mask_b1st = window.map(|w| causal_window_mask(&full(), s, Some(w)));
         AttnCtx { cos_bsr: cos.to_kind(kind), sin_bsr: sin.to_kind(kind), mask_b1st, window_mask_b1st }
+    }
+
+    /// Longrope switches every position of a forward to the long factors once any position
+    /// reaches past the original context (transformers' `dynamic_rope_update`).
+    fn long_rope(&self, pos_bs: &Tensor) -> bool {
+        self.cfg.rope_longrope.as_ref().is_some_and(|r| pos_bs.max().int64_value(&[]) + 1 > r.original_max_position_embeddings)
     }
 
     /// One transformer block, `[b, s, d]` → `[b, s, d]` (no cache).
