@@ -13,5 +13,8 @@ if [ ! -d "$UNLEARN_SHARED/data/tofu" ]; then
   echo "test data not found: $UNLEARN_SHARED/data (set UNLEARN_SHARED to the shared/ directory)" >&2
   exit 1
 fi
+# Lint gate first (release profile, so the dependencies built by setup.sh are reused): any
+# warning fails the run.
+cargo clippy --release --all-targets -- -D warnings
 # Release profile: the binary and the dependencies built by setup.sh are reused.
 cargo test --release --no-fail-fast "$@"

@@ -24,25 +24,43 @@ use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::data::loader::LoaderState;
+use crate::data::loader::{Loader, LoaderState};
 use crate::dist::zero::FlatLayout;
 use crate::dist::Collective;
 use crate::error::{Error, IoContext, Result};
 use crate::methods::autolr::AutoLr;
-use crate::model::weights::{publish_dir, tensor_bytes, write_atomic};
+use crate::methods::{Method, Objective};
+use crate::model::weights::{publish_dir, write_atomic, SafetensorsFile};
+use crate::optim::Optimizer;
 
-/// What a trainer hands over to be saved.
-pub struct State {
+/// The parts of a run a checkpoint holds, borrowed from the trainer: saved from them, restored
+/// into them.
+pub struct Parts<'a> {
     pub step: u64,
-    pub world: usize,
-    pub layout: FlatLayout,
-    /// Flat shard tensors by name (all of length `layout.shard_len()`).
-    pub tensors: Vec<(String, Tensor)>,
-    pub optim_scalars: serde_json::Value,
-    pub forget: Option<LoaderState>,
-    pub retain: Option<LoaderState>,
-    pub autolr: Option<AutoLr>,
-    pub method: String,
+    pub method_name: &'static str,
+    pub layout: &'a FlatLayout,
+    /// This rank's shard of `layout`.
+    pub shard: usize,
+    /// The fp32 master shard (`master`).
+    pub master: &'a mut Tensor,
+    /// Optimizer state shards (`optim.*`) and scalars.
+    pub optim: &'a mut dyn Optimizer,
+    /// The EMA teacher shard (`teacher`) and AutoLR, where the method has them.
+    pub method: &'a mut dyn Method,
+    /// Sampler positions, by objective.
+    pub loaders: Vec<(Objective, &'a mut Loader)>,
+}
+
+impl Parts<'_> {
+    fn loader_state(&self, obj: Objective) -> Option<LoaderState> {
+        self.loaders.iter().find(|(o, _)| *o == obj).map(|(_, l)| l.state())
+    }
+}
+
+/// What is written: flat shard tensors by name (all of length `layout.shard_len()`) and meta.json.
+struct State {
+    tensors: Vec<(String, Tensor)>,
+    meta: Meta,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,12 +85,69 @@ fn shard_file(shard: usize, shards: usize) -> String {
     format!("shard-{shard:05}-of-{shards:05}.safetensors")
 }
 
-/// Save `state` under `root/step-N` (collective: every rank calls it).
-pub fn save(root: &Path, state: &State, comm: &dyn Collective, keep: usize) -> Result<PathBuf> {
-    let final_dir = step_dir(root, state.step);
-    let tmp = root.join(format!("step-{:06}.tmp", state.step));
+/// Save the run's `parts` under `root/step-N` and keep the last `keep` checkpoints (collective:
+/// every rank calls it).
+pub fn save(root: &Path, parts: &mut Parts, comm: &dyn Collective, keep: usize) -> Result<PathBuf> {
+    let mut tensors = vec![("master".to_string(), parts.master.shallow_clone())];
+    for (n, t) in parts.optim.state() {
+        tensors.push((format!("optim.{n}"), t));
+    }
+    if let Some(t) = parts.method.teacher_shard() {
+        tensors.push(("teacher".to_string(), t.shallow_clone()));
+    }
+    let meta = Meta {
+        step: parts.step,
+        world: comm.world(),
+        layout: parts.layout.clone(),
+        tensors: tensors.iter().map(|(n, _)| n.clone()).collect(),
+        optim_scalars: parts.optim.scalars(),
+        forget: parts.loader_state(Objective::Forget),
+        retain: parts.loader_state(Objective::Retain),
+        autolr: parts.method.autolr().cloned(),
+        method: parts.method_name.to_string(),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    save_state(root, &State { tensors, meta }, comm, keep)
+}
+
+/// Restore `parts` from the checkpoint in `dir` (written at any world size); returns its step.
+pub fn restore(dir: &Path, parts: &mut Parts) -> Result<u64> {
+    let ck = Loaded::open(dir)?;
+    if ck.meta.method != parts.method_name {
+        return Err(crate::other!("{}: checkpoint of method `{}`, config says `{}`", dir.display(), ck.meta.method, parts.method_name));
+    }
+    let (layout, rank) = (parts.layout, parts.shard);
+    ck.read_shard("master", layout, rank, parts.master)?;
+    let mut optim_tensors = vec![];
+    for n in ck.tensor_names().into_iter().filter(|n| n.starts_with("optim.")) {
+        let mut t = Tensor::zeros([layout.shard_len()], (Kind::Float, parts.master.device()));
+        ck.read_shard(&n, layout, rank, &mut t)?;
+        optim_tensors.push((n.trim_start_matches("optim.").to_string(), t));
+    }
+    parts.optim.restore(optim_tensors, &ck.meta.optim_scalars)?;
+    if let Some(t) = parts.method.teacher_shard_mut() {
+        ck.read_shard("teacher", layout, rank, t)?;
+    }
+    for (obj, loader) in &mut parts.loaders {
+        let saved = match obj {
+            Objective::Forget => ck.meta.forget,
+            Objective::Retain => ck.meta.retain,
+        };
+        if let Some(s) = saved {
+            loader.restore(s);
+        }
+    }
+    if let (Some(a), Some(saved)) = (parts.method.autolr(), ck.meta.autolr.clone()) {
+        *a = saved;
+    }
+    Ok(ck.meta.step)
+}
+
+fn save_state(root: &Path, state: &State, comm: &dyn Collective, keep: usize) -> Result<PathBuf> {
+    let final_dir = step_dir(root, state.meta.step);
+    let tmp = root.join(format!("step-{:06}.tmp", state.meta.step));
     let rank = comm.rank();
-    let shards = state.layout.shards;
+    let shards = state.meta.layout.shards;
     if rank == 0 {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).at(&tmp)?;
@@ -86,21 +161,9 @@ pub fn save(root: &Path, state: &State, comm: &dyn Collective, keep: usize) -> R
         write_safetensors(&path, &state.tensors)?;
     }
     comm.barrier()?;
-    fault_injection_stall(state.step);
+    fault_injection_stall(state.meta.step);
     if rank == 0 {
-        let meta = Meta {
-            step: state.step,
-            world: state.world,
-            layout: state.layout.clone(),
-            tensors: state.tensors.iter().map(|(n, _)| n.clone()).collect(),
-            optim_scalars: state.optim_scalars.clone(),
-            forget: state.forget,
-            retain: state.retain,
-            autolr: state.autolr.clone(),
-            method: state.method.clone(),
-            tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        };
-        let text = serde_json::to_string_pretty(&meta).expect("meta serializes");
+        let text = serde_json::to_string_pretty(&state.meta).expect("meta serializes");
         write_atomic(&tmp.join("meta.json"), text.as_bytes())?;
         publish_dir(&tmp, &final_dir)?;
         write_atomic(&root.join("latest"), final_dir.file_name().unwrap().to_string_lossy().as_bytes())?;
@@ -155,31 +218,16 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
     Ok(Some(dir))
 }
 
-/// Stream `(name, flat tensor)` pairs into one safetensors file as f32, fsynced; each tensor is
+/// Write `(name, flat tensor)` pairs into one fp32 safetensors file, fsynced; each tensor is
 /// brought to the host only when its turn comes.
 fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    use std::io::Write;
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for (n, t) in tensors {
-        let bytes = t.numel() * 4;
-        header.insert(n.clone(), serde_json::json!({"dtype": "F32", "shape": [t.numel()], "data_offsets": [offset, offset + bytes]}));
-        offset += bytes;
-    }
-    let mut text = serde_json::to_string(&serde_json::Value::Object(header)).expect("header serializes");
-    while text.len() % 8 != 0 {
-        text.push(' ');
-    }
-    let file = std::fs::File::create(path).at(path)?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
-    w.write_all(&(text.len() as u64).to_le_bytes()).at(path)?;
-    w.write_all(text.as_bytes()).at(path)?;
+    let shapes: Vec<[i64; 1]> = tensors.iter().map(|(_, t)| [t.numel() as i64]).collect();
+    let entries: Vec<(&str, &[i64])> = tensors.iter().zip(&shapes).map(|((n, _), s)| (n.as_str(), &s[..])).collect();
+    let mut file = SafetensorsFile::create(path, &entries, Kind::Float, None)?;
     for (_, t) in tensors {
-        let host = t.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous();
-        w.write_all(tensor_bytes(&host)).at(path)?;
+        file.write(t)?;
     }
-    let file = w.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
-    file.sync_all().at(path)
+    file.finish()
 }
 
 /// An opened checkpoint.

@@ -13,6 +13,7 @@ pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod gguf;
 pub mod methods;
 pub mod model;
 pub mod optim;

@@ -20,6 +20,8 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once at start-up: the size of the largest variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Fine-tune or unlearn as a TOML config says (resumable; run under mpirun for several ranks).

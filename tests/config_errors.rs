@@ -127,3 +127,13 @@ fn resolved_config_round_trips_for_every_method() {
         assert_eq!(cfg.to_toml(), again.to_toml(), "{m}");
     }
 }
+
+#[test]
+fn a_global_clip_is_refused_for_a_method_that_clips_itself() {
+    let f = fixture();
+    // Mean teacher clips its own update and scales its EMA rate by the same factor (issue 14).
+    expect_err(&f, &base(&f, "mean-teacher"), &["optim.clip_norm=1.0"], &["optim.clip_norm", "mean-teacher", "method.clip"]);
+    // Zero is "off", and other methods take a global clip.
+    load(&f, &base(&f, "mean-teacher"), &["optim.clip_norm=0"]).unwrap();
+    load(&f, &base(&f, "ngdiff"), &["optim.clip_norm=1.0"]).unwrap();
+}

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::model::gguf_import::import_gguf;
+use crate::gguf::import_gguf;
 use crate::Result;
 
 #[derive(clap::Args, Debug)]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use toml::Table;
 
-use crate::config::{apply_overrides, RunConfig};
+use crate::config::{apply_overrides, parse_choice, Choice, DeviceChoice, Dtype, OptimName, RunConfig, TeacherMode, Trainable};
 use crate::model::Config;
 use crate::plan::{estimate, rss, Device, PlanInput, CUDA_NON_TENSOR_GIB, GIB};
 use crate::Result;
@@ -67,15 +67,15 @@ pub struct PlanArgs {
     /// Number of ranks (processes, one per GPU).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub world_size: u64,
-    /// finetune, ga, graddiff, npo, ngdiff or mean-teacher.
-    #[arg(long)]
+    /// Method (method.name), one of the registered methods.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::methods::NAMES))]
     pub method: Option<String>,
     /// ZeRO stage (dist.zero): 0, 1, 2 or 3.
     #[arg(long)]
     pub zero: Option<u8>,
-    /// Compute dtype (model.dtype) [default without --config: bf16 on cuda, fp32 on cpu].
-    #[arg(long, value_parser = ["bf16", "fp32"])]
-    pub dtype: Option<String>,
+    /// Compute dtype (model.dtype): bf16 or fp32 [default without --config: bf16 on cuda, fp32 on cpu].
+    #[arg(long, value_parser = parse_choice::<Dtype>)]
+    pub dtype: Option<Dtype>,
     /// Memory budget per rank in GiB [default: 80 on cuda; this machine's memory / world size on cpu].
     #[arg(long, alias = "mem-gib")]
     pub gpu_mem_gib: Option<f64>,
@@ -88,18 +88,18 @@ pub struct PlanArgs {
     /// Recompute layers in backward (train.recompute); `--recompute false` turns it off.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub recompute: Option<bool>,
-    /// Mean teacher's teacher: a compute-dtype replica, or gathered per layer (dist.teacher).
-    #[arg(long, value_parser = ["replica", "gather"])]
-    pub teacher: Option<String>,
-    /// Trainable set (model.trainable).
-    #[arg(long, value_parser = ["matrices", "all"])]
-    pub trainable: Option<String>,
-    /// Optimizer (optim.name) [default: adamw; sgd is planned with momentum].
-    #[arg(long, value_parser = ["adamw", "sgd"])]
-    pub optim: Option<String>,
+    /// Mean teacher's teacher: a compute-dtype `replica`, or `gather`ed per layer (dist.teacher).
+    #[arg(long, value_parser = parse_choice::<TeacherMode>)]
+    pub teacher: Option<TeacherMode>,
+    /// Trainable set (model.trainable): matrices or all.
+    #[arg(long, value_parser = parse_choice::<Trainable>)]
+    pub trainable: Option<Trainable>,
+    /// Optimizer (optim.name): adamw or sgd [default: adamw; sgd is planned with momentum].
+    #[arg(long, value_parser = parse_choice::<OptimName>)]
+    pub optim: Option<OptimName>,
     /// Device the ranks run on (model.device; `auto` in a config is planned as cuda) [default: cuda].
-    #[arg(long, value_parser = ["cuda", "cpu"])]
-    pub device: Option<String>,
+    #[arg(long, value_enum)]
+    pub device: Option<Device>,
     /// Print the plan as JSON.
     #[arg(long)]
     pub json: bool,
@@ -107,6 +107,21 @@ pub struct PlanArgs {
 
 fn toml_str(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
+}
+
+/// A choice as the TOML string of a `--set` override.
+fn toml_choice(c: impl Choice) -> String {
+    format!("{:?}", c.name())
+}
+
+impl Device {
+    /// The `model.device` a plan device stands for.
+    fn choice(self) -> DeviceChoice {
+        match self {
+            Device::Cuda => DeviceChoice::Cuda,
+            Device::Cpu => DeviceChoice::Cpu,
+        }
+    }
 }
 
 /// Run `unlearn plan`; returns the text to print (a table, or JSON).
@@ -145,21 +160,19 @@ pub fn run(args: &PlanArgs) -> Result<String> {
         set("dist.zero", z.to_string());
     }
     // Without a config: bf16 on cuda (the 7B recipes), fp32 on cpu.
-    let device_flag = args.device.clone().or_else(|| args.config.is_none().then(|| "cuda".to_string()));
-    if let Some(d) = &device_flag {
-        set("model.device", format!("{d:?}"));
+    let device_flag = args.device.or_else(|| args.config.is_none().then_some(Device::Cuda));
+    if let Some(d) = device_flag {
+        set("model.device", toml_choice(d.choice()));
     }
-    let dtype_flag = args.dtype.clone().or_else(|| {
-        args.config.is_none().then(|| if device_flag.as_deref() == Some("cpu") { "fp32" } else { "bf16" }.to_string())
-    });
-    if let Some(d) = &dtype_flag {
-        set("model.dtype", format!("{d:?}"));
+    let dtype_flag = args.dtype.or_else(|| args.config.is_none().then_some(if device_flag == Some(Device::Cpu) { Dtype::Fp32 } else { Dtype::Bf16 }));
+    if let Some(d) = dtype_flag {
+        set("model.dtype", toml_choice(d));
     }
-    if let Some(t) = &args.trainable {
-        set("model.trainable", format!("{t:?}"));
+    if let Some(t) = args.trainable {
+        set("model.trainable", toml_choice(t));
     }
-    if let Some(t) = &args.teacher {
-        set("dist.teacher", format!("{t:?}"));
+    if let Some(t) = args.teacher {
+        set("dist.teacher", toml_choice(t));
     }
     if let Some(r) = args.recompute {
         set("train.recompute", r.to_string());
@@ -172,14 +185,14 @@ pub fn run(args: &PlanArgs) -> Result<String> {
         (None, false) => set("train.batch_size", world.to_string()),
         (None, true) => {}
     }
-    match (&args.optim, args.config.is_some()) {
+    match (args.optim, args.config.is_some()) {
         (Some(o), _) => {
-            set("optim.name", format!("{o:?}"));
-            if o == "sgd" && args.config.is_none() {
+            set("optim.name", toml_choice(o));
+            if o == OptimName::Sgd && args.config.is_none() {
                 set("optim.momentum", "0.9".into());
             }
         }
-        (None, false) => set("optim.name", "\"adamw\"".into()),
+        (None, false) => set("optim.name", toml_choice(OptimName::AdamW)),
         (None, true) => {}
     }
     let (model_cfg, model_name) = match (args.preset, &args.model) {
@@ -211,7 +224,10 @@ pub fn run(args: &PlanArgs) -> Result<String> {
             (Config::from_file(&path)?, cfg.model.path.display().to_string())
         }
     };
-    let device = if cfg.model.device == "cpu" { Device::Cpu } else { Device::Cuda };
+    let device = match cfg.model.device {
+        DeviceChoice::Cpu => Device::Cpu,
+        DeviceChoice::Cuda | DeviceChoice::Auto => Device::Cuda,
+    };
     let budget_gib = match (args.gpu_mem_gib, device) {
         (Some(g), _) => g,
         (None, Device::Cuda) => 80.0,
@@ -232,7 +248,7 @@ pub fn run(args: &PlanArgs) -> Result<String> {
         text += "note: cpu figures assume freed tensors go back to the OS (the binary pins glibc's mmap threshold to 1 MiB); \
                  with glibc's adaptive threshold peaks were measured up to 1.45x higher\n";
     }
-    if cfg.model.device == "auto" && args.device.is_none() {
+    if cfg.model.device == DeviceChoice::Auto && args.device.is_none() {
         text += "note: model.device = auto is planned as cuda (pass --device cpu for a CPU run)\n";
     }
     Ok(text + &plan.render())

@@ -10,7 +10,8 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::eval::plots::{metrics_svg, read_metrics_jsonl, training_svg};
-use crate::eval::report::{metric_union, render_comparison, stage_dir, Report};
+use crate::eval::outputs::stage_dir;
+use crate::eval::report::{metric_union, render_comparison, Report};
 use crate::model::weights::write_atomic;
 
 #[derive(clap::Args, Debug)]

@@ -33,8 +33,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         overrides.push(format!("train.out_dir={:?}", dir.display().to_string()));
     }
     let cfg = RunConfig::load(&config_path, &overrides)?;
-    let device = dist::rank_device(crate::model::parse_device(&cfg.model.device)?);
-    let comm = dist::init(&cfg.dist.backend, device)?;
+    let device = cfg.model.device.resolve()?;
+    let comm = dist::init_backend(cfg.dist.backend, device)?;
     dist::set_cpu_threads();
     let out = cfg.train.out_dir.clone();
     let ckpt_root = out.join("checkpoints");
@@ -59,25 +59,25 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     comm.barrier()?;
 
-    let mut trainer = Trainer::new(cfg, comm.clone())?;
+    let mut trainer = Trainer::new(&cfg, comm.clone(), device)?;
     let metrics = out.join("metrics.jsonl");
     if let Some(dir) = &resume_from {
         trainer.restore(dir)?;
         if rank == 0 {
-            tracing::info!("resumed from {} at step {}", dir.display(), trainer.step);
-            truncate_metrics(&metrics, trainer.step)?;
+            tracing::info!("resumed from {} at step {}", dir.display(), trainer.step());
+            truncate_metrics(&metrics, trainer.step())?;
         }
     } else if rank == 0 && metrics.exists() {
         std::fs::remove_file(&metrics).map_err(|e| crate::Error::io(&metrics, e))?;
     }
 
-    let total = trainer.cfg.train.steps;
-    let every = trainer.cfg.train.checkpoint_every;
-    let keep = trainer.cfg.train.keep_checkpoints;
-    let log_every = trainer.cfg.train.log_every;
+    let total = cfg.train.steps;
+    let every = cfg.train.checkpoint_every;
+    let keep = cfg.train.keep_checkpoints;
+    let log_every = cfg.train.log_every;
     let bar = Progress::new(total, "train");
-    bar.inc(trainer.step.min(total));
-    while trainer.step < total {
+    bar.inc(trainer.step().min(total));
+    while trainer.step() < total {
         let log = trainer.train_step()?;
         if rank == 0 {
             append_metrics(&metrics, &log)?;
@@ -87,24 +87,22 @@ pub fn run(args: &RunArgs) -> Result<()> {
         }
         bar.inc(1);
         if every > 0 && log.step % every == 0 && log.step < total {
-            let state = trainer.checkpoint_state();
-            let dir = checkpoint::save(&ckpt_root, &state, &**trainer.comm(), keep)?;
+            let dir = trainer.save_checkpoint(&ckpt_root, keep)?;
             if rank == 0 {
                 tracing::info!("checkpoint {}", dir.display());
             }
         }
     }
     bar.finish();
-    let final_ckpt = checkpoint::step_dir(&ckpt_root, trainer.step);
+    let final_ckpt = checkpoint::step_dir(&ckpt_root, trainer.step());
     if !final_ckpt.join("meta.json").exists() {
-        let state = trainer.checkpoint_state();
-        checkpoint::save(&ckpt_root, &state, &**trainer.comm(), keep)?;
+        trainer.save_checkpoint(&ckpt_root, keep)?;
     }
     let final_dir = out.join("final");
     trainer.save_final(&final_dir)?;
     if rank == 0 {
         let rss = crate::plan::rss::peak_rss_bytes().map_or(String::new(), |b| format!(", peak RSS {} MiB on rank 0", b >> 20));
-        tracing::info!("done: {} steps, model in {}{rss}", trainer.step, final_dir.display());
+        tracing::info!("done: {} steps, model in {}{rss}", trainer.step(), final_dir.display());
     }
     Ok(())
 }

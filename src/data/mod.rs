@@ -2,7 +2,6 @@
 
 pub mod batch;
 pub mod formats;
-pub mod gguf_tokenizer;
 pub mod loader;
 pub mod tokenizer;
 

@@ -28,14 +28,123 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use super::benchmark::{Benchmark, BenchmarkArgs, Description, ModelFacts, Outcome};
+use super::context::EvalCtx;
 use super::data::{index_field, read_objects, read_qa, read_texts, str_field, str_list_field, take};
 use super::metrics::{muse_auc, privleak, MinKRounding, RougeScorer, AUC_RETRAIN_BOOKS, AUC_RETRAIN_NEWS};
 use super::report::{python_mean, Metric, SampleRow};
-use super::shard::EvalCtx;
 use super::score::summarize;
 use super::text::{cut_at_stops, decode, keep_last_tokens, leading_specials, KNOWMEM_STOPS};
 use crate::data::batch::Example;
 use crate::error::{Error, Result};
+
+/// `unlearn eval muse` options.
+#[derive(clap::Args, Debug)]
+pub struct MuseArgs {
+    /// Corpus directory, e.g. ../shared/data/muse/news (verbmem/, knowmem/, privleak/).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// MMLU subsample directory [default: DATA/../mmlu_subsample].
+    #[arg(long)]
+    pub mmlu: Option<PathBuf>,
+    /// Parts to run (comma separated); a requested part with missing files is an error.
+    /// Default: every part whose files exist (the others are skipped with a note).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub parts: Option<Vec<Part>>,
+    /// Which code's choices to follow where MUSE's original and open-unlearning differ.
+    #[arg(long, value_enum, default_value_t = Variant::Muse)]
+    pub variant: Variant,
+    /// Corpus, for the PrivLeak reference AUC constant [default: from the data directory name].
+    #[arg(long, value_enum)]
+    pub corpus: Option<Corpus>,
+    /// Reference (retrained model) AUC for PrivLeak.
+    #[arg(long, conflicts_with = "retain_model")]
+    pub retain_auc: Option<f64>,
+    /// Retained model whose forget-vs-holdout AUC, measured now, is the PrivLeak reference.
+    #[arg(long)]
+    pub retain_model: Option<PathBuf>,
+    /// Use only the first N samples of every split.
+    #[arg(long)]
+    pub max_samples: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens_verbmem: usize,
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens_knowmem: usize,
+    #[arg(long, default_value_t = 4)]
+    pub max_new_tokens_mmlu: usize,
+    /// Keep only the last N tokens of long generation prompts (leading BOS kept). Not in MUSE.
+    #[arg(long)]
+    pub max_prompt_tokens: Option<usize>,
+    /// Cut PrivLeak texts after N tokens [default: none; 2048 with --variant open-unlearning].
+    #[arg(long)]
+    pub max_text_tokens: Option<usize>,
+}
+
+impl BenchmarkArgs for MuseArgs {
+    fn retain_model(&self) -> Option<&Path> {
+        self.retain_model.as_deref()
+    }
+
+    fn prepare(&self, _model: &ModelFacts) -> Result<Box<dyn Benchmark>> {
+        let opts = MuseOptions {
+            mmlu: self.mmlu.clone().unwrap_or_else(|| self.data.join("../mmlu_subsample")),
+            data: self.data.clone(),
+            parts: self.parts.clone(),
+            variant: self.variant,
+            max_samples: self.max_samples,
+            max_new_tokens_verbmem: self.max_new_tokens_verbmem,
+            max_new_tokens_knowmem: self.max_new_tokens_knowmem,
+            max_new_tokens_mmlu: self.max_new_tokens_mmlu,
+            max_prompt_tokens: self.max_prompt_tokens,
+            max_text_tokens: self.max_text_tokens.or((self.variant == Variant::OpenUnlearning).then_some(2048)),
+        };
+        let data = load_data(&opts)?;
+        let mut muse = Muse { opts, data, reference: None, retain_model: None, notes: vec![] };
+        match (self.retain_auc, &self.retain_model, muse.data.privleak.is_some()) {
+            (Some(v), _, _) => muse.reference = Some(AucReference { value: v, source: "given with --retain-auc".into() }),
+            (None, Some(dir), true) => muse.retain_model = Some(dir.clone()),
+            (None, Some(_), false) => muse.notes.push("--retain-model given but no PrivLeak data: the retain model was not evaluated".into()),
+            (None, None, _) => {
+                muse.reference = self.corpus.or_else(|| Corpus::from_dir(&self.data)).map(|corpus| AucReference {
+                    value: corpus.auc_retrain(),
+                    source: format!("MUSE constant AUC_RETRAIN[\"{}\"][\"forget_holdout_Min-40%\"] of the official retrained 7B model", corpus.name()),
+                })
+            }
+        }
+        Ok(Box::new(muse))
+    }
+}
+
+/// A MUSE evaluation with its data read.
+pub struct Muse {
+    pub opts: MuseOptions,
+    pub data: MuseData,
+    /// PrivLeak's reference AUC; measured on `retain_model` when that is set.
+    pub reference: Option<AucReference>,
+    pub retain_model: Option<PathBuf>,
+    /// Notes from setting up (before the data's own).
+    pub notes: Vec<String>,
+}
+
+impl Benchmark for Muse {
+    fn describe(&self) -> Description {
+        Description { name: "muse", variant: self.opts.variant.name(), data: self.opts.data.clone(), limits: self.opts.limits() }
+    }
+    fn reference_model(&self) -> Option<&Path> {
+        self.retain_model.as_deref()
+    }
+    fn measure_reference(&mut self, ctx: &EvalCtx) -> Result<()> {
+        let (Some(dir), Some((forget, holdout))) = (&self.retain_model, &self.data.privleak) else { return Ok(()) };
+        let (auc, _, _) = privleak_scores(ctx, forget, holdout, &self.opts, "retain privleak")?;
+        self.reference = Some(AucReference { value: auc, source: format!("forget-vs-holdout AUC of the retain model {}, measured with the same settings", dir.display()) });
+        Ok(())
+    }
+    fn evaluate(&self, ctx: &EvalCtx) -> Result<Outcome> {
+        let mut out = evaluate_parts(ctx, &self.data, &self.opts, self.reference.as_ref())?;
+        out.notes.splice(0..0, self.notes.iter().cloned());
+        Ok(out)
+    }
+}
 
 /// Which evaluation code to follow where MUSE's original and open-unlearning differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -269,28 +378,16 @@ pub struct AucReference {
     pub source: String,
 }
 
-/// Everything one MUSE evaluation produced.
-#[derive(Debug, Default)]
-pub struct MuseOutcome {
-    pub metrics: Vec<(String, Metric)>,
-    pub samples: Vec<SampleRow>,
-    pub notes: Vec<String>,
-    pub reference: Option<Value>,
-    pub timings_s: BTreeMap<String, f64>,
-}
-
-impl MuseOutcome {
-    /// Record a finished generation part: its metric, a note on truncated prompts, its time.
-    fn finish_part(&mut self, key: &str, metric: Metric, truncated: usize, o: &MuseOptions, started: Instant) {
-        self.metrics.push((key.into(), metric));
-        if truncated > 0 {
-            self.notes.push(format!(
-                "{key}: {truncated} prompt(s) longer than --max-prompt-tokens {} kept only their last tokens (MUSE never truncates)",
-                o.max_prompt_tokens.unwrap_or(0)
-            ));
-        }
-        self.timings_s.insert(key.into(), started.elapsed().as_secs_f64());
+/// Record a finished generation part: its metric, a note on truncated prompts, its time.
+fn finish_part(out: &mut Outcome, key: &str, metric: Metric, truncated: usize, o: &MuseOptions, started: Instant) {
+    out.metrics.push((key.into(), metric));
+    if truncated > 0 {
+        out.notes.push(format!(
+            "{key}: {truncated} prompt(s) longer than --max-prompt-tokens {} kept only their last tokens (MUSE never truncates)",
+            o.max_prompt_tokens.unwrap_or(0)
+        ));
     }
+    out.timings_s.insert(key.into(), started.elapsed().as_secs_f64());
 }
 
 /// Tokenize generation prompts with the tokenizer's specials, fitted to `--max-prompt-tokens`.
@@ -309,8 +406,8 @@ fn prompt_ids(ctx: &EvalCtx, prompts: &[String], o: &MuseOptions) -> Result<(Vec
 }
 
 /// Run every loaded part on `ctx`'s model.
-pub fn evaluate(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference: Option<&AucReference>) -> Result<MuseOutcome> {
-    let mut out = MuseOutcome { notes: data.notes.clone(), ..Default::default() };
+pub fn evaluate_parts(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference: Option<&AucReference>) -> Result<Outcome> {
+    let mut out = Outcome { notes: data.notes.clone(), ..Default::default() };
     let scorer = RougeScorer::new(o.variant.stem());
     let stem_txt = if o.variant.stem() { "with" } else { "no" };
     if let Some(rows) = &data.verbmem {
@@ -352,7 +449,7 @@ pub fn evaluate(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference: Opti
             f1s.len(),
             "lower",
         );
-        out.finish_part("verbmem_f", metric, cut, o, t);
+        finish_part(&mut out, "verbmem_f", metric, cut, o, t);
     }
     for (key, set, split) in [("knowmem_f", &data.knowmem_f, "D_forget"), ("knowmem_r", &data.knowmem_r, "D_retain")] {
         let Some(set) = set else { continue };
@@ -388,7 +485,7 @@ pub fn evaluate(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference: Opti
             f1s.len(),
             if key == "knowmem_f" { "lower" } else { "higher" },
         );
-        out.finish_part(key, metric, cut, o, t);
+        finish_part(&mut out, key, metric, cut, o, t);
     }
     if let Some((forget, holdout)) = &data.privleak {
         let t = Instant::now();
@@ -464,7 +561,7 @@ pub fn evaluate(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference: Opti
             correct.len(),
             "higher",
         );
-        out.finish_part("mmlu", metric, cut, o, t);
+        finish_part(&mut out, "mmlu", metric, cut, o, t);
     }
     Ok(out)
 }

@@ -2,8 +2,6 @@
 //! parameter layout and its weights on disk.
 
 pub mod config;
-pub mod gguf;
-pub mod gguf_import;
 pub mod layout;
 pub mod llama;
 pub mod weights;

@@ -209,7 +209,7 @@ pub struct HfWriter {
     /// For each shard: file name and the tensor names it holds, in order.
     plan: Vec<(String, Vec<String>)>,
     specs: BTreeMap<String, ParamSpec>,
-    current: Option<(usize, usize, BufWriter<File>)>, // (shard, tensor position, file)
+    current: Option<(usize, usize, SafetensorsFile)>, // (shard, tensor position, file)
     finished: bool,
 }
 
@@ -280,37 +280,15 @@ impl HfWriter {
         }
     }
 
-    fn open_shard(&self, shard: usize) -> Result<BufWriter<File>> {
+    fn open_shard(&self, shard: usize) -> Result<SafetensorsFile> {
         let (file, names) = &self.plan[shard];
-        let path = self.tmp.join(file);
-        let (dtype, elsize) = safetensors_dtype(self.kind)?;
-        let mut header = serde_json::Map::new();
-        let mut offset = 0usize;
-        for name in names {
-            let spec = &self.specs[name];
-            let bytes = spec.numel() as usize * elsize;
-            header.insert(
-                name.clone(),
-                serde_json::json!({"dtype": dtype, "shape": spec.shape, "data_offsets": [offset, offset + bytes]}),
-            );
-            offset += bytes;
-        }
-        header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
-        let mut text = serde_json::to_string(&Value::Object(header)).expect("header serializes");
-        while text.len() % 8 != 0 {
-            text.push(' '); // keep the data section 8-byte aligned, as the reference writer does
-        }
-        let mut w = BufWriter::with_capacity(1 << 22, File::create(&path).at(&path)?);
-        w.write_all(&(text.len() as u64).to_le_bytes()).at(&path)?;
-        w.write_all(text.as_bytes()).at(&path)?;
-        Ok(w)
+        let entries: Vec<(&str, &[i64])> = names.iter().map(|n| (n.as_str(), self.specs[n].shape.as_slice())).collect();
+        SafetensorsFile::create(&self.tmp.join(file), &entries, self.kind, Some(serde_json::json!({"format": "pt"})))
     }
 
     fn close_current(&mut self) -> Result<()> {
-        if let Some((shard, _, w)) = self.current.take() {
-            let path = self.tmp.join(&self.plan[shard].0);
-            let file = w.into_inner().map_err(|e| Error::io(&path, e.into_error()))?;
-            file.sync_all().at(&path)?;
+        if let Some((_, _, file)) = self.current.take() {
+            file.finish()?;
         }
         Ok(())
     }
@@ -336,13 +314,9 @@ impl HfWriter {
             let w = self.open_shard(shard)?;
             self.current = Some((shard, 0, w));
         }
-        let cpu = t.to_device(Device::Cpu).to_kind(self.kind).contiguous();
-        let bytes = tensor_bytes(&cpu);
-        let path = self.tmp.join(&self.plan[shard].0);
         let cur = self.current.as_mut().unwrap();
         cur.1 = pos;
-        cur.2.write_all(bytes).at(&path)?;
-        Ok(())
+        cur.2.write(t)
     }
 
     /// Write the index (if sharded), copy tokenizer files from `copy_from`, fsync and rename into place.
@@ -383,6 +357,53 @@ impl Drop for HfWriter {
         if !self.finished {
             let _ = std::fs::remove_dir_all(&self.tmp);
         }
+    }
+}
+
+/// One safetensors file written as a stream: the header (computed from the names and shapes, the
+/// data section kept 8-byte aligned as the reference writer does) first, then each tensor's bytes
+/// in the header's order, brought to the host one at a time; fsynced on [`SafetensorsFile::finish`].
+/// Model shards ([`HfWriter`]) and checkpoint shards are both written by it.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    kind: Kind,
+    w: BufWriter<File>,
+}
+
+impl SafetensorsFile {
+    /// Create `path` for `entries` (name, shape) in `kind`, with optional `__metadata__`.
+    pub fn create(path: &Path, entries: &[(&str, &[i64])], kind: Kind, metadata: Option<Value>) -> Result<Self> {
+        let (dtype, elsize) = safetensors_dtype(kind)?;
+        let mut header = serde_json::Map::new();
+        let mut offset = 0usize;
+        for (name, shape) in entries {
+            let bytes = shape.iter().product::<i64>() as usize * elsize;
+            header.insert(name.to_string(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes]}));
+            offset += bytes;
+        }
+        if let Some(m) = metadata {
+            header.insert("__metadata__".into(), m);
+        }
+        let mut text = serde_json::to_string(&Value::Object(header)).expect("header serializes");
+        while text.len() % 8 != 0 {
+            text.push(' ');
+        }
+        let mut w = BufWriter::with_capacity(1 << 22, File::create(path).at(path)?);
+        w.write_all(&(text.len() as u64).to_le_bytes()).at(path)?;
+        w.write_all(text.as_bytes()).at(path)?;
+        Ok(SafetensorsFile { path: path.to_path_buf(), kind, w })
+    }
+
+    /// The next tensor's bytes (converted to the file's dtype on the host).
+    pub fn write(&mut self, t: &Tensor) -> Result<()> {
+        let cpu = t.to_device(Device::Cpu).to_kind(self.kind).contiguous();
+        self.w.write_all(tensor_bytes(&cpu)).at(&self.path)
+    }
+
+    /// Flush and fsync.
+    pub fn finish(self) -> Result<()> {
+        let file = self.w.into_inner().map_err(|e| Error::io(&self.path, e.into_error()))?;
+        file.sync_all().at(&self.path)
     }
 }
 

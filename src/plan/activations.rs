@@ -9,8 +9,7 @@
 //! mask): no `[b, h, s, s]` score matrix is ever stored, and its output is laid out `[b, s, h, e]`
 //! so that the reshape feeding `o_proj` is a view (checked with torch 2.11 on CPU).
 
-use serde::Serialize;
-
+use crate::methods::LossKind;
 use crate::model::Config;
 
 /// The widths a block's tensors are made of.
@@ -113,23 +112,7 @@ impl Widths {
     }
 }
 
-/// The loss a pass differentiates, as far as memory is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum LossKind {
-    /// Token-mean NLL (finetune, GA, GradDiff, NGDiff, NPO's retain term).
-    Nll,
-    /// NPO's forget loss (one graph-carrying log-softmax, like NLL).
-    Npo,
-    /// Mean teacher's forget loss: a logged no-grad NLL, the graph-carrying log-probs, and the
-    /// detached probabilities for the weights.
-    Nlul,
-    /// KL(teacher ‖ student) over the vocabulary at every position.
-    Kl,
-    /// Quadratic KL (teacher Fisher).
-    Qkl,
-}
-
+/// What each loss costs in memory (the enum is the methods' declaration of which loss they use).
 impl LossKind {
     pub fn name(self) -> &'static str {
         match self {

@@ -1,6 +1,6 @@
 //! A GGUF of architecture llama (Mistral GGUFs are llama too), qwen2, qwen3 or phi3 → an HF model
 //! directory (`config.json`, f32 `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`,
-//! `generation_config.json`) that [`super::load_model`] and transformers load.
+//! `generation_config.json`) that [`crate::model::load_model`] and transformers load.
 //!
 //! Two things differ from the HF layout besides names and quantization:
 //! - GGUF lists dims fastest first, so a `[in, out]` GGUF tensor is the HF `[out, in]` matrix with
@@ -18,12 +18,12 @@ use std::path::{Path, PathBuf};
 
 use tch::{Kind, Tensor};
 
-use super::config::{Config, Family};
-use super::gguf::GgufFile;
-use super::llama::param_specs;
-use super::weights::{write_json, HfWriter, DEFAULT_MAX_SHARD_BYTES};
-use crate::data::gguf_tokenizer::hf_tokenizer_from_gguf;
+use super::reader::GgufFile;
+use super::tokenizer::hf_tokenizer_from_gguf;
 use crate::error::{Error, IoContext, Result};
+use crate::model::llama::param_specs;
+use crate::model::weights::{write_json, HfWriter, DEFAULT_MAX_SHARD_BYTES};
+use crate::model::{Config, Family};
 use crate::progress::Progress;
 
 /// Per-block HF tensor suffix → GGUF tensor suffix (llama.cpp stores Phi-3's fused gate_up
