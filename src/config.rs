@@ -211,8 +211,8 @@ impl DeviceChoice {
 /// Which parameters train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trainable {
-    /// Attention and MLP matrices only (embeddings, head and norms frozen, as the mean-teacher
-    /// recipe does for every method).
+    /// Attention and MLP matrices only (embeddings, head, norms and biases frozen, as the
+    /// mean-teacher recipe does for every method); the roles come from `model::layout`.
     Matrices,
     /// Every parameter.
     All,

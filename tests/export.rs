@@ -265,9 +265,9 @@ fn bad_models_and_outputs_fail_clearly_without_partial_output() {
     let good = make_tiny_model(&tmp.path().join("model"), LLAMA_CASES[0].config, 17, "bytebpe");
     let t = tmp.path();
 
-    let mistral = copy_dir(&good, &t.join("mistral"));
-    edit_config(&mistral, |c| {
-        c.insert("model_type".into(), "mistral".into());
+    let gemma = copy_dir(&good, &t.join("gemma"));
+    edit_config(&gemma, |c| {
+        c.insert("model_type".into(), "gemma".into());
     });
     let yarn = copy_dir(&good, &t.join("yarn"));
     edit_config(&yarn, |c| {
@@ -291,7 +291,7 @@ fn bad_models_and_outputs_fail_clearly_without_partial_output() {
     std::fs::write(&a_file, "not a directory").unwrap();
 
     let cases: Vec<(&str, &Path, PathBuf, Vec<&str>, &str)> = vec![
-        ("model_type mistral", &mistral, t.join("out1"), vec![], "unsupported model_type `mistral`"),
+        ("model_type gemma", &gemma, t.join("out1"), vec![], "unsupported model_type `gemma`"),
         ("rope yarn", &yarn, t.join("out2"), vec![], "unsupported rope scaling type `yarn`"),
         ("no safetensors", &no_weights, t.join("out3"), vec![], "no model.safetensors"),
         ("missing tensor", &no_tensor, t.join("out4"), vec![], "tensor `model.layers.1.mlp.up_proj.weight` is missing"),

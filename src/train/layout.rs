@@ -6,7 +6,8 @@ use crate::dist::zero::FlatLayout;
 use crate::model::ParamSpec;
 use crate::Result;
 
-/// The parameters that train under `model.trainable`, in the model's order.
+/// The parameters that train under `model.trainable`, in the model's order, chosen by the roles
+/// the model's parameter layout (`model::layout`) gives them.
 pub fn trainable_specs(specs: &[ParamSpec], trainable: Trainable) -> Vec<&ParamSpec> {
     specs.iter().filter(|s| trainable.includes(s.role)).collect()
 }
