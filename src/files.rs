@@ -128,7 +128,7 @@ pub const EXPORT_OUTPUT: OutputDir = OutputDir {
     command: "export",
     marker: Some("export.json"),
     writes: |n| {
-        ["model.onnx", "model.onnx.data", "export.json", "config.json", "verify.json", "genai_config.json"].contains(&n)
+        ["model.onnx", "model.onnx.data", "export.json", "config.json", "verify.json", "genai_config.json", "record.json"].contains(&n)
             || crate::model::weights::TOKENIZER_FILES.contains(&n)
     },
 };
@@ -136,7 +136,7 @@ pub const EXPORT_OUTPUT: OutputDir = OutputDir {
 pub const EVAL_OUTPUT: OutputDir = OutputDir {
     command: "eval",
     marker: Some("report.json"),
-    writes: |n| ["report.json", "report.md", "samples.jsonl", "metrics.svg"].contains(&n),
+    writes: |n| ["report.json", "report.md", "samples.jsonl", "metrics.svg", "record.json"].contains(&n),
 };
 
 pub const REPORT_OUTPUT: OutputDir = OutputDir {
