@@ -241,6 +241,10 @@ impl<'a> Sizes<'a> {
         if m.reference.is_some() {
             res.push(row("NPO reference sums", "8 B per forget example (host Vec<f64>), negligible", 0.0));
         }
+        if let (Some(fm), Some(fc)) = (&m.frozen_model, &p.frozen_model) {
+            let n = param_specs(fc).iter().map(ParamSpec::numel).sum::<i64>() as f64;
+            res.push(row("frozen side model", format!("method.{} loaded whole: {} × {cw}, replicated", fm.key, count(n)), n * c));
+        }
         let total_bytes = res.iter().map(|r| r.bytes).sum();
         Phase { name: "resident (whole run)".into(), note: String::new(), on_top_of_resident: false, rows: res, total_bytes }
     }
@@ -325,6 +329,12 @@ impl<'a> Sizes<'a> {
                         self.gathered_layer_row("one gathered teacher layer", p.teacher == TeacherMode::Gather),
                     ],
                 ));
+            }
+            if let (Some(fm), Some(fc)) = (m.frozen_model.as_ref().filter(|f| f.on == obj), &p.frozen_model) {
+                common.push(row(format!("method.{} logits", fm.key), format!("{} × {cw}, held through the student pass", self.bsv), logits * c));
+                let nograd = Widths::new(fc, c, false).block_nograd_peak();
+                let working = row("its block working set (no grad)", format!("b·s = {} tokens × {nograd:.0} B", count(tokens)), tokens * nograd);
+                moments.push(Moment::new(format!("method.{} forward", fm.key), vec![working]));
             }
             let per = loss.peak_per_logit(c);
             let loss_row = row(format!("logits and {} loss", loss.name()), format!("{} × {per:.0} B: {}", self.bsv, loss.peak_words()), logits * per);

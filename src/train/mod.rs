@@ -13,6 +13,7 @@
 
 pub mod backward;
 mod final_model;
+mod frozen;
 pub mod layout;
 mod net;
 pub mod params;
@@ -38,6 +39,7 @@ use crate::model::{load_model, param_specs};
 use crate::optim::{self, Optimizer, Schedule};
 use crate::Result;
 use backward::{forward_backward, forward_logits};
+use frozen::Frozen;
 use net::{teacher_net, Net, Residency};
 use sink::{Accumulator, Sink};
 
@@ -80,6 +82,8 @@ pub struct Trainer {
     student: Net,
     /// The EMA teacher's model, for methods whose spec asks for one.
     teacher: Option<Net>,
+    /// The method's frozen side model (IT's small teacher).
+    frozen: Option<Frozen>,
     layout: FlatLayout,
     shard_rank: usize,
     /// This rank's fp32 master shard of the trainable weights.
@@ -110,8 +114,10 @@ impl Trainer {
         }
 
         // Tokenizer and prompt template first: a bad template stops the run before the weights load.
-        let tok = Tokenizer::from_model_dir(&cfg.model.path, &crate::model::Config::from_model_dir(&cfg.model.path)?)?;
+        let student_cfg = crate::model::Config::from_model_dir(&cfg.model.path)?;
+        let tok = Tokenizer::from_model_dir(&cfg.model.path, &student_cfg)?;
         let template = Template::load(cfg.data.template, &cfg.model.path, &tok)?;
+        let frozen = Frozen::load(cfg.method.spec().frozen_model.as_ref(), &cfg.model.path, &student_cfg, &tok, kind, device)?;
         let mut loaded = load_model(&cfg.model.path, kind, device)?;
         let specs = param_specs(&loaded.config);
         let layout = layout::flat_layout(&layout::trainable_specs(&specs, cfg.model.trainable), zero, world, cfg.dist.bucket_mb);
@@ -171,6 +177,7 @@ impl Trainer {
             device,
             student,
             teacher,
+            frozen,
             layout,
             shard_rank,
             master,
@@ -236,6 +243,9 @@ impl Trainer {
             let shard = self.method.teacher_shard().expect("teacher shard");
             let w = teacher.weights(&*self.comm, shard, self.kind);
             aux.teacher_logits = Some(forward_logits(&mut teacher.model, &self.layout, &w, &batch.batch)?);
+        }
+        if let Some(frozen) = self.frozen.as_mut().filter(|f| f.on == obj) {
+            aux.frozen_logits = Some(frozen.logits(&self.layout, &batch.batch)?);
         }
         let accum = self.cfg.train.grad_accum as f64;
         let mut value = 0.0;
@@ -328,7 +338,8 @@ impl Trainer {
             return Err(crate::Error::NonFinite { step, msg: format!("gradient norms are not finite ({sq:?})") });
         }
         let stats = GradStats { sq_forget: sq[0], sq_retain: sq[1], dot: sq[2] };
-        let grads = Grads { forget: g_f.as_ref(), retain: g_r.as_ref(), stats, params: &self.master };
+        let (loss_forget, loss_retain) = (losses[Objective::Forget as usize], losses[Objective::Retain as usize]);
+        let grads = Grads { forget: g_f.as_ref(), retain: g_r.as_ref(), stats, loss_forget, loss_retain, params: &self.master };
         let mut dir = self.method.direction(&grads)?;
         if self.cfg.optim.clip_norm > 0.0 {
             let mut n = [dot(&dir.d, &dir.d)];
