@@ -62,14 +62,7 @@ fn it_refuses_a_small_teacher_with_another_vocabulary_naming_both_files() {
 
     // Another vocab_size: the two config.json files are named.
     let wider = copy_model(&small, &dir.join("wider"), |c| c["vocab_size"] = (c["vocab_size"].as_i64().unwrap() + 8).into(), |_| {});
-    let out = dir.join("wider-run");
-    let (ok, _, err) = run_unlearn(&["run", "--config", s(&it_config(dir, &model, &wider, &out))]);
-    println!("{err}");
-    assert!(!ok, "a teacher with another vocab_size was accepted");
-    for needle in ["method.teacher_model", "vocab_size", s(&wider.join("config.json")), s(&model.join("config.json"))] {
-        assert!(err.contains(needle), "the error does not name `{needle}`:\n{err}");
-    }
-    assert!(!out.join("final").exists(), "a refused run left a model behind");
+    refused(dir, &model, &wider, &["vocab_size", s(&wider.join("config.json")), s(&model.join("config.json"))]);
 
     // Same size, two token ids swapped: the two tokenizer.json files are named.
     let swapped = copy_model(&small, &dir.join("swapped"), |_| {}, |t| {
@@ -79,13 +72,19 @@ fn it_refuses_a_small_teacher_with_another_vocabulary_naming_both_files() {
         vocab.insert(a, ib);
         vocab.insert(b, ia);
     });
-    let out = dir.join("swapped-run");
-    let (ok, _, err) = run_unlearn(&["run", "--config", s(&it_config(dir, &model, &swapped, &out))]);
+    refused(dir, &model, &swapped, &["vocabulary", s(&swapped.join("tokenizer.json")), s(&model.join("tokenizer.json"))]);
+}
+
+/// `unlearn run` of IT with `teacher` fails with an error naming the key and `needles`, and leaves no model.
+fn refused(dir: &Path, model: &Path, teacher: &Path, needles: &[&str]) {
+    let out = dir.join(format!("{}-run", teacher.file_name().unwrap().to_str().unwrap()));
+    let (ok, _, err) = run_unlearn(&["run", "--config", s(&it_config(dir, model, teacher, &out))]);
     println!("{err}");
-    assert!(!ok, "a teacher with another tokenizer was accepted");
-    for needle in ["method.teacher_model", "vocabulary", s(&swapped.join("tokenizer.json")), s(&model.join("tokenizer.json"))] {
+    assert!(!ok, "the teacher {} was accepted", teacher.display());
+    for needle in ["method.teacher_model"].iter().chain(needles) {
         assert!(err.contains(needle), "the error does not name `{needle}`:\n{err}");
     }
+    assert!(!out.join("final").exists(), "a refused run left a model behind");
 }
 
 fn plan(args: &[&str]) -> Value {
