@@ -13,12 +13,14 @@ pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod fault;
 pub mod gguf;
 pub mod methods;
 pub mod model;
 pub mod optim;
 pub mod plan;
 pub mod progress;
+pub mod signals;
 pub mod train;
 
 pub use error::{Error, Result};

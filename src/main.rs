@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use unlearn::cli;
+use unlearn::error::{Error, Exit};
 
 /// Make a language model forget a forget set, keep what it should know, and ship it as ONNX.
 #[derive(Parser)]
@@ -73,7 +74,7 @@ fn main() {
         std::panic::set_hook(Box::new(move |info| {
             default(info);
             eprintln!("rank {rank}: panicked; aborting all ranks");
-            unlearn::dist::abort_world(1);
+            unlearn::dist::abort_world(Exit::Runtime.code());
         }));
     }
     let result = match &args.command {
@@ -87,12 +88,25 @@ fn main() {
         Command::Plan(a) => cli::plan::run(a).map(|text| print!("{text}")),
         Command::CommCheck(a) => cli::comm_check::run(a).map(|text| print!("{text}")),
     };
-    if let Err(e) = result {
-        if multi_rank {
-            eprintln!("rank {rank}: error: {e}");
-            unlearn::dist::abort_world(1);
+    // The error is printed first, then the job is aborted everywhere, before anything finalizes
+    // (finalize would wait for peers that may sit in a collective for this rank); only a run that
+    // ends as planned (success, or a checkpoint after a stop request) leaves the job in order.
+    let e = match result {
+        Ok(()) => return unlearn::dist::finalize(),
+        Err(e) => e,
+    };
+    let code = e.exit().code();
+    if let Error::Preempted { .. } = e {
+        if rank == 0 {
+            eprintln!("{e}");
         }
-        eprintln!("error: {e}");
-        std::process::exit(1);
+        unlearn::dist::finalize();
+        std::process::exit(code);
     }
+    if multi_rank {
+        eprintln!("rank {rank}: error: {e}");
+        unlearn::dist::abort_world(code);
+    }
+    eprintln!("error: {e}");
+    std::process::exit(code);
 }

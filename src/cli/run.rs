@@ -1,11 +1,15 @@
 //! `unlearn run`: train (fine-tune or unlearn) as the config says, resumably.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::checkpoint;
 use crate::config::RunConfig;
-use crate::dist;
+use crate::dist::{self, watchdog};
+use crate::fault::{self, Fault};
 use crate::progress::Progress;
+use crate::signals;
+use crate::train::out_dir::{self, Start};
 use crate::train::{append_metrics, Trainer};
 use crate::Result;
 
@@ -17,16 +21,22 @@ pub struct RunArgs {
     /// Override any config key: --set optim.lr=1e-5 --set train.steps=50
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
-    /// Continue the run in this output directory from its latest checkpoint (any world size).
+    /// Continue the run in this output directory from its latest checkpoint (any world size), or
+    /// start it there when it holds none: `run --config X --resume DIR` is the command to repeat
+    /// after a preemption or a requeue.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Start over in a train.out_dir that holds an earlier run (or other files): replaces what a
+    /// run writes there (checkpoints, metrics, config.toml, final/) and leaves every other file.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
     let config_path = match (&args.config, &args.resume) {
         (Some(c), _) => c.clone(),
         (None, Some(dir)) => dir.join("config.toml"),
-        (None, None) => return Err(crate::other!("give --config FILE (or --resume DIR of an earlier run)")),
+        (None, None) => return Err(crate::input!("give --config FILE (or --resume DIR of an earlier run)")),
     };
     let mut overrides = args.overrides.clone();
     if let Some(dir) = &args.resume {
@@ -34,42 +44,34 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     let cfg = RunConfig::load(&config_path, &overrides)?;
     let device = cfg.model.device.resolve()?;
-    let comm = dist::init_backend(cfg.dist.backend, device)?;
+    let comm = dist::init_backend(cfg.dist.backend, device, Duration::from_secs_f64(cfg.dist.timeout_s))?;
     dist::set_cpu_threads();
+    signals::install();
     let out = cfg.train.out_dir.clone();
     let ckpt_root = out.join("checkpoints");
     let rank = comm.rank();
 
-    let resume_from = match &args.resume {
-        Some(_) => checkpoint::latest(&ckpt_root)?,
-        None => {
-            if checkpoint::latest(&ckpt_root)?.is_some() {
-                return Err(crate::other!(
-                    "{} already holds a run; pass --resume {} to continue it, or choose another train.out_dir",
-                    out.display(),
-                    out.display()
-                ));
-            }
-            None
-        }
-    };
+    // Every rank reads the directory before rank 0 changes anything in it.
+    let start = out_dir::decide(&out, args.resume.is_some(), args.overwrite)?;
+    barrier(&*comm, "deciding how the run starts")?;
+    watchdog::set_phase("loading the model and data");
+    let mut trainer = Trainer::new(&cfg, comm.clone(), device)?;
+    if let Start::Resume(dir) = &start {
+        trainer.restore(dir)?;
+    }
+    let metrics = out.join("metrics.jsonl");
     if rank == 0 {
+        match &start {
+            Start::Resume(dir) => {
+                tracing::info!("resumed from {} at step {}", dir.display(), trainer.step());
+                truncate_metrics(&metrics, trainer.step())?;
+            }
+            Start::Fresh => out_dir::clear_earlier_run(&out)?,
+        }
         std::fs::create_dir_all(&ckpt_root).map_err(|e| crate::Error::io(&ckpt_root, e))?;
         crate::model::weights::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
     }
-    comm.barrier()?;
-
-    let mut trainer = Trainer::new(&cfg, comm.clone(), device)?;
-    let metrics = out.join("metrics.jsonl");
-    if let Some(dir) = &resume_from {
-        trainer.restore(dir)?;
-        if rank == 0 {
-            tracing::info!("resumed from {} at step {}", dir.display(), trainer.step());
-            truncate_metrics(&metrics, trainer.step())?;
-        }
-    } else if rank == 0 && metrics.exists() {
-        std::fs::remove_file(&metrics).map_err(|e| crate::Error::io(&metrics, e))?;
-    }
+    barrier(&*comm, "rank 0 preparing the output directory")?;
 
     let total = cfg.train.steps;
     let every = cfg.train.checkpoint_every;
@@ -77,15 +79,20 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let log_every = cfg.train.log_every;
     let bar = Progress::new(total, "train");
     bar.inc(trainer.step().min(total));
+    watchdog::set_phase("");
     while trainer.step() < total {
         let log = trainer.train_step()?;
         if rank == 0 {
+            fault::check_io(Fault::Metrics, log.step, &metrics)?;
             append_metrics(&metrics, &log)?;
             if log.step % log_every == 0 || log.step == total {
                 tracing::info!("{}", format_log(&log, total));
             }
         }
         bar.inc(1);
+        if log.stop_requested && log.step < total {
+            return Err(stop(&mut trainer, &ckpt_root, keep));
+        }
         if every > 0 && log.step % every == 0 && log.step < total {
             let dir = trainer.save_checkpoint(&ckpt_root, keep)?;
             if rank == 0 {
@@ -96,6 +103,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     bar.finish();
     let final_ckpt = checkpoint::step_dir(&ckpt_root, trainer.step());
     if !final_ckpt.join("meta.json").exists() {
+        watchdog::set_phase("writing the last checkpoint");
         trainer.save_checkpoint(&ckpt_root, keep)?;
     }
     let final_dir = out.join("final");
@@ -105,6 +113,26 @@ pub fn run(args: &RunArgs) -> Result<()> {
         tracing::info!("done: {} steps, model in {}{rss}", trainer.step(), final_dir.display());
     }
     Ok(())
+}
+
+fn barrier(comm: &dyn dist::Collective, what: &'static str) -> Result<()> {
+    let _g = watchdog::enter(format!("barrier: {what}"));
+    comm.barrier()
+}
+
+/// Every rank agreed in this step that some rank was asked to stop: checkpoint the step and
+/// return the "preempted" outcome (or the checkpoint's error).
+fn stop(trainer: &mut Trainer, ckpt_root: &Path, keep: usize) -> crate::Error {
+    let step = trainer.step();
+    let signal = signals::requested().map_or_else(|| "a signal to another rank".to_string(), signals::name);
+    if let Some(s) = signals::requested() {
+        tracing::warn!("rank {}: {} received: writing a checkpoint after step {step} and exiting", trainer.comm().rank(), signals::name(s));
+    }
+    watchdog::set_phase("checkpoint on a stop request");
+    match trainer.save_checkpoint(ckpt_root, keep) {
+        Ok(checkpoint) => crate::Error::Preempted { signal, step, checkpoint },
+        Err(e) => e,
+    }
 }
 
 fn format_log(l: &crate::train::StepLog, total: u64) -> String {

@@ -2,6 +2,8 @@
 //! by transformers, and paths to the shared data.
 #![allow(dead_code)]
 
+pub mod tiny;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
