@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::tiny::{make_tiny, write_qa};
-use common::unlearn_bin;
+use common::{descendants, rank_of, unlearn_bin};
 use tch::Tensor;
 
 static TURN: Mutex<()> = Mutex::new(());
@@ -146,37 +146,21 @@ fn code(st: ExitStatus) -> i32 {
     st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
 }
 
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut out = vec![];
-    let mut stack = vec![pid];
-    while let Some(p) = stack.pop() {
-        if let Ok(text) = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")) {
-            for c in text.split_whitespace().filter_map(|c| c.parse().ok()) {
-                out.push(c);
-                stack.push(c);
-            }
-        }
-    }
-    out
-}
-
 fn kill_tree(pid: u32) {
     for p in descendants(pid) {
         unsafe { libc::kill(p as i32, libc::SIGKILL) };
     }
 }
 
-/// The `unlearn` process of rank `rank` below `pid` (Open MPI gives each its rank in the environment).
+/// The `unlearn` process of rank `rank` below `pid`.
 fn rank_pid(pid: u32, rank: usize) -> Option<u32> {
     descendants(pid).into_iter().find(|&p| {
-        let is_unlearn = std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "unlearn");
-        let env = std::fs::read(format!("/proc/{p}/environ")).unwrap_or_default();
-        let r = env.split(|&b| b == 0).find_map(|kv| String::from_utf8_lossy(kv).strip_prefix("OMPI_COMM_WORLD_RANK=").map(String::from));
-        is_unlearn && r.as_deref() == Some(&rank.to_string())
+        std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "unlearn") && rank_of(p) == Some(rank)
     })
 }
 
 fn no_rank_left() -> bool {
+    // A process gone between listing and reading is not a survivor.
     descendants(std::process::id()).iter().all(|&p| std::fs::read_to_string(format!("/proc/{p}/comm")).map_or(true, |c| c.trim() != "unlearn"))
 }
 
@@ -643,7 +627,7 @@ fn a_run_killed_ten_times_at_random_resumes_to_the_same_bytes() {
             break; // it had just finished
         }
         kills += 1;
-        let tmp = std::fs::read_dir(out.join("checkpoints")).map_or(false, |rd| rd.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".tmp")));
+        let tmp = std::fs::read_dir(out.join("checkpoints")).is_ok_and(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".tmp")));
         in_writes += tmp as usize;
         println!("kill {kills}: at step {} (latest checkpoint {}){}", metrics_lines(&out), latest(&out), if tmp { ", inside a checkpoint write" } else { "" });
     }
@@ -659,4 +643,73 @@ fn a_run_killed_ten_times_at_random_resumes_to_the_same_bytes() {
     assert_eq!(kills, 10, "the run finished before 10 kills landed");
     assert_eq!(lost, 0);
     assert_same_tensors(&reference.join("final/model.safetensors"), &out.join("final/model.safetensors"), "soak");
+}
+
+/// launch/slurm.sbatch outside Slurm (its `#SBATCH` lines are comments to bash): with the job's
+/// variables set, the mpirun launcher and a stand-in `scontrol` that records its arguments,
+/// SIGUSR1 to the batch shell (what `--signal=B:USR1@300` sends) makes the ranks checkpoint and
+/// exit 75, and the script requeue its job; the requeued start (the same script, the same
+/// arguments) resumes and ends bit-identical to an uninterrupted run.
+#[test]
+fn the_slurm_script_forwards_the_signal_requeues_and_the_requeued_job_resumes() {
+    let _t = turn();
+    let inp = inputs();
+    let train = "batch_size = 2\nsteps = 60";
+    let reference = inp.path("sbatch-reference");
+    let cfg = inp.config("sbatch-reference", &reference, train, "zero = 1");
+    let (st, _) = spawn(mpirun(2, &["run", "--config", cfg.to_str().unwrap()])).wait(Duration::from_secs(300));
+    assert!(st.success());
+
+    let fake = inp.path("fakebin");
+    std::fs::create_dir_all(&fake).unwrap();
+    let log = inp.path("scontrol.log");
+    std::fs::write(fake.join("scontrol"), format!("#!/bin/sh\necho \"$@\" >> {:?}\n", log)).unwrap();
+    std::fs::set_permissions(fake.join("scontrol"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = inp.path("sbatch");
+    let cfg = inp.config("sbatch", &out, train, "zero = 1");
+    let script = || {
+        let mut cmd = Command::new("bash");
+        cmd.arg(common::repo().join("launch/slurm.sbatch")).arg(&cfg).arg(&out);
+        cmd.env("PATH", format!("{}:{}", fake.display(), std::env::var("PATH").unwrap()))
+            .env("SLURM_JOB_ID", "4242")
+            .env("SLURM_NTASKS", "2")
+            .env("SLURM_NTASKS_PER_NODE", "2")
+            .env("SLURM_JOB_NUM_NODES", "1")
+            .env("SLURM_SUBMIT_DIR", common::repo())
+            .env("UNLEARN_LAUNCHER", "mpirun")
+            .env("UNLEARN_BIN", unlearn_bin())
+            // This machine is no Slurm node: Open MPI must not look for an allocation, may run as
+            // root, and may put two ranks on fewer cores.
+            .env("OMPI_MCA_ras", "^slurm")
+            .env("OMPI_MCA_plm", "^slurm")
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+        cmd
+    };
+    let mut job = spawn(script());
+    let t0 = Instant::now();
+    while metrics_lines(&out) < 5 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "training never got going:\n{}", job.text());
+        assert!(job.child.try_wait().unwrap().is_none(), "the job ended before the signal:\n{}", job.text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    unsafe { libc::kill(job.child.id() as i32, libc::SIGUSR1) };
+    let (st, _) = job.wait(Duration::from_secs(120));
+    let text = job.text();
+    let stopped = latest(&out);
+    assert_eq!(code(st), 0, "{text}");
+    assert!(text.contains("SIGUSR1 received, asking the ranks") && text.contains("requeueing job 4242"), "{text}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap().trim(), "requeue 4242");
+    assert!(!stopped.is_empty() && !out.join("final").exists(), "{text}");
+    assert!(no_rank_left());
+
+    let mut job = spawn(script());
+    let (st, _) = job.wait(Duration::from_secs(300));
+    let text = job.text();
+    assert!(st.success(), "{text}");
+    assert!(text.contains("resumed from") && text.contains(&stopped), "{text}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap().trim(), "requeue 4242", "the finished job requeued itself");
+    assert_same_tensors(&reference.join("final/model.safetensors"), &out.join("final/model.safetensors"), "requeued job");
+    println!("slurm.sbatch: SIGUSR1 to the batch shell -> checkpoint {stopped}, exit 75, `scontrol requeue 4242`; the requeued start resumed to a bit-identical end");
 }

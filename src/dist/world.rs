@@ -15,6 +15,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+#[cfg(feature = "mpi")]
 use crate::Result;
 
 /// What must be ended when the process ends.
@@ -29,6 +30,7 @@ struct Held {
 static HELD: Mutex<Option<Held>> = Mutex::new(None);
 static FINALIZED: AtomicBool = AtomicBool::new(false);
 
+#[cfg(any(feature = "mpi", feature = "nccl"))]
 fn with_held<T>(f: impl FnOnce(&mut Held) -> T) -> T {
     let mut guard = HELD.lock().unwrap_or_else(|e| e.into_inner());
     f(guard.get_or_insert_with(Held::default))

@@ -259,7 +259,7 @@ impl Trainer {
         let mut loss_fn = |logits: &Tensor| -> Result<Tensor> {
             let mut out = method.loss(obj, logits, batch, &aux)?;
             if poison {
-                out.loss = out.loss * f64::NAN;
+                out.loss *= f64::NAN;
                 out.value = f64::NAN;
             }
             value = out.value;
