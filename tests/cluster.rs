@@ -713,3 +713,45 @@ fn the_slurm_script_forwards_the_signal_requeues_and_the_requeued_job_resumes() 
     assert_same_tensors(&reference.join("final/model.safetensors"), &out.join("final/model.safetensors"), "requeued job");
     println!("slurm.sbatch: SIGUSR1 to the batch shell -> checkpoint {stopped}, exit 75, `scontrol requeue 4242`; the requeued start resumed to a bit-identical end");
 }
+
+/// Ctrl-C: the first SIGINT checkpoints the step and exits 75 like any stop request; a second one
+/// ends the process at once (130), as a user pressing it twice expects.
+#[test]
+fn ctrl_c_checkpoints_and_a_second_ctrl_c_stops_at_once() {
+    let _t = turn();
+    let inp = inputs();
+    let out = inp.path("ctrl-c");
+    let cfg = inp.config("ctrl-c", &out, "batch_size = 2\nsteps = 400", "");
+    let args = ["run", "--config", cfg.to_str().unwrap(), "--resume", out.to_str().unwrap()];
+    for presses in [1, 2] {
+        let before = metrics_lines(&out);
+        let mut job = spawn(direct(&args));
+        let t0 = Instant::now();
+        while metrics_lines(&out) < before + 3 {
+            assert!(t0.elapsed() < Duration::from_secs(120) && job.child.try_wait().unwrap().is_none(), "{}", job.text());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for _ in 0..presses {
+            // One press at a time: a signal sent while the same one is pending is merged into it.
+            let seen = job.lines.lock().unwrap().iter().filter(|(_, l)| l.contains("interrupted: finishing")).count();
+            unsafe { libc::kill(job.child.id() as i32, libc::SIGINT) };
+            let t = Instant::now();
+            while job.lines.lock().unwrap().iter().filter(|(_, l)| l.contains("interrupted: finishing")).count() == seen
+                && job.child.try_wait().unwrap().is_none()
+                && t.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let (st, _) = job.wait(Duration::from_secs(60));
+        let text = job.text();
+        println!("{presses} SIGINT: exit {}, latest checkpoint {}", code(st), latest(&out));
+        if presses == 1 {
+            assert_eq!(code(st), PREEMPTED, "{text}");
+            assert!(text.contains("interrupted: finishing this step") && text.contains("preempted by SIGINT"), "{text}");
+            assert!(!latest(&out).is_empty());
+        } else {
+            assert_eq!(code(st), 130, "{text}");
+        }
+    }
+}
