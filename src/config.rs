@@ -19,7 +19,7 @@ use tch::{Device, Kind};
 use toml::{Table, Value};
 
 use crate::data::loader::Sampling;
-use crate::data::Overflow;
+use crate::data::{Overflow, TemplateKind};
 use crate::dist::Backend;
 use crate::error::{Error, Result};
 use crate::methods::{self, MethodCfg, Objective};
@@ -63,6 +63,8 @@ pub struct DataCfg {
     pub retain_overflow: Overflow,
     /// `shuffle` (epoch permutations) or `replacement` (i.i.d. draws, as mt-unlearn's RandomSampler).
     pub sampling: Sampling,
+    /// Prompt format of QA records (see `data::template`); evaluation of the result uses the same.
+    pub template: TemplateKind,
 }
 
 /// Where one objective's examples come from.
@@ -284,7 +286,7 @@ impl RunConfig {
 
         model.only(&["path", "dtype", "device", "trainable"])?;
         let model_cfg = ModelCfg {
-            path: model.path("path")?.ok_or_else(|| model.missing("path"))?,
+            path: model.model_dir("path")?.ok_or_else(|| model.missing("path"))?,
             dtype: model.choice("dtype", Dtype::Fp32)?,
             device: model.choice("device", DeviceChoice::Auto)?,
             trainable: model.choice("trainable", Trainable::Matrices)?,
@@ -295,7 +297,7 @@ impl RunConfig {
         method.only_read(&format!("method `{}`", registration.name))?;
         let spec = method_cfg.spec();
 
-        data.only(&["forget", "retain", "forget_limit", "retain_limit", "retain_max_len", "forget_overflow", "retain_overflow", "sampling"])?;
+        data.only(&["forget", "retain", "forget_limit", "retain_limit", "retain_max_len", "forget_overflow", "retain_overflow", "sampling", "template"])?;
         let data_cfg = DataCfg {
             forget: data.paths("forget")?,
             retain: data.paths("retain")?,
@@ -305,6 +307,7 @@ impl RunConfig {
             forget_overflow: data.choice("forget_overflow", Overflow::Truncate)?,
             retain_overflow: data.choice("retain_overflow", Overflow::Chunk)?,
             sampling: data.choice("sampling", Sampling::Shuffle)?,
+            template: data.choice("template", TemplateKind::PhiQa)?,
         };
         for obj in spec.objectives() {
             let (key, paths) = match obj {
@@ -413,6 +416,13 @@ impl RunConfig {
         let table = Table::try_from(self).expect("config serializes to TOML");
         toml::to_string_pretty(&table).expect("config serializes to TOML")
     }
+}
+
+/// `data.template` of a run's saved config.toml (`None` when unset), checked as `unlearn run` checks it.
+pub fn saved_template(path: &Path) -> Result<Option<TemplateKind>> {
+    let table = read_table(path)?;
+    let file = path.display().to_string();
+    Section::new(&file, "", &table).section("data")?.opt_choice("template", &TemplateKind::names(), TemplateKind::from_name)
 }
 
 /// Parse a TOML file; a syntax error keeps its line, column and the offending text.
@@ -594,6 +604,10 @@ impl<'a> Section<'a> {
             Some(Value::String(s)) if !s.is_empty() => expand(s).map(Some).map_err(|m| self.err(k, m)),
             Some(v) => Err(self.err(k, format!("expected a path string, got {v}"))),
         }
+    }
+    /// A model directory, or a hub id `org/name` resolved from the local Hugging Face cache.
+    pub fn model_dir(&self, k: &str) -> Result<Option<PathBuf>> {
+        self.path(k)?.map(|p| crate::model::hub::resolve_model(&p).map_err(|m| self.err(k, m))).transpose()
     }
     fn paths(&self, k: &str) -> Result<Vec<PathBuf>> {
         match self.get(k) {

@@ -216,7 +216,7 @@ fn smollm2_imports_like_transformers_loads_it() {
     let tok = Tokenizer::from_model_dir(&dir, &cfg).unwrap();
     let mut records = read_records(&data).unwrap();
     records.truncate(20);
-    let examples = tokenize_all(&tok, &records, 512, Overflow::Truncate).unwrap();
+    let examples = tokenize_all(&tok, &unlearn::data::Template::phi_qa(), &records, 512, Overflow::Truncate).unwrap();
     let mut worst: f64 = 0.0;
     for ((o, t), ex) in ours.iter().zip(&theirs).zip(&examples) {
         assert_eq!(ex.ids, ids_of(&t["ids"]), "sample {}: token ids differ", o["index"]);

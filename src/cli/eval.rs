@@ -11,7 +11,8 @@
 use std::path::Path;
 use std::time::Instant;
 
-use crate::data::Tokenizer;
+use crate::data::template::template_for;
+use crate::data::{Template, Tokenizer};
 use crate::dist;
 use crate::error::{Error, Result};
 use crate::eval::args::CommonArgs;
@@ -32,25 +33,30 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let (c, bench_args) = args.bench.parts();
     let s = Session::new(c)?;
     let (cfg, tok) = config_and_tokenizer(&c.model)?;
-    let retain_tok = match bench_args.retain_model() {
+    let (kind, source) = template_for(c.template, &c.model)?;
+    let template = Template::load(kind, &c.model, &tok)?;
+    tracing::info!("prompt template {} ({source})", template.describe());
+    // The retain model is evaluated in the same prompt format, prepared for its own directory.
+    let retain = match bench_args.retain_model() {
         Some(dir) => {
             let (_, rt) = config_and_tokenizer(dir)?;
             check_same_tokenizer(&tok, &c.model, &rt, dir)?;
-            Some(rt)
+            let rtemplate = Template::load(kind, dir, &rt)?;
+            Some((rt, rtemplate))
         }
         None => None,
     };
-    let mut bench = bench_args.prepare(&ModelFacts { config: &cfg, tok: &tok })?;
+    let mut bench = bench_args.prepare(&ModelFacts { config: &cfg, tok: &tok, template: &template })?;
     let compare: Vec<Report> = c.compare.iter().map(|p| Report::load(p)).collect::<Result<_>>()?;
     if let Some(dir) = bench.reference_model().map(Path::to_path_buf) {
         let m = s.load(&dir)?;
-        let rt = retain_tok.as_ref().expect("a reference model is the retain model, whose tokenizer was loaded");
-        bench.measure_reference(&s.ctx(&m, rt, c))?;
+        let (rt, rtemplate) = retain.as_ref().expect("a reference model is the retain model, whose tokenizer was loaded");
+        bench.measure_reference(&s.ctx(&m, rt, rtemplate, c))?;
     }
     let m = s.load(&c.model)?;
-    let outcome = bench.evaluate(&s.ctx(&m, &tok, c))?;
+    let outcome = bench.evaluate(&s.ctx(&m, &tok, &template, c))?;
     drop(m);
-    let mut report = s.report(c, &*bench, &tok)?;
+    let mut report = s.report(c, &*bench, &tok, &template, &source)?;
     let samples = outcome.into_report(&mut report);
     s.finish(c, report, &samples, &compare)
 }
@@ -101,15 +107,13 @@ impl Session {
         load_model(dir, self.kind, self.device)
     }
 
-    fn ctx<'a>(&'a self, m: &'a LoadedModel, tok: &'a Tokenizer, c: &CommonArgs) -> EvalCtx<'a> {
-        EvalCtx::new(&m.model, tok, &*self.comm, &m.config.eos_token_ids, c.score_batching(), c.gen_batching())
+    fn ctx<'a>(&'a self, m: &'a LoadedModel, tok: &'a Tokenizer, template: &'a Template, c: &CommonArgs) -> EvalCtx<'a> {
+        EvalCtx::new(&m.model, tok, template, &*self.comm, &m.config.eos_token_ids, c.score_batching(), c.gen_batching())
     }
 
-    /// The report's header: what was evaluated, how, where.
-    fn report(&self, c: &CommonArgs, bench: &dyn Benchmark, tok: &Tokenizer) -> Result<Report> {
-        let name = c.name.clone().unwrap_or_else(|| {
-            c.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| c.model.display().to_string())
-        });
+    /// The report's header: what was evaluated, how, where (`source`: where the template choice came from).
+    fn report(&self, c: &CommonArgs, bench: &dyn Benchmark, tok: &Tokenizer, template: &Template, source: &str) -> Result<Report> {
+        let name = c.name.clone().unwrap_or_else(|| crate::model::hub::display_name(&c.model));
         let about = bench.describe();
         let mut limits = c.limits();
         limits.extend(about.limits);
@@ -130,6 +134,7 @@ impl Session {
             notes: vec![],
             reference: None,
             truth_stats: None,
+            template: Some(serde_json::json!({"name": template.name(), "detail": template.describe(), "source": source})),
             run: RunInfo { ranks: self.comm.world(), device: format!("{:?}", self.device), ..Default::default() },
         })
     }

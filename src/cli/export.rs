@@ -8,8 +8,9 @@ use crate::Result;
 
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
-    /// HF model directory (config.json, safetensors, tokenizer files).
-    #[arg(long)]
+    /// HF model directory (config.json, safetensors, tokenizer files), or a hub id `org/name` in
+    /// the local Hugging Face cache.
+    #[arg(long, value_parser = crate::model::hub::model_arg)]
     pub model: PathBuf,
     /// Output directory: model.onnx (+ model.onnx.data), config.json, tokenizer files,
     /// export.json. Written under a temporary name and renamed into place when complete.

@@ -41,8 +41,8 @@ impl Preset {
 
 #[derive(clap::Args, Debug)]
 pub struct PlanArgs {
-    /// HF model directory (only its config.json is read).
-    #[arg(long, conflicts_with = "preset")]
+    /// HF model directory (only its config.json is read), or a hub id in the local Hugging Face cache.
+    #[arg(long, conflicts_with = "preset", value_parser = crate::model::hub::model_arg)]
     pub model: Option<PathBuf>,
     /// A known model shape instead of a directory; overrides `model.path` of --config.
     #[arg(long, value_enum)]

@@ -10,8 +10,8 @@ use crate::Result;
 
 #[derive(clap::Args, Debug)]
 pub struct VerifyArgs {
-    /// HF model directory the export was made from.
-    #[arg(long)]
+    /// HF model directory the export was made from (or its hub id in the local Hugging Face cache).
+    #[arg(long, value_parser = crate::model::hub::model_arg)]
     pub model: PathBuf,
     /// Export directory (with model.onnx) or the .onnx file.
     #[arg(long)]

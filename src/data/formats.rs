@@ -2,7 +2,8 @@
 //! a JSON array; several JSON arrays, one per line (TOFU `full.json`, `retainNN.json`); JSON lines;
 //! elements that are strings (MUSE raw text) or objects with `question`/`answer`,
 //! `prompt`/`response` (TOFU `forgetXX.json`), `prompt`/`gt` (MUSE VerbMem) or `text`.
-//! A `.txt` file is plain text: documents separated by blank lines.
+//! A `.txt` file is plain text: documents separated by blank lines. A `.parquet` file (the
+//! benchmarks' Hugging Face layout) is read row by row, each row the object its JSON record is.
 
 use std::path::Path;
 
@@ -34,6 +35,9 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
 pub fn read_json_values(path: &Path) -> Result<Vec<Value>> {
     if !path.exists() {
         return Err(Error::format(path, "file not found"));
+    }
+    if path.extension().is_some_and(|e| e == "parquet") {
+        return super::parquet::read_rows(path);
     }
     let text = std::fs::read_to_string(path).at(path)?;
     if text.trim().is_empty() {

@@ -53,6 +53,19 @@ impl Tokenizer {
         &self.path
     }
 
+    /// The id of a token given by its text (`<|eot_id|>`), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<i64> {
+        self.inner.token_to_id(token).map(i64::from)
+    }
+
+    /// The texts of the added tokens (specials such as `<|im_end|>`): the pieces that the
+    /// tokenizer matches whole in any text, before its model splits the rest.
+    pub fn added_tokens(&self) -> Vec<String> {
+        let mut out: Vec<(u32, String)> = self.inner.get_added_tokens_decoder().into_iter().map(|(id, t)| (id, t.content)).collect();
+        out.sort();
+        out.into_iter().map(|(_, t)| t).collect()
+    }
+
     /// Token ids of `text`; `special` adds the tokenizer's own specials (e.g. Llama's BOS),
     /// as `tokenizer(text)` does in transformers.
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<i64>> {

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 
 use super::shard::Batching;
+use crate::config::parse_choice;
+use crate::data::TemplateKind;
 
 /// `unlearn eval <benchmark>`: the shared options, then the benchmark's.
 #[derive(clap::Args, Debug)]
@@ -20,9 +22,13 @@ pub struct EvalCmd<A: clap::Args> {
 /// Options shared by every benchmark.
 #[derive(clap::Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// HF model directory to evaluate.
-    #[arg(long)]
+    /// HF model directory to evaluate, or a hub id `org/name` in the local Hugging Face cache.
+    #[arg(long, value_parser = crate::model::hub::model_arg)]
     pub model: PathBuf,
+    /// Prompt template of QA prompts and answers: phi-qa, llama2-chat, llama3-chat, chatml or model
+    /// [default: data.template of the training run whose config.toml is next to --model, else phi-qa].
+    #[arg(long, value_parser = parse_choice::<TemplateKind>)]
+    pub template: Option<TemplateKind>,
     /// Output directory (report.json, report.md, samples.jsonl, metrics.svg); replaced when done.
     #[arg(long)]
     pub out: PathBuf,

@@ -79,6 +79,9 @@ pub struct Report {
     pub reference: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub truth_stats: Option<TruthStats>,
+    /// Prompt template of QA prompts and answers: {"name", "detail", "source"} (absent: phi-qa).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<Value>,
     pub run: RunInfo,
 }
 

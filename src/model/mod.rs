@@ -1,6 +1,7 @@
 //! The model: Llama-family decoder, its HF config and its weights on disk.
 
 pub mod config;
+pub mod hub;
 pub mod llama;
 pub mod weights;
 

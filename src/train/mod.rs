@@ -34,7 +34,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::{DataSource, RunConfig};
 use crate::data::loader::{local_batch, LocalBatch, Loader};
-use crate::data::{read_records, tokenize_all, Example, Record, Tokenizer};
+use crate::data::{read_records, tokenize_all, Example, Record, Template, Tokenizer};
 use crate::dist::zero::FlatLayout;
 use crate::dist::{watchdog, Collective, Comm};
 use crate::fault::{self, Fault};
@@ -122,8 +122,10 @@ impl Trainer {
             tracing::info!("dist.zero = 3 gathers weights per layer, so layers are recomputed in backward");
         }
 
+        // Tokenizer and prompt template first: a bad template stops the run before the weights load.
+        let tok = Tokenizer::from_model_dir(&cfg.model.path, &crate::model::Config::from_file(&cfg.model.path.join("config.json"))?)?;
+        let template = Template::load(cfg.data.template, &cfg.model.path, &tok)?;
         let mut loaded = load_model(&cfg.model.path, kind, device)?;
-        let tok = Tokenizer::from_model_dir(&cfg.model.path, &loaded.config)?;
         let specs = param_specs(&loaded.config);
         let layout = layout::flat_layout(&layout::trainable_specs(&specs, cfg.model.trainable), zero, world, cfg.dist.bucket_mb);
         let shard_rank = if layout.shards == 1 { 0 } else { rank };
@@ -154,7 +156,7 @@ impl Trainer {
 
         let mut objectives = vec![];
         for obj in spec.objectives() {
-            let examples = load_examples(&cfg.data.source(obj, cfg.train.max_len), &tok)?;
+            let examples = load_examples(&cfg.data.source(obj, cfg.train.max_len), &tok, &template)?;
             let loader = Loader::new(examples, cfg.data.sampling, cfg.train.seed, stream(obj));
             objectives.push(ObjectiveState { obj, loader, acc: Accumulator::new(&layout, zero >= 2, device) });
         }
@@ -511,7 +513,7 @@ impl Trainer {
 }
 
 /// Read, limit and tokenize the records of one objective's data files.
-fn load_examples(src: &DataSource, tok: &Tokenizer) -> Result<Vec<Example>> {
+fn load_examples(src: &DataSource, tok: &Tokenizer, template: &Template) -> Result<Vec<Example>> {
     let mut records: Vec<Record> = vec![];
     for p in src.paths {
         records.extend(read_records(p)?);
@@ -520,7 +522,7 @@ fn load_examples(src: &DataSource, tok: &Tokenizer) -> Result<Vec<Example>> {
         records.truncate(n);
     }
     let first = src.paths[0].display();
-    let ex = tokenize_all(tok, &records, src.max_len, src.overflow).map_err(|e| crate::other!("{first}: {e}"))?;
+    let ex = tokenize_all(tok, template, &records, src.max_len, src.overflow).map_err(|e| crate::other!("{first}: {e}"))?;
     if ex.is_empty() {
         return Err(crate::other!("{first}: no usable examples after tokenization"));
     }
