@@ -138,6 +138,17 @@ impl Error {
     }
 }
 
+/// Print one line on stderr with a single write: lines that several ranks print at once into one
+/// pipe or log file then stay whole (`eprintln!` writes its pieces separately, and two ranks'
+/// pieces interleave).
+pub fn print_line(line: &str) {
+    use std::io::Write;
+    let mut bytes = Vec::with_capacity(line.len() + 1);
+    bytes.extend_from_slice(line.as_bytes());
+    bytes.push(b'\n');
+    let _ = std::io::stderr().lock().write_all(&bytes);
+}
+
 /// Shorthand for `Error::Input(format!(...))`: bad input that names what to change.
 #[macro_export]
 macro_rules! input {

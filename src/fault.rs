@@ -101,7 +101,7 @@ pub fn check_io(fault: Fault, step: u64, path: &std::path::Path) -> Result<()> {
 /// Stop answering for good (the peers' watchdogs must end the job).
 pub fn hang_if(fault: Fault, step: u64) {
     if active(fault, step) {
-        eprintln!("rank {}: fault injection: hanging at step {step}", crate::dist::env_rank());
+        crate::error::print_line(&format!("rank {}: fault injection: hanging at step {step}", crate::dist::env_rank()));
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use unlearn::cli;
-use unlearn::error::{Error, Exit};
+use unlearn::error::{print_line, Error, Exit};
 
 /// Make a language model forget a forget set, keep what it should know, and ship it as ONNX.
 #[derive(Parser)]
@@ -73,7 +73,7 @@ fn main() {
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             default(info);
-            eprintln!("rank {rank}: panicked; aborting all ranks");
+            print_line(&format!("rank {rank}: panicked; aborting all ranks"));
             unlearn::dist::abort_world(Exit::Runtime.code());
         }));
     }
@@ -98,15 +98,15 @@ fn main() {
     let code = e.exit().code();
     if let Error::Preempted { .. } = e {
         if rank == 0 {
-            eprintln!("{e}");
+            print_line(&e.to_string());
         }
         unlearn::dist::finalize();
         std::process::exit(code);
     }
     if multi_rank {
-        eprintln!("rank {rank}: error: {e}");
+        print_line(&format!("rank {rank}: error: {e}"));
         unlearn::dist::abort_world(code);
     }
-    eprintln!("error: {e}");
+    print_line(&format!("error: {e}"));
     std::process::exit(code);
 }

@@ -194,7 +194,7 @@ fn watch() {
         std::thread::sleep(poll);
         let verdict = inspect(&mut state(), Instant::now());
         if let Some((exit, msg)) = verdict {
-            eprintln!("{msg}");
+            crate::error::print_line(&msg);
             super::world::abort_from_thread(exit.code());
         }
     }
