@@ -51,6 +51,7 @@ pub fn run(args: &CommCheckArgs) -> Result<String> {
     // The same rank -> GPU mapping as `run` and `eval`.
     let device = dist::rank_device(parse_device(&args.device)?)?;
     let comm = dist::init(&args.backend, device)?;
+    dist::watchdog::set_phase("comm-check");
     let checks = run_checks(&*comm, device, args.elems)?;
     let (rank, world) = (comm.rank(), comm.world());
     let mut errs: Vec<f64> = checks.iter().map(|c| c.max_err).collect();

@@ -98,6 +98,7 @@ impl Session {
         }
         let device = dist::rank_device(parse_device(&c.device)?)?;
         let comm = dist::init(&c.dist, device)?;
+        dist::watchdog::set_phase("evaluation");
         dist::set_cpu_threads();
         Ok(Session { comm, device, kind: parse_kind(&c.dtype)?, start: Instant::now() })
     }
