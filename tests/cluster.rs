@@ -608,19 +608,19 @@ fn a_run_killed_ten_times_at_random_resumes_to_the_same_bytes() {
     while kills < 10 {
         let mut job = spawn(direct(&args));
         let before = metrics_lines(&out);
-        // Wait until this attempt trains, then a random moment within the next ~tenth of the run.
+        // A random moment: after 1 to 30 more steps (measured, not timed: the machine's speed
+        // varies), then up to one step's time on, so that it falls anywhere in a step or in the
+        // checkpoint written after it.
+        let target = before + 1 + (next() * 30.0) as usize;
         let t = Instant::now();
-        while metrics_lines(&out) <= before {
-            if job.child.try_wait().unwrap().is_some() {
-                break;
-            }
+        while metrics_lines(&out) < target && job.child.try_wait().unwrap().is_none() {
             assert!(t.elapsed() < Duration::from_secs(120), "the resumed run never trained:\n{}", job.text());
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(1));
         }
         if job.child.try_wait().unwrap().is_some() {
             break; // finished before a kill: the remaining kills have nothing to hit
         }
-        std::thread::sleep(full.mul_f64(0.08 * next()));
+        std::thread::sleep((full / steps as u32).mul_f64(next()));
         unsafe { libc::kill(job.child.id() as i32, libc::SIGKILL) };
         let (st, _) = job.wait(Duration::from_secs(30));
         if st.signal() != Some(libc::SIGKILL) {
