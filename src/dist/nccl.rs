@@ -32,8 +32,12 @@ pub struct Nccl {
     host: Box<dyn Collective>,
 }
 
-fn nccl_err(what: &str, e: impl std::fmt::Debug) -> crate::Error {
-    crate::Error::Dist(format!("NCCL {what}: {e:?}"))
+/// A failed NCCL call; a remote error (a peer's failure reaching this rank) is a peer failure.
+fn nccl_err(what: &str, e: nr::NcclError) -> crate::Error {
+    match e.0 {
+        ns::ncclResult_t::ncclRemoteError => crate::Error::Peer(format!("NCCL {what}: {e:?}")),
+        _ => crate::Error::Dist(format!("NCCL {what}: {e:?}")),
+    }
 }
 
 fn dtype(kind: Kind) -> Result<ns::ncclDataType_t> {
