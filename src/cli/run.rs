@@ -35,6 +35,9 @@ pub struct RunArgs {
 pub fn run(args: &RunArgs) -> Result<()> {
     let config_path = match (&args.config, &args.resume) {
         (Some(c), _) => c.clone(),
+        (None, Some(dir)) if !dir.join("config.toml").is_file() => {
+            return Err(crate::input!("--resume {}: not a run directory (no config.toml); give --config FILE to start a run there", dir.display()))
+        }
         (None, Some(dir)) => dir.join("config.toml"),
         (None, None) => return Err(crate::input!("give --config FILE (or --resume DIR of an earlier run)")),
     };
@@ -51,13 +54,22 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let ckpt_root = out.join("checkpoints");
     let rank = comm.rank();
 
-    // Every rank reads the directory before rank 0 changes anything in it.
+    // Every rank reads the directory before rank 0 changes anything in it. The model, data and
+    // checkpoint are checked before anything is written, so bad input leaves no half-made run
+    // directory behind and a refused resume keeps the run's config.toml.
     let start = out_dir::decide(&out, args.resume.is_some(), args.overwrite)?;
     barrier(&*comm, "deciding how the run starts")?;
     watchdog::set_phase("loading the model and data");
     let mut trainer = Trainer::new(&cfg, comm.clone(), device)?;
     if let Start::Resume(dir) = &start {
         trainer.restore(dir)?;
+        if trainer.step() > cfg.train.steps {
+            return Err(crate::Error::config(
+                config_path.display().to_string(),
+                "train.steps",
+                format!("{} is below the step of the checkpoint {} ({}); nothing to resume", cfg.train.steps, dir.display(), trainer.step()),
+            ));
+        }
     }
     let metrics = out.join("metrics.jsonl");
     if rank == 0 {
@@ -73,6 +85,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     barrier(&*comm, "rank 0 preparing the output directory")?;
 
+    let mut events = (rank == 0).then(|| crate::tensorboard::EventWriter::create(&out, trainer.step() + 1)).transpose()?;
     let total = cfg.train.steps;
     let every = cfg.train.checkpoint_every;
     let keep = cfg.train.keep_checkpoints;
@@ -85,6 +98,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         if rank == 0 {
             fault::check_io(Fault::Metrics, log.step, &metrics)?;
             append_metrics(&metrics, &log)?;
+            events.as_mut().map_or(Ok(()), |e| e.scalars(log.step, &log))?;
             if log.step % log_every == 0 || log.step == total {
                 tracing::info!("{}", format_log(&log, total));
             }
@@ -126,7 +140,7 @@ fn stop(trainer: &mut Trainer, ckpt_root: &Path, keep: usize) -> crate::Error {
     let step = trainer.step();
     let signal = signals::requested().map_or_else(|| "a signal to another rank".to_string(), signals::name);
     if let Some(s) = signals::requested() {
-        tracing::warn!("rank {}: {} received: writing a checkpoint after step {step} and exiting", trainer.comm().rank(), signals::name(s));
+        tracing::warn!("{} received: writing a checkpoint after step {step} and exiting", signals::name(s));
     }
     watchdog::set_phase("checkpoint on a stop request");
     match trainer.save_checkpoint(ckpt_root, keep) {

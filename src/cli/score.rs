@@ -23,9 +23,9 @@ pub struct ScoreArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Truncate each sample to this many tokens.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = super::at_least_one)]
     pub max_len: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::at_least_one)]
     pub batch_size: usize,
     /// Compute dtype: fp32 or bf16.
     #[arg(long, default_value = "fp32")]
@@ -34,7 +34,7 @@ pub struct ScoreArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Score only the first N samples.
-    #[arg(long)]
+    #[arg(long, value_parser = super::at_least_one)]
     pub limit: Option<usize>,
     /// Prompt template of QA records: phi-qa, llama2-chat, llama3-chat, chatml or model [default:
     /// data.template of the training run next to --model, else phi-qa].
@@ -43,8 +43,9 @@ pub struct ScoreArgs {
 }
 
 pub fn run(args: &ScoreArgs) -> Result<()> {
+    crate::files::check_output_file(&args.out, &[&args.model, &args.data], None)?;
     let device = parse_device(&args.device)?;
-    let tok = Tokenizer::from_model_dir(&args.model, &crate::model::Config::from_file(&args.model.join("config.json"))?)?;
+    let tok = Tokenizer::from_model_dir(&args.model, &crate::model::Config::from_model_dir(&args.model)?)?;
     let (kind, source) = template_for(args.template, &args.model)?;
     let template = Template::load(kind, &args.model, &tok)?;
     tracing::info!("prompt template {} ({source})", template.describe());
@@ -57,6 +58,14 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
         .map_err(|e| crate::other!("{}: {e}", args.data.display()))?;
     let lps = token_logprobs(&loaded.model, &examples, tok.pad_id(), args.batch_size, "score");
     let scores: Vec<_> = lps.iter().enumerate().map(|(i, lp)| summarize(i, lp, MinKRounding::Floor)).collect();
+    if let Some(bad) = scores.iter().find(|s| !s.nll.is_finite()) {
+        let mut model = loaded.model;
+        let cause = match crate::model::weights::first_non_finite(&mut model) {
+            Some(name) => format!("weight `{name}` of {} holds NaN or infinity", args.model.display()),
+            None => "the weights are finite, so the model overflows on this input (try --dtype fp32)".into(),
+        };
+        return Err(crate::other!("{}: sample {}: the NLL is {}: {cause}; nothing written", args.data.display(), bad.index, bad.nll));
+    }
     write_scores(&args.out, &scores)?;
     let mean = scores.iter().map(|s| s.nll).sum::<f64>() / scores.len() as f64;
     tracing::info!("scored {} samples -> {}", scores.len(), args.out.display());

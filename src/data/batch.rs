@@ -29,17 +29,26 @@ impl Example {
     }
 }
 
-/// How long text is handled when it exceeds `max_len`.
+/// How long text is handled when it exceeds `max_len`. Every mode cuts text as transformers'
+/// `tokenizer(text, truncation=True, max_length=max_len, return_overflowing_tokens=...)` does
+/// ([`Tokenizer::encode_chunks`]): specials such as Llama-2's BOS start *every* chunk. QA records
+/// are never chunked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Overflow {
-    /// Keep the first `max_len` tokens (MUSE-News forget set in the mean-teacher recipe).
+    /// Keep the first chunk (`truncation=True`; MUSE-News forget set in the mean-teacher recipe).
     Truncate,
-    /// Split into consecutive `max_len`-token chunks (MUSE-Books, pretraining text).
+    /// Keep every chunk, the short tail included (mt-unlearn's `dataset.py` with `chunking=True`,
+    /// used for the MUSE-Books forget set: a forget text's ending must be unlearned too).
     Chunk,
+    /// Keep only chunks of exactly `max_len` tokens (mt-unlearn's `tokenize_webtext.py` for the
+    /// KL/QKL pretraining text): no padding in the penalty's B×T divisor, and no over-weighting
+    /// of document endings. Texts shorter than `max_len` contribute nothing.
+    ChunkExact,
 }
 
 /// Tokenize one record. QA answers are cut at `max_len` total tokens; a prompt that leaves no room
-/// for any answer token is an error naming the record.
+/// for any answer token is an error naming the record. Text chunks with fewer than two tokens (no
+/// target) are dropped.
 pub fn tokenize(tok: &Tokenizer, template: &Template, rec: &Record, max_len: usize, overflow: Overflow) -> Result<Vec<Example>> {
     match rec {
         Record::Qa { question, answer } => {
@@ -53,18 +62,13 @@ pub fn tokenize(tok: &Tokenizer, template: &Template, rec: &Record, max_len: usi
             Ok(vec![Example { ids, n_context }])
         }
         Record::Text(text) => {
-            let ids = tok.encode(text, true)?;
-            if ids.len() < 2 {
-                return Ok(vec![]);
+            let mut chunks = tok.encode_chunks(text, max_len)?;
+            match overflow {
+                Overflow::Truncate => chunks.truncate(1),
+                Overflow::Chunk => {}
+                Overflow::ChunkExact => chunks.retain(|c| c.len() == max_len),
             }
-            Ok(match overflow {
-                Overflow::Truncate => vec![Example { ids: ids[..ids.len().min(max_len)].to_vec(), n_context: 1 }],
-                Overflow::Chunk => ids
-                    .chunks(max_len)
-                    .filter(|c| c.len() >= 2)
-                    .map(|c| Example { ids: c.to_vec(), n_context: 1 })
-                    .collect(),
-            })
+            Ok(chunks.into_iter().filter(|c| c.len() >= 2).map(|ids| Example { ids, n_context: 1 }).collect())
         }
     }
 }
@@ -75,6 +79,9 @@ pub fn tokenize_all(tok: &Tokenizer, template: &Template, records: &[Record], ma
     for (i, r) in records.iter().enumerate() {
         let ex = tokenize(tok, template, r, max_len, overflow).map_err(|e| crate::other!("record {i}: {e}"))?;
         out.extend(ex);
+    }
+    if out.is_empty() && overflow == Overflow::ChunkExact && records.iter().any(|r| matches!(r, Record::Text(_))) {
+        return Err(crate::other!("no text reaches max_len {max_len} tokens, and `chunk-exact` keeps only full chunks"));
     }
     Ok(out)
 }

@@ -10,11 +10,11 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::{Field, Row};
 use serde_json::{Map, Value};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 /// The rows of a Parquet file as JSON objects keyed by column name.
 pub fn read_rows(path: &Path) -> Result<Vec<Value>> {
-    let file = std::fs::File::open(path).at(path)?;
+    let file = crate::files::open_regular(path)?;
     let reader = SerializedFileReader::new(file).map_err(|e| Error::format(path, format!("not a readable Parquet file: {e}")))?;
     let rows = reader.get_row_iter(None).map_err(|e| Error::format(path, format!("cannot read Parquet rows: {e}")))?;
     rows.enumerate()

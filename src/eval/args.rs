@@ -29,7 +29,8 @@ pub struct CommonArgs {
     /// [default: data.template of the training run whose config.toml is next to --model, else phi-qa].
     #[arg(long, value_parser = parse_choice::<TemplateKind>)]
     pub template: Option<TemplateKind>,
-    /// Output directory (report.json, report.md, samples.jsonl, metrics.svg); replaced when done.
+    /// Output directory (report.json, report.md, samples.jsonl, metrics.svg, record.json); replaced
+    /// when done.
     #[arg(long)]
     pub out: PathBuf,
     /// Label in tables and plots (default: the model directory's name).
@@ -61,6 +62,9 @@ pub struct CommonArgs {
     /// Rank group: auto (MPI under mpirun), none, mpi or nccl.
     #[arg(long, default_value = "auto")]
     pub dist: String,
+    /// Replace a non-empty --out that is not an earlier evaluation (its files are deleted).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 impl CommonArgs {

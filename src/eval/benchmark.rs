@@ -37,6 +37,9 @@ pub struct ModelFacts<'a> {
 pub trait BenchmarkArgs {
     /// The retain model the options name, if any (its tokenizer must be the evaluated model's).
     fn retain_model(&self) -> Option<&Path>;
+    /// Every file and directory the options read (the retain model included): `--out` may never
+    /// be, contain or lie inside one of them.
+    fn inputs(&self) -> Vec<PathBuf>;
     /// Read and check every input the options name (data files, earlier reports) before any
     /// model is loaded.
     fn prepare(&self, model: &ModelFacts) -> Result<Box<dyn Benchmark>>;
@@ -52,6 +55,9 @@ pub struct Description {
     pub data: PathBuf,
     /// Settings that change the numbers.
     pub limits: BTreeMap<String, Value>,
+    /// Files read besides `data` and the models, by role (hashed into record.json): MUSE's MMLU
+    /// directory, TOFU's `--retain-stats` report.
+    pub inputs: Vec<(&'static str, PathBuf)>,
 }
 
 /// A benchmark with its inputs read and checked.

@@ -68,7 +68,7 @@ pub struct MuseArgs {
     #[arg(long, value_parser = crate::model::hub::model_arg)]
     pub retain_model: Option<PathBuf>,
     /// Use only the first N samples of every split.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::at_least_one)]
     pub max_samples: Option<usize>,
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens_verbmem: usize,
@@ -89,9 +89,13 @@ impl BenchmarkArgs for MuseArgs {
         self.retain_model.as_deref()
     }
 
+    fn inputs(&self) -> Vec<PathBuf> {
+        [Some(self.data.clone()), Some(self.mmlu_dir()), self.retain_model.clone()].into_iter().flatten().collect()
+    }
+
     fn prepare(&self, _model: &ModelFacts) -> Result<Box<dyn Benchmark>> {
         let opts = MuseOptions {
-            mmlu: self.mmlu.clone().unwrap_or_else(|| self.data.join("../mmlu_subsample")),
+            mmlu: self.mmlu_dir(),
             data: self.data.clone(),
             parts: self.parts.clone(),
             variant: self.variant,
@@ -119,6 +123,12 @@ impl BenchmarkArgs for MuseArgs {
     }
 }
 
+impl MuseArgs {
+    fn mmlu_dir(&self) -> PathBuf {
+        self.mmlu.clone().unwrap_or_else(|| self.data.join("../mmlu_subsample"))
+    }
+}
+
 /// A MUSE evaluation with its data read.
 pub struct Muse {
     pub opts: MuseOptions,
@@ -132,7 +142,8 @@ pub struct Muse {
 
 impl Benchmark for Muse {
     fn describe(&self) -> Description {
-        Description { name: "muse", variant: self.opts.variant.name(), data: self.opts.data.clone(), limits: self.opts.limits() }
+        let inputs = self.data.mmlu.is_some().then(|| ("mmlu", self.opts.mmlu.clone())).into_iter().collect();
+        Description { name: "muse", variant: self.opts.variant.name(), data: self.opts.data.clone(), limits: self.opts.limits(), inputs }
     }
     fn reference_model(&self) -> Option<&Path> {
         self.retain_model.as_deref()
@@ -370,6 +381,10 @@ pub fn load_data(o: &MuseOptions) -> Result<MuseData> {
                 data.mmlu = Some((take(items, n), prefix));
             }
         }
+    }
+    let found = data.verbmem.is_some() || data.knowmem_f.is_some() || data.knowmem_r.is_some() || data.privleak.is_some() || data.mmlu.is_some();
+    if !found {
+        return Err(Error::format(&o.data, format!("no MUSE part could be evaluated: {}", data.notes.join("; "))));
     }
     Ok(data)
 }

@@ -49,7 +49,7 @@ pub struct TofuArgs {
     #[arg(long)]
     pub retain_stats: Option<PathBuf>,
     /// Use only the first N questions of every set.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::at_least_one)]
     pub max_samples: Option<usize>,
     /// Greedy answer length limit for ROUGE.
     #[arg(long, default_value_t = 200)]
@@ -61,6 +61,10 @@ impl BenchmarkArgs for TofuArgs {
         self.retain_model.as_deref()
     }
 
+    fn inputs(&self) -> Vec<PathBuf> {
+        [Some(self.data.clone()), self.retain_model.clone(), self.retain_stats.clone()].into_iter().flatten().collect()
+    }
+
     fn prepare(&self, model: &ModelFacts) -> Result<Box<dyn Benchmark>> {
         let retain = self.retain_stats.as_deref().map(|p| retain_stats_from_report(p, &self.forget, model.tok, model.template)).transpose()?;
         let opts = TofuOptions {
@@ -69,7 +73,8 @@ impl BenchmarkArgs for TofuArgs {
             max_len: model.config.max_position_embeddings.max(2) as usize,
         };
         let sets = load_sets(&self.data, &self.forget, self.max_samples)?;
-        Ok(Box::new(Tofu { forget: self.forget.clone(), data: self.data.clone(), opts, sets, retain, retain_model: self.retain_model.clone() }))
+        let retain_stats = self.retain_stats.clone();
+        Ok(Box::new(Tofu { forget: self.forget.clone(), data: self.data.clone(), opts, sets, retain, retain_stats, retain_model: self.retain_model.clone() }))
     }
 }
 
@@ -104,12 +109,15 @@ pub struct Tofu {
     pub sets: Vec<TofuSet>,
     /// Forget Quality's other side, when known (from a report, or measured on `retain_model`).
     pub retain: Option<RetainStats>,
+    /// The `--retain-stats` report `retain` was read from.
+    pub retain_stats: Option<PathBuf>,
     pub retain_model: Option<PathBuf>,
 }
 
 impl Benchmark for Tofu {
     fn describe(&self) -> Description {
-        Description { name: "tofu", variant: "tofu", data: self.data.clone(), limits: self.opts.limits() }
+        let inputs = self.retain_stats.iter().map(|p| ("retain_stats", p.clone())).collect();
+        Description { name: "tofu", variant: "tofu", data: self.data.clone(), limits: self.opts.limits(), inputs }
     }
     fn reference_model(&self) -> Option<&Path> {
         self.retain_model.as_deref()

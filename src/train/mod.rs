@@ -123,7 +123,7 @@ impl Trainer {
         }
 
         // Tokenizer and prompt template first: a bad template stops the run before the weights load.
-        let tok = Tokenizer::from_model_dir(&cfg.model.path, &crate::model::Config::from_file(&cfg.model.path.join("config.json"))?)?;
+        let tok = Tokenizer::from_model_dir(&cfg.model.path, &crate::model::Config::from_model_dir(&cfg.model.path)?)?;
         let template = Template::load(cfg.data.template, &cfg.model.path, &tok)?;
         let mut loaded = load_model(&cfg.model.path, kind, device)?;
         let specs = param_specs(&loaded.config);
@@ -318,7 +318,8 @@ impl Trainer {
         }
         let uses = |o: Objective| objectives.contains(&o);
         for o in objectives.iter().filter(|o| !losses[**o as usize].is_finite()) {
-            tracing::warn!("rank {}: step {step}: this rank's {} loss is {}", self.comm.rank(), o.name(), losses[*o as usize]);
+            // Every rank logs its warnings (the log prefixes the rank), so this names the rank at fault.
+            tracing::warn!("step {step}: this rank's {} loss is {}", o.name(), losses[*o as usize]);
         }
         // Logged values are per-rank shares of global means: one all-reduce sums them, and with
         // them each rank's stop request (a signal), so that every rank learns in this same step
@@ -372,7 +373,7 @@ impl Trainer {
         self.method.after_step(&self.master, &dir)?;
         self.sync_replicas()?;
         self.step = step;
-        if self.cfg.dist.verify_every > 0 && step % self.cfg.dist.verify_every == 0 {
+        if self.cfg.dist.verify_every > 0 && step.is_multiple_of(self.cfg.dist.verify_every) {
             self.fault_injection_perturb(step);
             self.verify_replicas()?;
         }

@@ -12,23 +12,13 @@ use unlearn::model::{param_specs, Config, ParamRole};
 pub const VOCAB: i64 = 258;
 
 pub fn tiny_config() -> Config {
-    Config {
-        vocab_size: VOCAB,
-        hidden_size: 32,
-        intermediate_size: 48,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 8,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        rope_llama3: None,
-        max_position_embeddings: 256,
-        tie_word_embeddings: false,
-        bos_token_id: Some(256),
-        eos_token_ids: vec![257],
-        pad_token_id: None,
-    }
+    let json = json!({
+        "model_type": "llama", "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": false, "bos_token_id": 256, "eos_token_id": 257,
+    });
+    Config::from_json(&json, Path::new("tiny config.json")).expect("tiny config is valid")
 }
 
 /// The model's tensors, seeded (norms at 1, matrices small and random).
