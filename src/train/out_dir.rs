@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint;
+use crate::files::{self, RUN_OUTPUT};
 use crate::error::IoContext;
 use crate::Result;
 
@@ -27,36 +28,9 @@ pub enum Start {
     Resume(PathBuf),
 }
 
-/// Whether a top-level entry of `train.out_dir` is one `run` writes.
-fn written_by_run(name: &str) -> bool {
-    let ours = |base: &str| name == base || name.strip_prefix(base).is_some_and(|rest| rest.starts_with(".tmp-"));
-    ["config.toml", "metrics.jsonl", "checkpoints", "final"].iter().any(|b| ours(b))
-        || name.starts_with("final.old-")
-        || name.starts_with("events.out.tfevents.")
-}
-
 /// The top-level entries of `dir` (none if it does not exist).
 fn entries(dir: &Path) -> Result<Vec<String>> {
-    match std::fs::read_dir(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
-        Err(e) => Err(crate::Error::io(dir, e)),
-        Ok(rd) => {
-            let mut names = vec![];
-            for e in rd {
-                names.push(e.at(dir)?.file_name().to_string_lossy().into_owned());
-            }
-            names.sort();
-            Ok(names)
-        }
-    }
-}
-
-fn listing(names: &[&String]) -> String {
-    let mut s = names.iter().take(5).map(|n| n.as_str()).collect::<Vec<_>>().join(", ");
-    if names.len() > 5 {
-        s += &format!(" and {} more", names.len() - 5);
-    }
-    s
+    Ok(files::dir_entries(dir)?.unwrap_or_default().into_iter().map(|(n, _)| n).collect())
 }
 
 /// Decide how the run starts in `out` (reads only; every rank may call it).
@@ -69,7 +43,7 @@ pub fn decide(out: &Path, resume: bool, overwrite: bool) -> Result<Start> {
     }
     let latest = checkpoint::latest(&out.join("checkpoints"))?;
     let names = entries(out)?;
-    let foreign: Vec<&String> = names.iter().filter(|n| !written_by_run(n)).collect();
+    let foreign: Vec<&String> = names.iter().filter(|n| !(RUN_OUTPUT.writes)(n)).collect();
     let d = out.display();
     match latest {
         Some(dir) if resume => Ok(Start::Resume(dir)),
@@ -81,12 +55,12 @@ pub fn decide(out: &Path, resume: bool, overwrite: bool) -> Result<Start> {
         _ if !foreign.is_empty() && !overwrite => Err(crate::input!(
             "train.out_dir {d} is not empty and holds files a run does not write ({}); choose a new or empty directory, \
              or pass --overwrite to write the run there anyway (those files are kept)",
-            listing(&foreign)
+            files::list(&foreign)
         )),
         _ if !names.is_empty() && !resume && !overwrite => Err(crate::input!(
             "train.out_dir {d} holds the files of an earlier run without a checkpoint ({}); pass --resume {d} to start over in it \
              (the pattern for jobs that may be requeued), --overwrite to replace them, or choose another train.out_dir",
-            listing(&names.iter().collect::<Vec<_>>())
+            files::list(&names.iter().collect::<Vec<_>>())
         )),
         _ => Ok(Start::Fresh),
     }
