@@ -435,7 +435,16 @@ fn the_output_directory_is_never_clobbered_and_old_checkpoints_are_pruned() {
     assert!(!out.join("checkpoints/step-000005").exists(), "the earlier run's checkpoints were left");
     assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
     assert_eq!(metrics_lines(&out), 3);
-    println!("non-empty out_dir refused (exit {BAD_INPUT}), --overwrite replaced only the run's files, 2 of 5 checkpoints kept");
+    // Unlearning the run's own final/ again into the same directory would replace its input.
+    let again = inp.path("again.toml");
+    std::fs::write(&again, std::fs::read_to_string(&cfg).unwrap().replace(&format!("{:?}", inp.model), &format!("{:?}", out.join("final")))).unwrap();
+    let mut job = spawn(direct(&["run", "--config", again.to_str().unwrap(), "--overwrite"]));
+    let (st, _) = job.wait(Duration::from_secs(120));
+    let text = job.text();
+    assert_eq!(code(st), BAD_INPUT, "{text}");
+    assert!(text.contains("model.path") && text.contains("which this run replaces"), "{text}");
+    assert!(out.join("final/model.safetensors").exists() && latest(&out) == "step-000003", "the refused run changed the directory");
+    println!("non-empty out_dir refused (exit {BAD_INPUT}), --overwrite replaced only the run's files, 2 of 5 checkpoints kept, model.path inside out_dir/final refused");
 }
 
 /// A write that fails in the middle of a checkpoint (a file-size limit: the kernel's EFBIG, as a

@@ -57,6 +57,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // Every rank reads the directory before rank 0 changes anything in it. The model, data and
     // checkpoint are checked before anything is written, so bad input leaves no half-made run
     // directory behind and a refused resume keeps the run's config.toml.
+    let inputs = [("model.path", cfg.model.path.as_path())].into_iter();
+    let data = cfg.data.forget.iter().map(|p| ("data.forget", p.as_path())).chain(cfg.data.retain.iter().map(|p| ("data.retain", p.as_path())));
+    out_dir::check_inputs_outside(&out, &inputs.chain(data).collect::<Vec<_>>())?;
     let start = out_dir::decide(&out, args.resume.is_some(), args.overwrite)?;
     barrier(&*comm, "deciding how the run starts")?;
     watchdog::set_phase("loading the model and data");

@@ -7,7 +7,8 @@
 //!   refused, unless `--overwrite` asks to start over;
 //! * `--resume DIR` on a directory without a checkpoint starts fresh (a job requeued before its
 //!   first checkpoint runs the same command line again), replacing the earlier attempt's files;
-//! * any other non-empty directory is refused unless `--overwrite`.
+//! * any other non-empty directory is refused unless `--overwrite`;
+//! * a model or data file inside the run's `final/` or `checkpoints/` is refused in every case.
 //!
 //! Starting over replaces only what a run writes; every other file in the directory is left alone,
 //! and a directory holding files a run does not write is refused without `--overwrite`.
@@ -64,6 +65,26 @@ pub fn decide(out: &Path, resume: bool, overwrite: bool) -> Result<Start> {
         )),
         _ => Ok(Start::Fresh),
     }
+}
+
+/// Refuse inputs that this run would replace: the model (or a data file) inside `out`'s `final/`
+/// or `checkpoints/`, e.g. an earlier run's `final/` unlearned again into the same directory.
+/// `final/` is replaced at the end, and frozen weights are read from `model.path` on every resume.
+pub fn check_inputs_outside(out: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
+    for sub in ["final", "checkpoints"] {
+        let Ok(dir) = std::fs::canonicalize(out.join(sub)) else { continue };
+        for (key, input) in inputs {
+            let Ok(p) = std::fs::canonicalize(input) else { continue }; // a hub id, or missing: its loader says
+            if p.starts_with(&dir) {
+                return Err(crate::input!(
+                    "{key} {} lies inside {}, which this run replaces; copy it elsewhere or choose another train.out_dir",
+                    input.display(),
+                    dir.display()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Remove an earlier run's files from `out` before a fresh start (rank 0): its checkpoints,
