@@ -12,6 +12,7 @@ pub mod local;
 pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod timed;
 pub mod zero;
 
 use std::rc::Rc;
@@ -45,6 +46,11 @@ pub trait Collective {
     /// Stop every rank now (MPI_Abort / NCCL abort); used when one rank fails, so that no rank
     /// hangs in a collective waiting for a dead peer.
     fn abort(&self, code: i32) -> !;
+    /// Seconds spent in collectives since the last call, when timing was asked for
+    /// (`UNLEARN_COMM_TIMING=1`, see [`timed`]); `None` otherwise.
+    fn take_collective_seconds(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// Shared within one process (collectives are issued from the main thread only).
@@ -53,6 +59,11 @@ pub type Comm = Rc<dyn Collective>;
 /// Pick a backend from `dist.backend` and the environment: `auto` is NCCL on CUDA devices when
 /// built with it, MPI when launched under an MPI launcher, else none.
 pub fn init(backend: &str, device: tch::Device) -> Result<Comm> {
+    let comm = init_backend(backend, device)?;
+    Ok(if timed::requested() { Rc::new(timed::Timed::wrap(comm)) } else { comm })
+}
+
+fn init_backend(backend: &str, device: tch::Device) -> Result<Comm> {
     let under_launcher = launcher_world_size() > 1;
     match backend {
         "none" => {

@@ -48,6 +48,9 @@ pub struct StepLog {
     pub clip: f64,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
+    /// Seconds of this step spent in collectives (only with `UNLEARN_COMM_TIMING=1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub autolr: Option<methods::autolr::Fit>,
 }
@@ -426,6 +429,7 @@ impl Trainer {
             clip: dir.clip,
             tokens_per_s: tokens as f64 / elapsed.max(1e-9),
             elapsed_s: elapsed,
+            comm_s: self.comm.take_collective_seconds(),
             autolr: fit,
         })
     }
