@@ -422,12 +422,13 @@ impl<'a> Sizes<'a> {
         if p.clip_norm {
             moments.push(Moment::new("clip", vec![d_row(), dot_row("fp64 temporaries of ‖d‖² (optim.clip_norm)")]));
         }
-        let (name, temps) = match (p.optim.as_str(), p.weight_decay) {
-            ("adamw", _) => ("AdamW step temporaries", 3.0),
-            (_, true) => ("SGD step temporaries", 2.0),
-            _ => ("SGD step temporaries", 1.0),
+        let step_row = match (p.optim.as_str(), p.weight_decay) {
+            // optim/adamw.rs updates the shard in pieces through two persistent scratch buffers.
+            ("adamw", _) => row("AdamW step scratch", "2 × 1 Mi elements × 4 B", 2.0 * shard.min(1048576.0) * 4.0),
+            (_, true) => row("SGD step temporaries", "2 × shard × 4 B", 2.0 * shard * 4.0),
+            _ => row("SGD step temporaries", "1 × shard × 4 B", shard * 4.0),
         };
-        moments.push(Moment::new("optimizer step", vec![d_row(), row(name, format!("{temps} × shard × 4 B"), temps * shard * 4.0)]));
+        moments.push(Moment::new("optimizer step", vec![d_row(), step_row]));
         if m.after_step_temps > 0.0 {
             moments.push(Moment::new("EMA update", vec![d_row(), row("EMA temporary", "θ·δc: shard × 4 B", m.after_step_temps * shard * 4.0)]));
         }
