@@ -102,6 +102,8 @@ pub(super) struct Sizes<'a> {
     cpu_mpi: bool,
     bsv: String,
     shard_words: String,
+    /// fp32 compute on one shard below ZeRO-3: the compute replicas are the fp32 shards (train/mod.rs).
+    replicas_are_shards: bool,
 }
 
 impl<'a> Sizes<'a> {
@@ -148,6 +150,7 @@ impl<'a> Sizes<'a> {
             } else {
                 format!("shard {} (flat/{shards})", count(shard))
             },
+            replicas_are_shards: c == 4.0 && shards == 1 && p.zero < 3,
             layout,
         }
     }
@@ -208,7 +211,9 @@ impl<'a> Sizes<'a> {
             },
             self.frozen_n * c,
         ));
-        res.push(if p.zero < 3 {
+        res.push(if self.replicas_are_shards {
+            row("student compute replica", "the fp32 master itself (fp32, one shard)", 0.0)
+        } else if p.zero < 3 {
             row("student compute replica", format!("student_full: flat {} × {cw}, replicated", count(flat)), flat * c)
         } else {
             row("student compute replica", "absent at ZeRO-3 (one layer gathered at a time, see forward/backward)", 0.0)
@@ -225,7 +230,9 @@ impl<'a> Sizes<'a> {
         }
         if m.teacher {
             res.push(row("EMA teacher shard", "fp32 θ̄: shard × 4 B", shard * 4.0));
-            res.push(if p.teacher_replica {
+            res.push(if p.teacher_replica && self.replicas_are_shards {
+                row("teacher compute replica", "the EMA teacher shard itself (fp32, one shard)", 0.0)
+            } else if p.teacher_replica {
                 row("teacher compute replica", format!("teacher_full (dist.teacher = replica): flat {} × {cw}", count(flat)), flat * c)
             } else {
                 row("teacher compute replica", "none (dist.teacher = gather: one layer gathered per teacher forward)", 0.0)
@@ -269,7 +276,9 @@ impl<'a> Sizes<'a> {
                 self.master_row(),
             ],
         );
-        ctx.phase("init (load, flatten, shard)", false, vec![], vec![load, master])
+        // With replicas that are the shards, the master is the flat buffer: nothing is read again.
+        let moments = if self.replicas_are_shards { vec![load] } else { vec![load, master] };
+        ctx.phase("init (load, flatten, shard)", false, vec![], moments)
     }
 
     /// NPO's reference log-likelihoods: `reference_sums` runs the per-rank micro-batch's worth of

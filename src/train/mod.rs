@@ -80,6 +80,8 @@ pub struct Trainer {
     acc_forget: Option<Accumulator>,
     acc_retain: Option<Accumulator>,
     layer_wise: bool,
+    /// The compute replicas are the fp32 shards themselves (fp32, one shard): no sync copies.
+    replicas_are_shards: bool,
     pad_id: i64,
     raw_config: Value,
     pub step: u64,
@@ -114,9 +116,13 @@ impl Trainer {
 
         let mut student = loaded.model;
         let full = params::flatten_and_bind(&mut student, &layout, kind, true);
-        // The fp32 master comes from the checkpoint's own values, not from the compute-dtype copy:
-        // a bf16 run keeps the full precision of an fp32/fp16 checkpoint in its master weights.
-        let master = params::master_shard(&cfg.model.path, &layout, shard_rank, device)?;
+        // fp32 compute with one shard: the compute replica *is* the master (one copy of the weights,
+        // nothing to copy back after a step), as in a plain PyTorch loop. Otherwise the fp32 master
+        // comes from the checkpoint's own values, not from the compute-dtype copy: a bf16 run keeps
+        // the full precision of an fp32/fp16 checkpoint in its master weights.
+        let replicas_are_shards = kind == Kind::Float && layout.shards == 1 && zero < 3;
+        let master =
+            if replicas_are_shards { full.shallow_clone() } else { params::master_shard(&cfg.model.path, &layout, shard_rank, device)? };
         let student_full = if zero < 3 {
             Some(full)
         } else {
@@ -136,6 +142,7 @@ impl Trainer {
             let mut t = student.shallow_copy();
             if cfg.dist.teacher == "replica" {
                 let tf = match &student_full {
+                    Some(_) if replicas_are_shards => method.teacher_shard().expect("a teacher method keeps a teacher shard").shallow_clone(),
                     Some(f) => f.copy(),
                     None => Tensor::zeros([layout.total], (kind, device)),
                 };
@@ -209,6 +216,7 @@ impl Trainer {
             retain,
             ref_sums: None,
             layer_wise,
+            replicas_are_shards,
             step: 0,
         };
         if trainer.method.needs_reference() {
@@ -309,6 +317,9 @@ impl Trainer {
 
     /// Copy the master shard into the student's compute replica (all-gather when sharded).
     fn sync_student(&mut self) -> Result<()> {
+        if self.replicas_are_shards {
+            return Ok(());
+        }
         if let Some(full) = self.student_full.as_mut() {
             let all: Vec<usize> = (0..self.layout.buckets.len()).collect();
             tch::no_grad(|| self.layout.gather_buckets(&*self.comm, &self.master, full, &all, 0))?;
@@ -317,6 +328,9 @@ impl Trainer {
     }
 
     fn sync_teacher(&mut self) -> Result<()> {
+        if self.replicas_are_shards {
+            return Ok(());
+        }
         if let (Some(full), Some(shard)) = (self.teacher_full.as_mut(), self.method.teacher_shard()) {
             let all: Vec<usize> = (0..self.layout.buckets.len()).collect();
             tch::no_grad(|| self.layout.gather_buckets(&*self.comm, shard, full, &all, 0))?;
