@@ -91,9 +91,20 @@ class Gated:
                     pass
         return user, sys_, faults
 
-    def step(self, i, timeout):
+    def real_pid(self):
+        """The benchmarked process itself (the child of /usr/bin/time)."""
+        kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return int(kids[0]) if kids else self.proc.pid
+
+    def step(self, i, timeout, perf=None):
         """Release step i and wait for its line; adds the CPU time the step took (the process
-        sleeps at its gate otherwise, so everything it used meanwhile belongs to the step)."""
+        sleeps at its gate otherwise, so everything it used meanwhile belongs to the step).
+        With `perf` (a path), the step is sampled by `perf record -e cpu-clock` into it."""
+        recorder = None
+        if perf:
+            recorder = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "499", "-p", str(self.real_pid()), "-o", str(perf)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
         u0, s0, f0 = self.cpu_seconds()
         for fd in self.fds:
             os.write(fd, b"x")
@@ -105,6 +116,9 @@ class Gated:
                 raise RuntimeError(f"{self.name}: step {i} took longer than {timeout} s")
             time.sleep(0.2)
         u1, s1, f1 = self.cpu_seconds()
+        if recorder:
+            recorder.send_signal(2)
+            recorder.wait()
         return {**self.lines()[i - 1], "cpu_user_s": u1 - u0, "cpu_sys_s": s1 - s0, "minor_faults": f1 - f0}
 
     def finish(self, timeout=900):
@@ -128,14 +142,16 @@ class Gated:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:]) if self.log_path.exists() else ""
 
 
-def lockstep(procs, steps, timeout):
-    """Release step i of every process in turn (order alternating each step); per-process lines."""
+def lockstep(procs, steps, timeout, perf_step=None, perf_dir=None):
+    """Release step i of every process in turn (order alternating each step); per-process lines.
+    Step `perf_step` of each process is profiled into perf_dir/NAME.perf."""
     out = {p.name: [] for p in procs}
     try:
         for i in range(1, steps + 1):
             order = procs if i % 2 else procs[::-1]
             for p in order:
-                out[p.name].append(p.step(i, timeout))
+                perf = perf_dir / f"{p.name}.perf" if i == perf_step else None
+                out[p.name].append(p.step(i, timeout, perf))
                 log(f"  {p.name} step {i}: {out[p.name][-1]['elapsed_s']:.2f} s")
     except BaseException:
         for p in procs:
@@ -260,7 +276,7 @@ out_dir = "{run_dir}"
         text = news / "raw/forget.json"
         other = news / "sust/forget_2.json"
         peak = self.gemm(threads)
-        log(f"fp32 GEMM peak at {threads} threads: {peak['gflops']:.1f} GFLOP/s")
+        log(f"fp32 GEMM peak at {threads} threads: {peak['gflops']:.1f} GFLOP/s wall, {peak['gflops_cpu_normalised']:.1f} per busy thread-second x {threads}")
         rows = []
         methods = [m for m in ["finetune", "ngdiff", "mean-teacher"] if m in self.a.methods.split(",")]
         for method in methods:
@@ -296,13 +312,17 @@ out_dir = "{run_dir}"
         lu, lt = lines[u.name], lines[t.name]
         mu, mt = median_after_warmup(lu, self.a.warmup), median_after_warmup(lt, self.a.warmup)
         flops = step_flops(method, self.cfg, self.a.batch, self.a.max_len)
-        # Same data, same start, same step: the logged losses must agree step by step.
+        # Same data, same start, same step: the logged losses must agree step by step (relative
+        # to the loss, floored at 1e-3: mean teacher's KL starts at 0 and stays ~1e-7, where
+        # only fp32 rounding is left to compare).
         diffs = []
         for a_, b_ in zip(lu, lt):
             for k in ("loss_forget", "loss_retain"):
                 if a_.get(k) is not None and b_.get(k) is not None:
-                    diffs.append(abs(a_[k] - b_[k]) / max(abs(b_[k]), 1e-12))
+                    diffs.append(abs(a_[k] - b_[k]) / max(abs(b_[k]), 1e-3))
         paired = [x["elapsed_s"] / y["elapsed_s"] for x, y in zip(lu[self.a.warmup :], lt[self.a.warmup :])]
+        cpu = lambda ls: statistics.median(l["cpu_user_s"] + l["cpu_sys_s"] for l in ls[self.a.warmup :])
+        faults = lambda ls: statistics.median(l["minor_faults"] for l in ls[self.a.warmup :])
         row = {
             "method": method,
             "round": rnd,
@@ -312,6 +332,11 @@ out_dir = "{run_dir}"
             "torch_median_s": mt,
             "ratio": mu / mt,
             "paired_ratios": paired,
+            "unlearn_cpu_s": cpu(lu),
+            "torch_cpu_s": cpu(lt),
+            "cpu_ratio": cpu(lu) / cpu(lt),
+            "unlearn_minor_faults": faults(lu),
+            "torch_minor_faults": faults(lt),
             "unlearn_peak_rss_kib": rss_u,
             "torch_peak_rss_kib": rss_t,
             "flops_per_step": flops,
@@ -320,12 +345,48 @@ out_dir = "{run_dir}"
             "unlearn_peak_share": flops / mu / 1e9 / peak["gflops"],
             "torch_peak_share": flops / mt / 1e9 / peak["gflops"],
             "max_rel_loss_diff": max(diffs) if diffs else None,
+            # The same against CPU time (threads busy for cpu_s / threads seconds): steady on a busy machine.
+            "unlearn_gflops_cpu": flops / (cpu(lu) / self.a.threads) / 1e9,
+            "torch_gflops_cpu": flops / (cpu(lt) / self.a.threads) / 1e9,
+            "unlearn_peak_share_cpu": flops / (cpu(lu) / self.a.threads) / 1e9 / peak["gflops_cpu_normalised"],
+            "torch_peak_share_cpu": flops / (cpu(lt) / self.a.threads) / 1e9 / peak["gflops_cpu_normalised"],
             "unlearn_losses": [{k: x.get(k) for k in ("loss_forget", "loss_retain")} for x in lu],
             "torch_losses": [{k: x.get(k) for k in ("loss_forget", "loss_retain")} for x in lt],
         }
-        log(f"  {method}: unlearn {mu:.2f} s, torch {mt:.2f} s, ratio {mu / mt:.3f}; RSS {rss_u} vs {rss_t} KiB; max rel loss diff {row['max_rel_loss_diff']}")
+        log(f"  {method}: unlearn {mu:.2f} s, torch {mt:.2f} s, ratio {mu / mt:.3f} (CPU time {row['cpu_ratio']:.3f}); RSS {rss_u} vs {rss_t} KiB; max rel loss diff {row['max_rel_loss_diff']}")
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
         return row
+
+    # -- profile --------------------------------------------------------------------------------
+
+    def section_profile(self):
+        """perf profile of one steady-state finetune step of each side, grouped by perf_breakdown.py."""
+        threads = self.a.threads
+        news = self.shared / "data" / MUSE_NEWS
+        text = news / "raw/forget.json"
+        name = "profile"
+        cfg_path, run_dir = self.unlearn_config(name, "finetune", text, None, self.a.batch, "bench profile")
+        (self.work / f"{name}-torch.progress").unlink(missing_ok=True)
+        steps = 3
+        u = Gated(f"{name}-unlearn", [str(self.bin), "run", "--config", str(cfg_path), "--set", f"train.steps={steps}"],
+                  self.env(threads, UNLEARN_STEP_GATE=self.work / f"{name}-u.gate"), self.work, run_dir / "metrics.jsonl", [str(self.work / f"{name}-u.gate")])
+        cmd = [self.py, str(REPO / "benches/torch_step.py"), "step", "--method", "finetune", "--model", str(self.model), "--retain", str(text),
+               "--limit", str(self.a.limit), "--max-len", str(self.a.max_len), "--steps", str(steps), "--lr", "1e-5", "--threads", str(threads),
+               "--out", str(self.work / f"{name}-torch.json"), "--gate", str(self.work / f"{name}-t.gate"), "--progress", str(self.work / f"{name}-torch.progress")]
+        t = Gated(f"{name}-torch", cmd, self.env(threads), self.work, self.work / f"{name}-torch.progress", [str(self.work / f"{name}-t.gate")])
+        log("profile: perf record of finetune step 3 on each side")
+        lockstep([u, t], steps, self.a.step_timeout, perf_step=steps, perf_dir=self.work)
+        t.finish()
+        u.finish()
+        res = {}
+        for p in (u, t):
+            rep = subprocess.run(["perf", "report", "-i", str(self.work / f"{p.name}.perf"), "--no-children", "--sort", "dso,symbol", "--stdio"],
+                                 capture_output=True, text=True)
+            groups = subprocess.run([sys.executable, str(REPO / "benches/perf_breakdown.py"), "--top", "3"], input=rep.stdout, capture_output=True, text=True).stdout
+            res["unlearn" if p is u else "torch"] = groups
+            log(f"{p.name}:\n{groups}")
+        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+        self.results["profile"] = res
 
     # -- mpi ------------------------------------------------------------------------------------
 
@@ -355,10 +416,14 @@ out_dir = "{run_dir}"
             ls = lines[p.name][self.a.warmup :]
             step = statistics.median(l["elapsed_s"] for l in ls)
             comm = statistics.median(l.get("comm_s") or 0.0 for l in ls)
+            # CPU seconds per rank and step: less sensitive to a busy machine than wall time
+            # (but Open MPI polls while it waits, so waiting counts as CPU time too).
+            cpu = statistics.median((l["cpu_user_s"] + l["cpu_sys_s"]) / np_ for l in ls)
             res[f"np{np_}"] = {"step_s": [l["elapsed_s"] for l in lines[p.name]], "comm_s": [l.get("comm_s") for l in lines[p.name]],
-                               "median_step_s": step, "median_comm_s": comm, "comm_share": comm / step}
+                               "median_step_s": step, "median_comm_s": comm, "comm_share": comm / step, "median_cpu_per_rank_s": cpu}
             subprocess.run(["rm", "-rf", str(run_dir)], check=True)
         res["efficiency"] = res["np1"]["median_step_s"] / res["np2"]["median_step_s"]
+        res["cpu_efficiency"] = res["np1"]["median_cpu_per_rank_s"] / res["np2"]["median_cpu_per_rank_s"]
         res["zero"] = self.a.mpi_zero
         log(f"  np1 {res['np1']['median_step_s']:.2f} s, np2 {res['np2']['median_step_s']:.2f} s: efficiency {res['efficiency']:.3f}; "
             f"exposed comm np2 {100 * res['np2']['comm_share']:.1f}%")
@@ -403,8 +468,8 @@ out_dir = "{run_dir}"
     def section_gpu(self):
         probe = subprocess.run([self.py, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True, text=True)
         if probe.stdout.strip() != "True":
-            msg = "skipped: no CUDA device on this machine (torch.cuda.is_available() is False)"
-            log(f"gpu: {msg}")
+            msg = "no CUDA device on this machine (torch.cuda.is_available() is False)"
+            log(f"gpu: skipped: {msg}")
             self.results["gpu"] = {"skipped": msg}
             return
         peak = self.gemm(1, dtype="bfloat16", device="cuda", n=8192)
@@ -463,21 +528,22 @@ backend = "{backend}"
 
 
 def compare_eval(unlearn_samples, torch_samples):
-    """How many greedy answers are token-identical after decoding, and the largest difference of
-    the per-answer mean NLL, between the two evaluations (matched by set and index)."""
+    """How many greedy answers are identical after decoding, and the largest difference of the
+    per-answer mean NLL (over how many answers), between the two evaluations (matched by set and
+    index)."""
     t = {(s["set"], s["index"]): s for s in torch_samples}
-    same, total, diff = 0, 0, 0.0
+    same, total, diff, n_loss = 0, 0, 0.0, 0
     for s in unlearn_samples:
-        key = (s.get("split"), s.get("index"))
-        o = t.get(key)
+        o = t.get((s.get("split"), s.get("index")))
         if o is None:
             continue
         total += 1
         same += (s.get("generation") or "") == o["generation"]
         v = (s.get("scores") or {}).get("answer_loss")
         if v is not None:
+            n_loss += 1
             diff = max(diff, abs(v - o["answer_loss"]))
-    return f"{same}/{total}", diff
+    return f"{same}/{total}", {"max_abs": diff, "compared": n_loss}
 
 
 def machine():
@@ -507,7 +573,7 @@ def main():
     ap.add_argument("--python", default=os.environ.get("UNLEARN_PYTHON", sys.executable))
     ap.add_argument("--model", default=os.path.expanduser(os.environ.get("BENCH_MODEL", "~/.cache/unlearn/models/smollm2-135m-instruct")))
     ap.add_argument("--shared", default=os.environ.get("UNLEARN_SHARED", str(REPO.parent / "shared")))
-    ap.add_argument("--sections", default="step,mpi,eval,gpu")
+    ap.add_argument("--sections", default="step,mpi,eval,gpu", help="any of step, mpi, eval, gpu, profile (needs perf)")
     ap.add_argument("--methods", default="finetune,ngdiff,mean-teacher")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--batch", type=int, default=4)
