@@ -24,25 +24,43 @@ use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::data::loader::LoaderState;
+use crate::data::loader::{Loader, LoaderState};
 use crate::dist::zero::FlatLayout;
 use crate::dist::Collective;
 use crate::error::{Error, IoContext, Result};
 use crate::methods::autolr::AutoLr;
-use crate::model::weights::{publish_dir, tensor_bytes, write_atomic};
+use crate::methods::{Method, Objective};
+use crate::model::weights::{publish_dir, write_atomic, SafetensorsFile};
+use crate::optim::Optimizer;
 
-/// What a trainer hands over to be saved.
-pub struct State {
+/// The parts of a run a checkpoint holds, borrowed from the trainer: saved from them, restored
+/// into them.
+pub struct Parts<'a> {
     pub step: u64,
-    pub world: usize,
-    pub layout: FlatLayout,
-    /// Flat shard tensors by name (all of length `layout.shard_len()`).
-    pub tensors: Vec<(String, Tensor)>,
-    pub optim_scalars: serde_json::Value,
-    pub forget: Option<LoaderState>,
-    pub retain: Option<LoaderState>,
-    pub autolr: Option<AutoLr>,
-    pub method: String,
+    pub method_name: &'static str,
+    pub layout: &'a FlatLayout,
+    /// This rank's shard of `layout`.
+    pub shard: usize,
+    /// The fp32 master shard (`master`).
+    pub master: &'a mut Tensor,
+    /// Optimizer state shards (`optim.*`) and scalars.
+    pub optim: &'a mut dyn Optimizer,
+    /// The EMA teacher shard (`teacher`) and AutoLR, where the method has them.
+    pub method: &'a mut dyn Method,
+    /// Sampler positions, by objective.
+    pub loaders: Vec<(Objective, &'a mut Loader)>,
+}
+
+impl Parts<'_> {
+    fn loader_state(&self, obj: Objective) -> Option<LoaderState> {
+        self.loaders.iter().find(|(o, _)| *o == obj).map(|(_, l)| l.state())
+    }
+}
+
+/// What is written: flat shard tensors by name (all of length `layout.shard_len()`) and meta.json.
+struct State {
+    tensors: Vec<(String, Tensor)>,
+    meta: Meta,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,12 +85,69 @@ fn shard_file(shard: usize, shards: usize) -> String {
     format!("shard-{shard:05}-of-{shards:05}.safetensors")
 }
 
-/// Save `state` under `root/step-N` (collective: every rank calls it).
-pub fn save(root: &Path, state: &State, comm: &dyn Collective, keep: usize) -> Result<PathBuf> {
-    let final_dir = step_dir(root, state.step);
-    let tmp = root.join(format!("step-{:06}.tmp", state.step));
+/// Save the run's `parts` under `root/step-N` and keep the last `keep` checkpoints (collective:
+/// every rank calls it).
+pub fn save(root: &Path, parts: &mut Parts, comm: &dyn Collective, keep: usize) -> Result<PathBuf> {
+    let mut tensors = vec![("master".to_string(), parts.master.shallow_clone())];
+    for (n, t) in parts.optim.state() {
+        tensors.push((format!("optim.{n}"), t));
+    }
+    if let Some(t) = parts.method.teacher_shard() {
+        tensors.push(("teacher".to_string(), t.shallow_clone()));
+    }
+    let meta = Meta {
+        step: parts.step,
+        world: comm.world(),
+        layout: parts.layout.clone(),
+        tensors: tensors.iter().map(|(n, _)| n.clone()).collect(),
+        optim_scalars: parts.optim.scalars(),
+        forget: parts.loader_state(Objective::Forget),
+        retain: parts.loader_state(Objective::Retain),
+        autolr: parts.method.autolr().cloned(),
+        method: parts.method_name.to_string(),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    save_state(root, &State { tensors, meta }, comm, keep)
+}
+
+/// Restore `parts` from the checkpoint in `dir` (written at any world size); returns its step.
+pub fn restore(dir: &Path, parts: &mut Parts) -> Result<u64> {
+    let ck = Loaded::open(dir)?;
+    if ck.meta.method != parts.method_name {
+        return Err(crate::other!("{}: checkpoint of method `{}`, config says `{}`", dir.display(), ck.meta.method, parts.method_name));
+    }
+    let (layout, rank) = (parts.layout, parts.shard);
+    ck.read_shard("master", layout, rank, parts.master)?;
+    let mut optim_tensors = vec![];
+    for n in ck.tensor_names().into_iter().filter(|n| n.starts_with("optim.")) {
+        let mut t = Tensor::zeros([layout.shard_len()], (Kind::Float, parts.master.device()));
+        ck.read_shard(&n, layout, rank, &mut t)?;
+        optim_tensors.push((n.trim_start_matches("optim.").to_string(), t));
+    }
+    parts.optim.restore(optim_tensors, &ck.meta.optim_scalars)?;
+    if let Some(t) = parts.method.teacher_shard_mut() {
+        ck.read_shard("teacher", layout, rank, t)?;
+    }
+    for (obj, loader) in &mut parts.loaders {
+        let saved = match obj {
+            Objective::Forget => ck.meta.forget,
+            Objective::Retain => ck.meta.retain,
+        };
+        if let Some(s) = saved {
+            loader.restore(s).map_err(|e| crate::other!("{}: {} loader: {e}", dir.display(), obj.name()))?;
+        }
+    }
+    if let (Some(a), Some(saved)) = (parts.method.autolr(), ck.meta.autolr.clone()) {
+        *a = saved;
+    }
+    Ok(ck.meta.step)
+}
+
+fn save_state(root: &Path, state: &State, comm: &dyn Collective, keep: usize) -> Result<PathBuf> {
+    let final_dir = step_dir(root, state.meta.step);
+    let tmp = root.join(format!("step-{:06}.tmp", state.meta.step));
     let rank = comm.rank();
-    let shards = state.layout.shards;
+    let shards = state.meta.layout.shards;
     if rank == 0 {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).at(&tmp)?;
@@ -86,21 +161,9 @@ pub fn save(root: &Path, state: &State, comm: &dyn Collective, keep: usize) -> R
         write_safetensors(&path, &state.tensors)?;
     }
     comm.barrier()?;
-    fault_injection_stall(state.step);
+    fault_injection_stall(state.meta.step);
     if rank == 0 {
-        let meta = Meta {
-            step: state.step,
-            world: state.world,
-            layout: state.layout.clone(),
-            tensors: state.tensors.iter().map(|(n, _)| n.clone()).collect(),
-            optim_scalars: state.optim_scalars.clone(),
-            forget: state.forget,
-            retain: state.retain,
-            autolr: state.autolr.clone(),
-            method: state.method.clone(),
-            tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        };
-        let text = serde_json::to_string_pretty(&meta).expect("meta serializes");
+        let text = serde_json::to_string_pretty(&state.meta).expect("meta serializes");
         write_atomic(&tmp.join("meta.json"), text.as_bytes())?;
         publish_dir(&tmp, &final_dir)?;
         write_atomic(&root.join("latest"), final_dir.file_name().unwrap().to_string_lossy().as_bytes())?;
@@ -147,42 +210,27 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
     if !p.exists() {
         return Ok(None);
     }
-    let name = std::fs::read_to_string(&p).at(&p)?;
-    let dir = root.join(name.trim());
+    let name = crate::files::read_text(&p)?;
+    let dir = crate::files::inside(root, name.trim(), &p)?;
     if !dir.join("meta.json").exists() {
         return Err(Error::format(&p, format!("points to {} which is not a complete checkpoint", dir.display())));
     }
     Ok(Some(dir))
 }
 
-/// Stream `(name, flat tensor)` pairs into one safetensors file as f32, fsynced; each tensor is
+/// Write `(name, flat tensor)` pairs into one fp32 safetensors file, fsynced; each tensor is
 /// brought to the host only when its turn comes.
 fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    use std::io::Write;
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for (n, t) in tensors {
-        let bytes = t.numel() * 4;
-        header.insert(n.clone(), serde_json::json!({"dtype": "F32", "shape": [t.numel()], "data_offsets": [offset, offset + bytes]}));
-        offset += bytes;
-    }
-    let mut text = serde_json::to_string(&serde_json::Value::Object(header)).expect("header serializes");
-    while text.len() % 8 != 0 {
-        text.push(' ');
-    }
-    let file = std::fs::File::create(path).at(path)?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
-    w.write_all(&(text.len() as u64).to_le_bytes()).at(path)?;
-    w.write_all(text.as_bytes()).at(path)?;
+    let shapes: Vec<[i64; 1]> = tensors.iter().map(|(_, t)| [t.numel() as i64]).collect();
+    let entries: Vec<(&str, &[i64])> = tensors.iter().zip(&shapes).map(|((n, _), s)| (n.as_str(), &s[..])).collect();
+    let mut file = SafetensorsFile::create(path, &entries, Kind::Float, None)?;
     for (_, t) in tensors {
-        let host = t.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous();
-        w.write_all(tensor_bytes(&host)).at(path)?;
+        file.write(t)?;
     }
-    let file = w.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
-    file.sync_all().at(path)
+    file.finish()
 }
 
-/// An opened checkpoint.
+/// An opened checkpoint: meta.json checked against itself and against every shard file.
 pub struct Loaded {
     pub dir: PathBuf,
     pub meta: Meta,
@@ -192,17 +240,31 @@ pub struct Loaded {
 impl Loaded {
     pub fn open(dir: &Path) -> Result<Self> {
         let meta_path = dir.join("meta.json");
-        let text = std::fs::read_to_string(&meta_path).at(&meta_path)?;
+        let text = crate::files::read_text(&meta_path)?;
         let meta: Meta =
             serde_json::from_str(&text).map_err(|e| Error::format(&meta_path, format!("not a checkpoint meta file: {e}")))?;
+        check_meta(&meta, dir).map_err(|msg| Error::format(&meta_path, msg))?;
         let n = meta.layout.shards;
+        let shard_len = meta.layout.shard_len() as usize;
         let mut shards = vec![];
         for r in 0..n {
             let path = dir.join(shard_file(r, n));
-            let file = std::fs::File::open(&path).at(&path)?;
+            if !path.exists() {
+                return Err(Error::format(&path, format!("checkpoint shard {r} of {n} is missing (meta.json lists {n} shards)")));
+            }
+            let file = crate::files::open_regular(&path)?;
             // SAFETY: read-only map of a file we do not modify.
             let mmap = unsafe { Mmap::map(&file) }.at(&path)?;
-            SafeTensors::deserialize(&mmap).map_err(|e| Error::format(&path, format!("corrupt checkpoint shard: {e}")))?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::format(&path, format!("corrupt checkpoint shard: {e}")))?;
+            for name in &meta.tensors {
+                let view = st.tensor(name).map_err(|e| Error::format(&path, format!("state `{name}` (listed in meta.json): {e}")))?;
+                if view.dtype() != safetensors::Dtype::F32 || view.shape() != [shard_len] {
+                    return Err(Error::format(
+                        &path,
+                        format!("state `{name}` is {:?} of shape {:?}; meta.json's layout needs F32 of shape [{shard_len}]", view.dtype(), view.shape()),
+                    ));
+                }
+            }
             shards.push((path, mmap));
         }
         Ok(Loaded { dir: dir.to_path_buf(), meta, shards })
@@ -217,6 +279,7 @@ impl Loaded {
         if !self.meta.tensors.iter().any(|n| n == name) {
             return Err(Error::format(self.dir.join("meta.json"), format!("checkpoint has no `{name}` state")));
         }
+        self.check_same_parameters(layout)?;
         // param -> list of (param_offset, len, old shard, old shard offset)
         let mut old: BTreeMap<&str, Vec<(i64, i64, usize, i64)>> = BTreeMap::new();
         let old_segments: Vec<_> = (0..self.meta.layout.shards).map(|r| (r, self.meta.layout.segments(r))).collect();
@@ -225,16 +288,16 @@ impl Loaded {
                 old.entry(s.param.as_str()).or_default().push((s.param_offset, s.len, *r, s.shard_offset));
             }
         }
-        let views: Vec<&[f32]> = self
+        // Raw little-endian f32 bytes, decoded piece by piece: nothing assumes the data section
+        // is aligned (safetensors only promises that for files it wrote itself).
+        let views: Vec<&[u8]> = self
             .shards
             .iter()
-            .map(|(path, mmap)| -> Result<&[f32]> {
+            .map(|(path, mmap)| -> Result<&[u8]> {
                 let st = SafeTensors::deserialize(mmap).map_err(|e| Error::format(path, e.to_string()))?;
                 let view = st.tensor(name).map_err(|e| Error::format(path, format!("`{name}`: {e}")))?;
-                let data = view.data();
-                // SAFETY: safetensors data sections are 8-byte aligned in our files (header padded),
-                // F32 little-endian, and live as long as the map.
-                Ok(unsafe { std::slice::from_raw_parts(data.as_ptr() as *const f32, data.len() / 4) })
+                let offset = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+                Ok(&mmap[offset..offset + view.data().len()])
             })
             .collect::<Result<_>>()?;
         let mut host = vec![0f32; layout.shard_len() as usize];
@@ -247,8 +310,12 @@ impl Loaded {
             for &(p_off, len, r, s_off) in pieces {
                 let (a, b) = (lo.max(p_off), hi.min(p_off + len));
                 if a < b {
-                    let src = &views[r][(s_off + a - p_off) as usize..(s_off + b - p_off) as usize];
-                    host[(seg.shard_offset + a - lo) as usize..(seg.shard_offset + b - lo) as usize].copy_from_slice(src);
+                    let src = (s_off + a - p_off) as usize * 4..(s_off + b - p_off) as usize * 4;
+                    let bytes = views[r].get(src).ok_or_else(|| Error::format(&self.shards[r].0, format!("`{name}` is shorter than meta.json's layout")))?;
+                    let dst = &mut host[(seg.shard_offset + a - lo) as usize..(seg.shard_offset + b - lo) as usize];
+                    for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+                        *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    }
                     covered += b - a;
                 }
             }
@@ -260,4 +327,79 @@ impl Loaded {
         tch::no_grad(|| out.copy_(&t));
         Ok(())
     }
+
+    /// A resumed run must train exactly the parameters the checkpoint holds: restoring a subset
+    /// would silently reset the others to the base model, a superset has no saved state.
+    fn check_same_parameters(&self, layout: &FlatLayout) -> Result<()> {
+        let saved: BTreeMap<&str, &[i64]> = self.meta.layout.params.iter().map(|p| (p.name.as_str(), p.shape.as_slice())).collect();
+        let now: BTreeMap<&str, &[i64]> = layout.params.iter().map(|p| (p.name.as_str(), p.shape.as_slice())).collect();
+        if saved == now {
+            return Ok(());
+        }
+        let only_saved = saved.keys().filter(|k| !now.contains_key(*k)).count();
+        let only_now = now.keys().filter(|k| !saved.contains_key(*k)).count();
+        let example = saved.iter().find(|(k, v)| now.get(*k) != Some(*v)).or_else(|| now.iter().find(|(k, _)| !saved.contains_key(*k)));
+        Err(Error::format(
+            self.dir.join("meta.json"),
+            format!(
+                "the checkpoint holds {} trainable parameters, this run trains {} ({only_saved} only in the checkpoint, {only_now} only in this run, e.g. `{}`); \
+                 resume with the model and `model.trainable` of the run that wrote it",
+                saved.len(),
+                now.len(),
+                example.map(|(k, _)| *k).unwrap_or_default()
+            ),
+        ))
+    }
+}
+
+/// meta.json must describe a layout that can be read: consistent buckets and parameters, at least
+/// one shard, the master weights among the states, and the step its directory is named after.
+fn check_meta(meta: &Meta, dir: &Path) -> std::result::Result<(), String> {
+    if let Some(n) = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse::<u64>().ok()) {
+        if n != meta.step {
+            return Err(format!("`step` is {}, but the checkpoint directory is {}", meta.step, dir.display()));
+        }
+    }
+    if !meta.tensors.iter().any(|t| t == "master") {
+        return Err(format!("`tensors` {:?} lacks the master weights `master`", meta.tensors));
+    }
+    check_layout(&meta.layout).map_err(|m| format!("`layout`: {m}"))
+}
+
+fn check_layout(l: &FlatLayout) -> std::result::Result<(), String> {
+    if l.shards == 0 || l.shards > 1 << 20 {
+        return Err(format!("`shards` must be in 1..=2^20, got {}", l.shards));
+    }
+    let mut offset = 0i64;
+    let mut next_param = 0usize;
+    for (bi, b) in l.buckets.iter().enumerate() {
+        if b.offset != offset || b.params.start != next_param || b.params.end < b.params.start || b.params.end > l.params.len() {
+            return Err(format!("bucket {bi} does not follow the previous one"));
+        }
+        if b.len < 0 || b.padded < b.len || b.padded % l.shards as i64 != 0 || b.padded - b.len >= l.shards as i64 {
+            return Err(format!("bucket {bi}: length {} and padded length {} do not fit {} shards", b.len, b.padded, l.shards));
+        }
+        let mut p_off = b.offset;
+        for (pi, p) in l.params[b.params.clone()].iter().enumerate() {
+            let numel = p.shape.iter().try_fold(1i64, |acc, &d| if d >= 0 { acc.checked_mul(d) } else { None });
+            if numel != Some(p.numel) || p.offset != p_off || p.bucket != bi {
+                return Err(format!("parameter `{}` (#{}) does not match its shape or place in bucket {bi}", p.name, b.params.start + pi));
+            }
+            p_off += p.numel;
+        }
+        if p_off - b.offset != b.len {
+            return Err(format!("bucket {bi}: its parameters do not add up to its length {}", b.len));
+        }
+        offset = offset.checked_add(b.padded).filter(|&o| o <= 1 << 42).ok_or("more than 2^42 elements")?;
+        next_param = b.params.end;
+    }
+    if next_param != l.params.len() || offset != l.total {
+        return Err(format!("buckets cover {next_param} of {} parameters and {offset} of {} elements", l.params.len(), l.total));
+    }
+    let mut names: Vec<&str> = l.params.iter().map(|p| p.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("parameter `{}` appears twice", w[0]));
+    }
+    Ok(())
 }

@@ -4,14 +4,30 @@
 //! the file, the dotted key and the allowed values ("configs/x.toml: `optim.name`: unknown value
 //! \"adam\" (allowed: adamw, sgd)"). Keys that do not apply to the chosen method are rejected too:
 //! a typo must never silently fall back to a default.
+//!
+//! Every choice is parsed here, once, into an enum ([`Choice`]); nothing downstream compares
+//! configuration strings. The `[method]` section belongs to the method: `method.name` picks a
+//! registration from `methods::REGISTRY`, whose parser reads its keys through a [`Section`] (the
+//! keys it reads are the keys it accepts) into its own typed settings.
 
+use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
+use tch::{Device, Kind};
 use toml::{Table, Value};
 
+use crate::data::loader::Sampling;
+use crate::data::{Overflow, TemplateKind};
+use crate::dist::Backend;
 use crate::error::{Error, Result};
+use crate::methods::{self, MethodCfg, Objective};
+use crate::model::ParamRole;
+use crate::optim::ScheduleKind;
+
+/// The methods `method.name` accepts (the registry's names).
+pub const METHODS: &[&str] = methods::NAMES;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RunConfig {
@@ -26,12 +42,11 @@ pub struct RunConfig {
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelCfg {
     pub path: PathBuf,
-    /// Compute dtype of the student: fp32 or bf16 (master weights, optimizer state and teacher are fp32).
-    pub dtype: String,
-    pub device: String,
-    /// `matrices`: attention and MLP matrices only (embeddings, head and norms frozen, as the
-    /// mean-teacher recipe does for every method); `all`: every parameter.
-    pub trainable: String,
+    /// Compute dtype of the student (master weights, optimizer state and teacher are fp32).
+    pub dtype: Dtype,
+    pub device: DeviceChoice,
+    /// Which parameters train.
+    pub trainable: Trainable,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -44,48 +59,49 @@ pub struct DataCfg {
     /// mean-teacher recipe uses 1024-token forget articles and 512-token pretraining chunks.
     pub retain_max_len: Option<usize>,
     /// How forget texts longer than `train.max_len` are handled: truncate or chunk.
-    pub forget_overflow: String,
-    pub retain_overflow: String,
+    pub forget_overflow: Overflow,
+    pub retain_overflow: Overflow,
     /// `shuffle` (epoch permutations) or `replacement` (i.i.d. draws, as mt-unlearn's RandomSampler).
-    pub sampling: String,
+    pub sampling: Sampling,
+    /// Prompt format of QA records (see `data::template`); evaluation of the result uses the same.
+    pub template: TemplateKind,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct MethodCfg {
-    pub name: String,
-    // graddiff
-    pub forget_weight: f64,
-    pub retain_weight: f64,
-    // npo (and mean-teacher with forget_loss = npo)
-    pub npo_beta: f64,
-    pub npo_variant: String,
-    pub reference_model: Option<PathBuf>,
-    // ngdiff
-    pub eps: f64,
-    pub autolr: bool,
-    pub autolr_period: u64,
-    pub autolr_smoothing: f64,
-    // mean teacher
-    pub forget_loss: String,
-    pub penalty: String,
-    pub alpha: f64,
-    pub beta: f64,
-    pub delta: f64,
-    pub damp: f64,
-    pub clip: f64,
-    pub tol: f64,
+/// Where one objective's examples come from.
+pub struct DataSource<'a> {
+    pub paths: &'a [PathBuf],
+    pub limit: Option<usize>,
+    pub max_len: usize,
+    pub overflow: Overflow,
+}
+
+impl DataCfg {
+    /// The files, limit, token length and overflow rule of `obj`'s data set.
+    pub fn source(&self, obj: Objective, train_max_len: usize) -> DataSource<'_> {
+        match obj {
+            Objective::Forget => {
+                DataSource { paths: &self.forget, limit: self.forget_limit, max_len: train_max_len, overflow: self.forget_overflow }
+            }
+            Objective::Retain => DataSource {
+                paths: &self.retain,
+                limit: self.retain_limit,
+                max_len: self.retain_max_len.unwrap_or(train_max_len),
+                overflow: self.retain_overflow,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct OptimCfg {
-    pub name: String,
+    pub name: OptimName,
     pub lr: f64,
     pub betas: (f64, f64),
     #[serde(rename = "eps")]
     pub adam_eps: f64,
     pub weight_decay: f64,
     pub momentum: f64,
-    pub schedule: String,
+    pub schedule: ScheduleKind,
     pub warmup_steps: u64,
     /// Global gradient-norm clip of the update direction (0 = off).
     pub clip_norm: f64,
@@ -109,31 +125,138 @@ pub struct TrainCfg {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DistCfg {
-    pub backend: String,
+    pub backend: Backend,
     pub zero: u8,
     pub bucket_mb: f64,
-    /// `replica`: the teacher is all-gathered after every EMA update into a full copy in the
-    /// compute dtype; `gather`: it is gathered layer by layer for each teacher forward.
-    pub teacher: String,
+    pub teacher: TeacherMode,
     pub verify_every: u64,
 }
 
-pub const METHODS: &[&str] = &["finetune", "ga", "graddiff", "npo", "ngdiff", "mean-teacher"];
+/// A configuration choice: a closed set of values, each with the one name configs spell it by.
+pub trait Choice: Copy + PartialEq + 'static {
+    /// Every value with its name, in the order error messages list them.
+    const VALUES: &'static [(&'static str, Self)];
 
-/// Which `method.*` keys each method accepts (besides `name`).
-fn method_keys(name: &str) -> &'static [&'static str] {
-    match name {
-        "finetune" | "ga" => &[],
-        "graddiff" => &["forget_weight", "retain_weight"],
-        "npo" => &["npo_beta", "npo_variant", "reference_model", "retain_weight"],
-        "ngdiff" => &["eps", "autolr", "autolr_period", "autolr_smoothing"],
-        "mean-teacher" => &[
-            "forget_loss", "penalty", "alpha", "beta", "delta", "damp", "clip", "tol", "npo_beta", "npo_variant",
-            "reference_model",
-        ],
-        _ => &[],
+    fn name(self) -> &'static str {
+        Self::VALUES.iter().find(|(_, v)| *v == self).map(|(n, _)| *n).expect("every value of a choice is named")
+    }
+    fn from_name(name: &str) -> Option<Self> {
+        Self::VALUES.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
+    fn names() -> Vec<&'static str> {
+        Self::VALUES.iter().map(|(n, _)| *n).collect()
     }
 }
+
+/// A choice given on a command line (clap's `value_parser`), with the allowed names on error.
+pub fn parse_choice<C: Choice>(s: &str) -> std::result::Result<C, String> {
+    C::from_name(s).ok_or_else(|| format!("unknown value {s:?} (allowed: {})", C::names().join(", ")))
+}
+
+/// Names the values of an enum for configs ([`Choice`]) and serializes each by its name.
+macro_rules! choice {
+    ($ty:ty { $($name:literal => $value:expr),+ $(,)? }) => {
+        impl $crate::config::Choice for $ty {
+            const VALUES: &'static [(&'static str, Self)] = &[$(($name, $value)),+];
+        }
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                s.serialize_str($crate::config::Choice::name(*self))
+            }
+        }
+    };
+}
+pub(crate) use choice;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    Fp32,
+    Bf16,
+}
+choice!(Dtype { "fp32" => Dtype::Fp32, "bf16" => Dtype::Bf16 });
+
+impl Dtype {
+    pub fn kind(self) -> Kind {
+        match self {
+            Dtype::Fp32 => Kind::Float,
+            Dtype::Bf16 => Kind::BFloat16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CUDA when libtorch sees a GPU, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+choice!(DeviceChoice { "auto" => DeviceChoice::Auto, "cpu" => DeviceChoice::Cpu, "cuda" => DeviceChoice::Cuda });
+
+impl DeviceChoice {
+    /// The device this rank computes on (a rank's own GPU among the node's).
+    pub fn resolve(self) -> Result<Device> {
+        let device = match self {
+            DeviceChoice::Auto => Device::cuda_if_available(),
+            DeviceChoice::Cpu => Device::Cpu,
+            DeviceChoice::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
+            DeviceChoice::Cuda => {
+                return Err(crate::other!("model.device = \"cuda\", but libtorch sees no GPU (built without the `cuda` feature?)"))
+            }
+        };
+        Ok(crate::dist::rank_device(device))
+    }
+}
+
+/// Which parameters train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trainable {
+    /// Attention and MLP matrices only (embeddings, head, norms and biases frozen, as the
+    /// mean-teacher recipe does for every method); the roles come from `model::layout`.
+    Matrices,
+    /// Every parameter.
+    All,
+}
+choice!(Trainable { "matrices" => Trainable::Matrices, "all" => Trainable::All });
+
+impl Trainable {
+    pub fn includes(self, role: ParamRole) -> bool {
+        self == Trainable::All || role == ParamRole::Matrix
+    }
+}
+
+choice!(Overflow { "truncate" => Overflow::Truncate, "chunk" => Overflow::Chunk, "chunk-exact" => Overflow::ChunkExact });
+
+/// `Sampling` serializes itself (kebab-case, the same names).
+impl Choice for Sampling {
+    const VALUES: &'static [(&'static str, Self)] = &[("shuffle", Sampling::Shuffle), ("replacement", Sampling::Replacement)];
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimName {
+    AdamW,
+    Sgd,
+}
+choice!(OptimName { "adamw" => OptimName::AdamW, "sgd" => OptimName::Sgd });
+
+choice!(ScheduleKind {
+    "constant" => ScheduleKind::Constant,
+    "linear-warmup" => ScheduleKind::LinearWarmup,
+    "mt-warmup" => ScheduleKind::MtWarmup,
+    "cosine" => ScheduleKind::Cosine,
+});
+
+choice!(Backend { "auto" => Backend::Auto, "none" => Backend::None, "mpi" => Backend::Mpi, "nccl" => Backend::Nccl });
+
+/// Where the teacher's compute-dtype weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TeacherMode {
+    /// All-gathered after every EMA update into a full copy in the compute dtype.
+    Replica,
+    /// Gathered layer by layer for each teacher forward.
+    Gather,
+}
+choice!(TeacherMode { "replica" => TeacherMode::Replica, "gather" => TeacherMode::Gather });
 
 impl RunConfig {
     /// Read a TOML file and apply `--set key=value` overrides.
@@ -146,7 +269,7 @@ impl RunConfig {
     /// Validate a parsed table. Relative paths in the file are taken relative to the current
     /// directory (configs are run from the repository root, as README shows).
     pub fn from_table(t: &Table, file: &str, check_paths: bool) -> Result<Self> {
-        let root = Section { file, prefix: "", table: t };
+        let root = Section::new(file, "", t);
         root.only(&["model", "data", "method", "optim", "train", "dist"])?;
         let model = root.section("model")?;
         let data = root.section("data")?;
@@ -157,62 +280,37 @@ impl RunConfig {
 
         model.only(&["path", "dtype", "device", "trainable"])?;
         let model_cfg = ModelCfg {
-            path: model.path("path")?.ok_or_else(|| model.missing("path"))?,
-            dtype: model.choice("dtype", &["fp32", "bf16"], "fp32")?,
-            device: model.choice("device", &["auto", "cpu", "cuda"], "auto")?,
-            trainable: model.choice("trainable", &["matrices", "all"], "matrices")?,
+            path: model.model_dir("path")?.ok_or_else(|| model.missing("path"))?,
+            dtype: model.choice("dtype", Dtype::Fp32)?,
+            device: model.choice("device", DeviceChoice::Auto)?,
+            trainable: model.choice("trainable", Trainable::Matrices)?,
         };
 
-        let name = method.choice("name", METHODS, "")?;
-        if name.is_empty() {
-            return Err(method.missing("name"));
-        }
-        let mut allowed: Vec<&str> = vec!["name"];
-        allowed.extend(method_keys(&name));
-        method.only_for(&allowed, &format!("method `{name}`"))?;
-        let is_mt = name == "mean-teacher";
-        let forget_loss = method.choice("forget_loss", &["nlul", "ga", "npo"], "nlul")?;
-        let method_cfg = MethodCfg {
-            forget_weight: method.float("forget_weight", 1.0, Bound::NonNegative)?,
-            retain_weight: method.float("retain_weight", if name == "npo" { 0.0 } else { 1.0 }, Bound::NonNegative)?,
-            npo_beta: method.float("npo_beta", 0.1, Bound::Positive)?,
-            npo_variant: method.choice("npo_variant", &["standard", "mt-unlearn"], if is_mt { "mt-unlearn" } else { "standard" })?,
-            reference_model: method.path("reference_model")?,
-            eps: method.float("eps", 1e-8, Bound::Positive)?,
-            autolr: method.boolean("autolr", true)?,
-            autolr_period: method.int("autolr_period", 4, 1)?,
-            autolr_smoothing: method.float("autolr_smoothing", 0.9, Bound::UnitInterval)?,
-            forget_loss,
-            penalty: method.choice("penalty", &["kl", "qkl"], "kl")?,
-            alpha: method.float("alpha", 0.05, Bound::NonNegative)?,
-            beta: method.float("beta", 1.0, Bound::NonNegative)?,
-            delta: method.float("delta", 0.005, Bound::UnitInterval)?,
-            damp: method.float("damp", 5.0, Bound::NonNegative)?,
-            clip: method.float("clip", 1.0, Bound::Positive)?,
-            tol: method.float("tol", 0.02, Bound::NonNegative)?,
-            name,
-        };
+        let registration = method.required_choice("name", METHODS, methods::lookup)?;
+        let method_cfg = (registration.parse)(&method)?;
+        method.only_read(&format!("method `{}`", registration.name))?;
+        let spec = method_cfg.spec();
 
-        data.only(&["forget", "retain", "forget_limit", "retain_limit", "retain_max_len", "forget_overflow", "retain_overflow", "sampling"])?;
+        data.only(&["forget", "retain", "forget_limit", "retain_limit", "retain_max_len", "forget_overflow", "retain_overflow", "sampling", "template"])?;
         let data_cfg = DataCfg {
             forget: data.paths("forget")?,
             retain: data.paths("retain")?,
             forget_limit: data.opt_int("forget_limit", 1)?.map(|v| v as usize),
             retain_limit: data.opt_int("retain_limit", 1)?.map(|v| v as usize),
             retain_max_len: data.opt_int("retain_max_len", 2)?.map(|v| v as usize),
-            forget_overflow: data.choice("forget_overflow", &["truncate", "chunk"], "truncate")?,
-            retain_overflow: data.choice("retain_overflow", &["truncate", "chunk"], "chunk")?,
-            sampling: data.choice("sampling", &["shuffle", "replacement"], "shuffle")?,
+            forget_overflow: data.choice("forget_overflow", Overflow::Truncate)?,
+            retain_overflow: data.choice("retain_overflow", Overflow::Chunk)?,
+            sampling: data.choice("sampling", Sampling::Shuffle)?,
+            template: data.choice("template", TemplateKind::PhiQa)?,
         };
-        let needs_forget = method_cfg.name != "finetune";
-        let needs_retain = matches!(method_cfg.name.as_str(), "finetune" | "graddiff" | "ngdiff" | "mean-teacher")
-            || (method_cfg.name == "npo" && method_cfg.retain_weight > 0.0);
-        if needs_forget && data_cfg.forget.is_empty() {
-            return Err(Error::config(file, "data.forget", format!("method `{}` needs forget data", method_cfg.name)));
-        }
-        if needs_retain && data_cfg.retain.is_empty() {
-            let what = if is_mt { "retain or pretraining text for the KL penalty" } else { "retain data" };
-            return Err(Error::config(file, "data.retain", format!("method `{}` needs {what}", method_cfg.name)));
+        for obj in spec.objectives() {
+            let (key, paths) = match obj {
+                Objective::Forget => ("data.forget", &data_cfg.forget),
+                Objective::Retain => ("data.retain", &data_cfg.retain),
+            };
+            if paths.is_empty() {
+                return Err(Error::config(file, key, format!("method `{}` needs {}", method_cfg.name(), method_cfg.data_words(obj))));
+            }
         }
         for (key, paths) in [("data.forget", &data_cfg.forget), ("data.retain", &data_cfg.retain)] {
             for p in paths.iter().filter(|_| check_paths) {
@@ -226,8 +324,13 @@ impl RunConfig {
                 }
             }
         }
-        if let Some(r) = method_cfg.reference_model.as_ref().filter(|r| check_paths && !r.join("config.json").exists()) {
-            return Err(Error::config(file, "method.reference_model", format!("{} is not an HF model directory (no config.json)", r.display())));
+        if check_paths {
+            check_forget_is_not_retain(file, &data_cfg)?;
+        }
+        for (key, dir) in method_cfg.model_dirs() {
+            if check_paths && !dir.join("config.json").exists() {
+                return Err(Error::config(file, format!("method.{key}"), format!("{} is not an HF model directory (no config.json)", dir.display())));
+            }
         }
         if check_paths && !model_cfg.path.join("config.json").exists() {
             return Err(Error::config(
@@ -238,24 +341,31 @@ impl RunConfig {
         }
 
         optim.only(&["name", "lr", "betas", "eps", "weight_decay", "momentum", "schedule", "warmup_steps", "clip_norm"])?;
-        let optim_name = optim.choice("name", &["adamw", "sgd"], "")?;
-        if optim_name.is_empty() {
-            return Err(optim.missing("name"));
-        }
+        let optim_name = optim.required_choice("name", &OptimName::names(), OptimName::from_name)?;
         let betas = optim.float_pair("betas", (0.9, 0.999))?;
         let optim_cfg = OptimCfg {
             lr: optim.float("lr", f64::NAN, Bound::Positive)?,
             betas,
             adam_eps: optim.float("eps", 1e-8, Bound::Positive)?,
-            weight_decay: optim.float("weight_decay", if optim_name == "adamw" { 0.01 } else { 0.0 }, Bound::NonNegative)?,
+            weight_decay: optim.float("weight_decay", if optim_name == OptimName::AdamW { 0.01 } else { 0.0 }, Bound::NonNegative)?,
             momentum: optim.float("momentum", 0.0, Bound::UnitInterval)?,
-            schedule: optim.choice("schedule", &["constant", "linear-warmup", "mt-warmup", "cosine"], "constant")?,
+            schedule: optim.choice("schedule", ScheduleKind::Constant)?,
             warmup_steps: optim.int("warmup_steps", 0, 0)?,
             clip_norm: optim.float("clip_norm", 0.0, Bound::NonNegative)?,
             name: optim_name,
         };
         if optim_cfg.lr.is_nan() {
             return Err(optim.missing("lr"));
+        }
+        if optim_cfg.clip_norm > 0.0 && spec.clips_itself {
+            return Err(optim.err(
+                "clip_norm",
+                format!(
+                    "cannot be used with method `{}`: it clips its own update (method.clip) and scales its teacher's EMA rate \
+                     by that clip factor, so a second clip would shrink the rate as well; set method.clip instead",
+                    method_cfg.name()
+                ),
+            ));
         }
 
         train.only(&[
@@ -279,6 +389,7 @@ impl RunConfig {
                 return Err(train.missing(key));
             }
         }
+        check_batch_bounds(&train, &train_cfg, data_cfg.retain_max_len)?;
 
         dist.only(&["backend", "zero", "bucket_mb", "teacher", "verify_every"])?;
         let zero = dist.int("zero", 0, 0)?;
@@ -286,10 +397,10 @@ impl RunConfig {
             return Err(dist.err("zero", format!("must be 0, 1, 2 or 3, got {zero}")));
         }
         let dist_cfg = DistCfg {
-            backend: dist.choice("backend", &["auto", "none", "mpi", "nccl"], "auto")?,
+            backend: dist.choice("backend", Backend::Auto)?,
             zero: zero as u8,
             bucket_mb: dist.float("bucket_mb", 25.0, Bound::Positive)?,
-            teacher: dist.choice("teacher", &["replica", "gather"], "replica")?,
+            teacher: dist.choice("teacher", TeacherMode::Replica)?,
             verify_every: dist.int("verify_every", 0, 0)?,
         };
         Ok(RunConfig { model: model_cfg, data: data_cfg, method: method_cfg, optim: optim_cfg, train: train_cfg, dist: dist_cfg })
@@ -298,18 +409,63 @@ impl RunConfig {
     /// The resolved config as TOML, written next to the run's outputs (and read back by
     /// `--resume`): every default made explicit, only the method keys the method accepts.
     pub fn to_toml(&self) -> String {
-        let mut table = Table::try_from(self).expect("config serializes to TOML");
-        if let Some(Value::Table(m)) = table.get_mut("method") {
-            let keep = method_keys(&self.method.name);
-            m.retain(|k, _| k == "name" || keep.contains(&k));
-        }
+        let table = Table::try_from(self).expect("config serializes to TOML");
         toml::to_string_pretty(&table).expect("config serializes to TOML")
     }
 }
 
+/// Largest global micro-batch, in sequences and in tokens (`batch_size × max_len`). Far above any
+/// real run (64 GPUs × 64 sequences × 8k tokens is 2^25 tokens), and checked before the loader
+/// allocates index vectors and batches from them.
+pub const MAX_BATCH_SEQUENCES: u64 = 1 << 20;
+pub const MAX_BATCH_TOKENS: u64 = 1 << 31;
+/// Longest sequence accepted (a few times the longest context of current models).
+pub const MAX_LEN: u64 = 1 << 20;
+
+fn check_batch_bounds(train: &Section, t: &TrainCfg, retain_max_len: Option<usize>) -> Result<()> {
+    if t.batch_size as u64 > MAX_BATCH_SEQUENCES {
+        return Err(train.err("batch_size", format!("{} is above the limit of {MAX_BATCH_SEQUENCES} sequences per micro-batch", t.batch_size)));
+    }
+    let longest = t.max_len.max(retain_max_len.unwrap_or(0)) as u64;
+    if longest > MAX_LEN {
+        return Err(train.err("max_len", format!("{longest} tokens (train.max_len or data.retain_max_len) is above the limit of {MAX_LEN}")));
+    }
+    if t.batch_size as u64 * longest > MAX_BATCH_TOKENS {
+        return Err(train.err(
+            "batch_size",
+            format!("{} sequences of up to {longest} tokens is above the limit of 2^31 tokens per micro-batch", t.batch_size),
+        ));
+    }
+    Ok(())
+}
+
+/// Forgetting a set while training to keep the very same set cancels out (GradDiff's direction is
+/// zero, NGDiff's is undefined): the same file, or files with identical content, is an error.
+fn check_forget_is_not_retain(file: &str, d: &DataCfg) -> Result<()> {
+    for f in &d.forget {
+        for r in &d.retain {
+            if crate::files::same_content(f, r).map_err(|e| Error::config(file, "data.retain", e.to_string()))? {
+                return Err(Error::config(
+                    file,
+                    "data.retain",
+                    format!("{} has the same content as the forget file {}; the forget and retain sets must differ", r.display(), f.display()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `data.template` of a run's saved config.toml (`None` when unset), checked as `unlearn run` checks it.
+pub fn saved_template(path: &Path) -> Result<Option<TemplateKind>> {
+    let table = read_table(path)?;
+    let file = path.display().to_string();
+    Section::new(&file, "", &table).section("data")?.opt_choice("template", &TemplateKind::names(), TemplateKind::from_name)
+}
+
 /// Parse a TOML file; a syntax error keeps its line, column and the offending text.
 pub fn read_table(path: &Path) -> Result<Table> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_text(path)?;
     text.parse().map_err(|e: toml::de::Error| Error::format(path, e.to_string().trim_end().to_string()))
 }
 
@@ -341,23 +497,30 @@ pub fn apply_overrides(table: &mut Table, overrides: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// What a number must be.
 #[derive(Clone, Copy)]
-enum Bound {
+pub enum Bound {
     Positive,
     NonNegative,
     UnitInterval,
 }
 
-/// A view of one `[section]` of the config with typed, error-naming getters.
-struct Section<'a> {
+/// A view of one `[section]` of the config with typed, error-naming getters. It remembers the
+/// keys it was asked for, so that a section whose keys are stated only by the code that reads
+/// them (a method's) can still reject every other key ([`Section::only_read`]).
+pub struct Section<'a> {
     file: &'a str,
     prefix: &'a str,
     table: &'a Table,
+    read: RefCell<Vec<String>>,
 }
 
 static EMPTY: std::sync::LazyLock<Table> = std::sync::LazyLock::new(Table::new);
 
 impl<'a> Section<'a> {
+    fn new(file: &'a str, prefix: &'a str, table: &'a Table) -> Self {
+        Section { file, prefix, table, read: RefCell::new(vec![]) }
+    }
     fn key(&self, k: &str) -> String {
         if self.prefix.is_empty() {
             k.to_string()
@@ -365,7 +528,15 @@ impl<'a> Section<'a> {
             format!("{}.{k}", self.prefix)
         }
     }
-    fn err(&self, k: &str, msg: impl Into<String>) -> Error {
+    /// The value of `k`, noting that the key is known.
+    fn get(&self, k: &str) -> Option<&'a Value> {
+        let mut read = self.read.borrow_mut();
+        if !read.iter().any(|r| r == k) {
+            read.push(k.to_string());
+        }
+        self.table.get(k)
+    }
+    pub fn err(&self, k: &str, msg: impl Into<String>) -> Error {
         Error::config(self.file, self.key(k), msg)
     }
     fn missing(&self, k: &str) -> Error {
@@ -377,7 +548,7 @@ impl<'a> Section<'a> {
             Some(Value::Table(t)) => t,
             Some(_) => return Err(self.err(name, "must be a table")),
         };
-        Ok(Section { file: self.file, prefix: name, table })
+        Ok(Section::new(self.file, name, table))
     }
     fn only(&self, allowed: &[&str]) -> Result<()> {
         self.only_for(allowed, "")
@@ -392,15 +563,28 @@ impl<'a> Section<'a> {
         }
         Ok(())
     }
-    fn choice(&self, k: &str, allowed: &[&str], default: &str) -> Result<String> {
-        match self.table.get(k) {
-            None => Ok(default.to_string()),
-            Some(Value::String(s)) if allowed.contains(&s.as_str()) => Ok(s.clone()),
-            Some(v) => Err(self.err(k, format!("unknown value {v} (allowed: {})", allowed.join(", ")))),
+    /// Reject every key no getter asked for.
+    fn only_read(&self, context: &str) -> Result<()> {
+        let read = self.read.borrow().clone();
+        self.only_for(&read.iter().map(String::as_str).collect::<Vec<_>>(), context)
+    }
+    pub fn choice<C: Choice>(&self, k: &str, default: C) -> Result<C> {
+        Ok(self.opt_choice(k, &C::names(), C::from_name)?.unwrap_or(default))
+    }
+    fn required_choice<T>(&self, k: &str, names: &[&str], lookup: impl Fn(&str) -> Option<T>) -> Result<T> {
+        self.opt_choice(k, names, lookup)?.ok_or_else(|| self.missing(k))
+    }
+    fn opt_choice<T>(&self, k: &str, names: &[&str], lookup: impl Fn(&str) -> Option<T>) -> Result<Option<T>> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(v) => match v.as_str().and_then(&lookup) {
+                Some(c) => Ok(Some(c)),
+                None => Err(self.err(k, format!("unknown value {v} (allowed: {})", names.join(", ")))),
+            },
         }
     }
-    fn float(&self, k: &str, default: f64, bound: Bound) -> Result<f64> {
-        let v = match self.table.get(k) {
+    pub fn float(&self, k: &str, default: f64, bound: Bound) -> Result<f64> {
+        let v = match self.get(k) {
             None => return Ok(default),
             Some(Value::Float(f)) => *f,
             Some(Value::Integer(i)) => *i as f64,
@@ -422,7 +606,7 @@ impl<'a> Section<'a> {
         Ok(v)
     }
     fn float_pair(&self, k: &str, default: (f64, f64)) -> Result<(f64, f64)> {
-        match self.table.get(k) {
+        match self.get(k) {
             None => Ok(default),
             Some(Value::Array(a)) if a.len() == 2 => {
                 let f = |v: &Value| v.as_float().or_else(|| v.as_integer().map(|i| i as f64));
@@ -434,33 +618,37 @@ impl<'a> Section<'a> {
             Some(v) => Err(self.err(k, format!("expected [beta1, beta2], got {v}"))),
         }
     }
-    fn int(&self, k: &str, default: u64, min: u64) -> Result<u64> {
+    pub fn int(&self, k: &str, default: u64, min: u64) -> Result<u64> {
         Ok(self.opt_int(k, min)?.unwrap_or(default))
     }
     fn opt_int(&self, k: &str, min: u64) -> Result<Option<u64>> {
-        match self.table.get(k) {
+        match self.get(k) {
             None => Ok(None),
             Some(Value::Integer(i)) if *i >= min as i64 => Ok(Some(*i as u64)),
             Some(Value::Integer(i)) => Err(self.err(k, format!("must be an integer >= {min}, got {i}"))),
             Some(v) => Err(self.err(k, format!("expected an integer, got {v}"))),
         }
     }
-    fn boolean(&self, k: &str, default: bool) -> Result<bool> {
-        match self.table.get(k) {
+    pub fn boolean(&self, k: &str, default: bool) -> Result<bool> {
+        match self.get(k) {
             None => Ok(default),
             Some(Value::Boolean(b)) => Ok(*b),
             Some(v) => Err(self.err(k, format!("expected true or false, got {v}"))),
         }
     }
-    fn path(&self, k: &str) -> Result<Option<PathBuf>> {
-        match self.table.get(k) {
+    pub fn path(&self, k: &str) -> Result<Option<PathBuf>> {
+        match self.get(k) {
             None => Ok(None),
             Some(Value::String(s)) if !s.is_empty() => expand(s).map(Some).map_err(|m| self.err(k, m)),
             Some(v) => Err(self.err(k, format!("expected a path string, got {v}"))),
         }
     }
+    /// A model directory, or a hub id `org/name` resolved from the local Hugging Face cache.
+    pub fn model_dir(&self, k: &str) -> Result<Option<PathBuf>> {
+        self.path(k)?.map(|p| crate::model::hub::resolve_model(&p).map_err(|m| self.err(k, m))).transpose()
+    }
     fn paths(&self, k: &str) -> Result<Vec<PathBuf>> {
-        match self.table.get(k) {
+        match self.get(k) {
             None => Ok(vec![]),
             Some(Value::String(s)) => Ok(vec![expand(s).map_err(|m| self.err(k, m))?]),
             Some(Value::Array(a)) => a

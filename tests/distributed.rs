@@ -116,6 +116,63 @@ fn every_method_at_1_2_and_4_ranks_matches_the_single_process_run() {
     }
 }
 
+/// `mpirun` that must finish within `limit`; a job still running then (a rank waiting in a
+/// collective its peers never issue) is stopped and reported, never left running.
+fn mpirun_within(np: usize, args: &[String], limit: Duration) -> (bool, String) {
+    let mut child = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", &np.to_string()])
+        .arg(unlearn_bin())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mpirun");
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            for p in descendants(child.id()) {
+                unsafe { libc::kill(p as i32, libc::SIGKILL) };
+            }
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            return (false, format!("still running after {limit:?} (a collective that not every rank issued?):\n{}", String::from_utf8_lossy(&out.stderr)));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// NPO's reference pass deals the forget examples round-robin over the ranks; with a count that
+/// does not divide by the world size one rank has one batch more. Under ZeRO-3 every batch gathers
+/// each layer from all ranks, so the others must take part in that batch's gathers too (issue 10:
+/// before, the job hung). Both NPO and mean teacher with `forget_loss = "npo"` finish at 3 ranks
+/// and equal the single process.
+#[test]
+fn the_reference_pass_with_an_uneven_forget_split_finishes_under_zero3_and_matches_one_process() {
+    let s = setup();
+    // 10 forget examples over 3 ranks: 4, 3 and 3, one row per rank per batch.
+    let uneven = ["train.batch_size=3", "data.forget_limit=10"];
+    for (method, extra) in [("npo", None), ("mean-teacher", Some("method.forget_loss=\"npo\""))] {
+        let mut sets: Vec<String> = uneven.iter().map(|x| x.to_string()).chain(extra.map(String::from)).collect();
+        let single = run_np(&s, method, 1, &[sets.clone(), vec!["dist.backend=\"none\"".into()]].concat());
+        let m = moved(&s.model, &single);
+        assert!(m > 1e-3, "{method}: weights barely moved ({m:e})");
+        sets.push("dist.zero=3".into());
+        let name = format!("{method}-uneven-np3");
+        let cfg = config(&s, &name, method);
+        let mut args = vec!["run".to_string(), "--config".into(), cfg.display().to_string()];
+        for x in &sets {
+            args.extend(["--set".to_string(), x.clone()]);
+        }
+        let (ok, err) = mpirun_within(3, &args, Duration::from_secs(300));
+        assert!(ok, "{method} at np=3, ZeRO-3, 10 forget examples: {err}");
+        let e = max_rel(&weights(&s.tmp.path().join(&name)), &single);
+        println!("{method}: np=3 zero=3 with 10 forget examples vs single process: max rel diff {e:.2e} (weights moved {m:.2e})");
+        assert!(e <= 1e-5, "{method}: np=3 differs from the single-process run by {e:e}");
+    }
+}
+
 #[test]
 fn zero_stages_agree_and_the_teacher_is_the_same_everywhere() {
     let s = setup();

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use toml::Table;
 
-use crate::config::{apply_overrides, RunConfig};
+use crate::config::{apply_overrides, parse_choice, Choice, DeviceChoice, Dtype, OptimName, RunConfig, TeacherMode, Trainable};
 use crate::model::Config;
 use crate::plan::{estimate, rss, Device, PlanInput, CUDA_NON_TENSOR_GIB, GIB};
 use crate::Result;
@@ -22,6 +22,15 @@ pub enum Preset {
     /// Llama-3-8B.
     #[value(name = "llama3-8b")]
     Llama3_8b,
+    /// zephyr-7b-beta (Mistral-7B architecture; the WMDP target).
+    #[value(name = "zephyr-7b-beta")]
+    Zephyr7bBeta,
+    /// Qwen2.5-7B(-Instruct): q/k/v biases.
+    #[value(name = "qwen2.5-7b")]
+    Qwen2_5_7b,
+    /// Phi-3.5-mini(-instruct): fused qkv_proj and gate_up_proj.
+    #[value(name = "phi3.5-mini")]
+    Phi3_5Mini,
 }
 
 impl Preset {
@@ -29,20 +38,21 @@ impl Preset {
         match self {
             Preset::Llama2_7b => Config::llama2_7b(),
             Preset::Llama3_8b => Config::llama3_8b(),
+            Preset::Zephyr7bBeta => Config::zephyr_7b_beta(),
+            Preset::Qwen2_5_7b => Config::qwen2_5_7b(),
+            Preset::Phi3_5Mini => Config::phi3_5_mini(),
         }
     }
-    fn name(self) -> &'static str {
-        match self {
-            Preset::Llama2_7b => "llama2-7b",
-            Preset::Llama3_8b => "llama3-8b",
-        }
+    /// The name `--preset` takes.
+    fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self).expect("no preset is skipped").get_name().to_string()
     }
 }
 
 #[derive(clap::Args, Debug)]
 pub struct PlanArgs {
-    /// HF model directory (only its config.json is read).
-    #[arg(long, conflicts_with = "preset")]
+    /// HF model directory (only its config.json is read), or a hub id in the local Hugging Face cache.
+    #[arg(long, conflicts_with = "preset", value_parser = crate::model::hub::model_arg)]
     pub model: Option<PathBuf>,
     /// A known model shape instead of a directory; overrides `model.path` of --config.
     #[arg(long, value_enum)]
@@ -57,15 +67,15 @@ pub struct PlanArgs {
     /// Number of ranks (processes, one per GPU).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub world_size: u64,
-    /// finetune, ga, graddiff, npo, ngdiff or mean-teacher.
-    #[arg(long)]
+    /// Method (method.name), one of the registered methods.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::methods::NAMES))]
     pub method: Option<String>,
     /// ZeRO stage (dist.zero): 0, 1, 2 or 3.
     #[arg(long)]
     pub zero: Option<u8>,
-    /// Compute dtype (model.dtype) [default without --config: bf16 on cuda, fp32 on cpu].
-    #[arg(long, value_parser = ["bf16", "fp32"])]
-    pub dtype: Option<String>,
+    /// Compute dtype (model.dtype): bf16 or fp32 [default without --config: bf16 on cuda, fp32 on cpu].
+    #[arg(long, value_parser = parse_choice::<Dtype>)]
+    pub dtype: Option<Dtype>,
     /// Memory budget per rank in GiB [default: 80 on cuda; this machine's memory / world size on cpu].
     #[arg(long, alias = "mem-gib")]
     pub gpu_mem_gib: Option<f64>,
@@ -78,18 +88,18 @@ pub struct PlanArgs {
     /// Recompute layers in backward (train.recompute); `--recompute false` turns it off.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub recompute: Option<bool>,
-    /// Mean teacher's teacher: a compute-dtype replica, or gathered per layer (dist.teacher).
-    #[arg(long, value_parser = ["replica", "gather"])]
-    pub teacher: Option<String>,
-    /// Trainable set (model.trainable).
-    #[arg(long, value_parser = ["matrices", "all"])]
-    pub trainable: Option<String>,
-    /// Optimizer (optim.name) [default: adamw; sgd is planned with momentum].
-    #[arg(long, value_parser = ["adamw", "sgd"])]
-    pub optim: Option<String>,
+    /// Mean teacher's teacher: a compute-dtype `replica`, or `gather`ed per layer (dist.teacher).
+    #[arg(long, value_parser = parse_choice::<TeacherMode>)]
+    pub teacher: Option<TeacherMode>,
+    /// Trainable set (model.trainable): matrices or all.
+    #[arg(long, value_parser = parse_choice::<Trainable>)]
+    pub trainable: Option<Trainable>,
+    /// Optimizer (optim.name): adamw or sgd [default: adamw; sgd is planned with momentum].
+    #[arg(long, value_parser = parse_choice::<OptimName>)]
+    pub optim: Option<OptimName>,
     /// Device the ranks run on (model.device; `auto` in a config is planned as cuda) [default: cuda].
-    #[arg(long, value_parser = ["cuda", "cpu"])]
-    pub device: Option<String>,
+    #[arg(long, value_enum)]
+    pub device: Option<Device>,
     /// Print the plan as JSON.
     #[arg(long)]
     pub json: bool,
@@ -97,6 +107,21 @@ pub struct PlanArgs {
 
 fn toml_str(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
+}
+
+/// A choice as the TOML string of a `--set` override.
+fn toml_choice(c: impl Choice) -> String {
+    format!("{:?}", c.name())
+}
+
+impl Device {
+    /// The `model.device` a plan device stands for.
+    fn choice(self) -> DeviceChoice {
+        match self {
+            Device::Cuda => DeviceChoice::Cuda,
+            Device::Cpu => DeviceChoice::Cpu,
+        }
+    }
 }
 
 /// Run `unlearn plan`; returns the text to print (a table, or JSON).
@@ -135,21 +160,19 @@ pub fn run(args: &PlanArgs) -> Result<String> {
         set("dist.zero", z.to_string());
     }
     // Without a config: bf16 on cuda (the 7B recipes), fp32 on cpu.
-    let device_flag = args.device.clone().or_else(|| args.config.is_none().then(|| "cuda".to_string()));
-    if let Some(d) = &device_flag {
-        set("model.device", format!("{d:?}"));
+    let device_flag = args.device.or_else(|| args.config.is_none().then_some(Device::Cuda));
+    if let Some(d) = device_flag {
+        set("model.device", toml_choice(d.choice()));
     }
-    let dtype_flag = args.dtype.clone().or_else(|| {
-        args.config.is_none().then(|| if device_flag.as_deref() == Some("cpu") { "fp32" } else { "bf16" }.to_string())
-    });
-    if let Some(d) = &dtype_flag {
-        set("model.dtype", format!("{d:?}"));
+    let dtype_flag = args.dtype.or_else(|| args.config.is_none().then_some(if device_flag == Some(Device::Cpu) { Dtype::Fp32 } else { Dtype::Bf16 }));
+    if let Some(d) = dtype_flag {
+        set("model.dtype", toml_choice(d));
     }
-    if let Some(t) = &args.trainable {
-        set("model.trainable", format!("{t:?}"));
+    if let Some(t) = args.trainable {
+        set("model.trainable", toml_choice(t));
     }
-    if let Some(t) = &args.teacher {
-        set("dist.teacher", format!("{t:?}"));
+    if let Some(t) = args.teacher {
+        set("dist.teacher", toml_choice(t));
     }
     if let Some(r) = args.recompute {
         set("train.recompute", r.to_string());
@@ -162,20 +185,20 @@ pub fn run(args: &PlanArgs) -> Result<String> {
         (None, false) => set("train.batch_size", world.to_string()),
         (None, true) => {}
     }
-    match (&args.optim, args.config.is_some()) {
+    match (args.optim, args.config.is_some()) {
         (Some(o), _) => {
-            set("optim.name", format!("{o:?}"));
-            if o == "sgd" && args.config.is_none() {
+            set("optim.name", toml_choice(o));
+            if o == OptimName::Sgd && args.config.is_none() {
                 set("optim.momentum", "0.9".into());
             }
         }
-        (None, false) => set("optim.name", "\"adamw\"".into()),
+        (None, false) => set("optim.name", toml_choice(OptimName::AdamW)),
         (None, true) => {}
     }
     let (model_cfg, model_name) = match (args.preset, &args.model) {
         (Some(p), _) => {
             set("model.path", "\"unused-by-plan\"".into());
-            (Some(p.config()), p.name().to_string())
+            (Some(p.config()), p.name())
         }
         (None, Some(dir)) => {
             set("model.path", toml_str(dir));
@@ -193,14 +216,18 @@ pub fn run(args: &PlanArgs) -> Result<String> {
             let path = cfg.model.path.join("config.json");
             if !path.exists() {
                 return Err(crate::other!(
-                    "{label}: `model.path`: {} is not a model directory here; pass --preset llama2-7b|llama3-8b or --model DIR",
-                    cfg.model.path.display()
+                    "{label}: `model.path`: {} is not a model directory here; pass --preset {} or --model DIR",
+                    cfg.model.path.display(),
+                    <Preset as clap::ValueEnum>::value_variants().iter().map(|p| p.name()).collect::<Vec<_>>().join("|")
                 ));
             }
             (Config::from_file(&path)?, cfg.model.path.display().to_string())
         }
     };
-    let device = if cfg.model.device == "cpu" { Device::Cpu } else { Device::Cuda };
+    let device = match cfg.model.device {
+        DeviceChoice::Cpu => Device::Cpu,
+        DeviceChoice::Cuda | DeviceChoice::Auto => Device::Cuda,
+    };
     let budget_gib = match (args.gpu_mem_gib, device) {
         (Some(g), _) => g,
         (None, Device::Cuda) => 80.0,
@@ -221,7 +248,7 @@ pub fn run(args: &PlanArgs) -> Result<String> {
         text += "note: cpu figures assume freed tensors are reused, never held twice (the binary's jemalloc); \
                  with glibc's adaptive mmap threshold peaks were measured up to 1.45x higher\n";
     }
-    if cfg.model.device == "auto" && args.device.is_none() {
+    if cfg.model.device == DeviceChoice::Auto && args.device.is_none() {
         text += "note: model.device = auto is planned as cuda (pass --device cpu for a CPU run)\n";
     }
     Ok(text + &plan.render())

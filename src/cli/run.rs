@@ -25,6 +25,9 @@ pub struct RunArgs {
 pub fn run(args: &RunArgs) -> Result<()> {
     let config_path = match (&args.config, &args.resume) {
         (Some(c), _) => c.clone(),
+        (None, Some(dir)) if !dir.join("config.toml").is_file() => {
+            return Err(crate::other!("--resume {}: not a run directory (no config.toml); give --config FILE to start a run there", dir.display()))
+        }
         (None, Some(dir)) => dir.join("config.toml"),
         (None, None) => return Err(crate::other!("give --config FILE (or --resume DIR of an earlier run)")),
     };
@@ -33,8 +36,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         overrides.push(format!("train.out_dir={:?}", dir.display().to_string()));
     }
     let cfg = RunConfig::load(&config_path, &overrides)?;
-    let device = dist::rank_device(crate::model::parse_device(&cfg.model.device)?);
-    let comm = dist::init(&cfg.dist.backend, device)?;
+    let device = cfg.model.device.resolve()?;
+    let comm = dist::init_backend(cfg.dist.backend, device)?;
     dist::set_cpu_threads();
     let out = cfg.train.out_dir.clone();
     let ckpt_root = out.join("checkpoints");
@@ -53,60 +56,68 @@ pub fn run(args: &RunArgs) -> Result<()> {
             None
         }
     };
+    // The model, data and checkpoint are checked before anything is written, so bad input leaves
+    // no half-made run directory behind and a refused resume keeps the run's config.toml.
+    let mut trainer = Trainer::new(&cfg, comm.clone(), device)?;
+    if let Some(dir) = &resume_from {
+        trainer.restore(dir)?;
+        if trainer.step() > cfg.train.steps {
+            return Err(crate::Error::config(
+                config_path.display().to_string(),
+                "train.steps",
+                format!("{} is below the step of the checkpoint {} ({}); nothing to resume", cfg.train.steps, dir.display(), trainer.step()),
+            ));
+        }
+    }
     if rank == 0 {
         std::fs::create_dir_all(&ckpt_root).map_err(|e| crate::Error::io(&ckpt_root, e))?;
         crate::model::weights::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
     }
     comm.barrier()?;
-
-    let mut trainer = Trainer::new(cfg, comm.clone())?;
     let metrics = out.join("metrics.jsonl");
-    if let Some(dir) = &resume_from {
-        trainer.restore(dir)?;
-        if rank == 0 {
-            tracing::info!("resumed from {} at step {}", dir.display(), trainer.step);
-            truncate_metrics(&metrics, trainer.step)?;
-        }
+    if let Some(dir) = resume_from.as_ref().filter(|_| rank == 0) {
+        tracing::info!("resumed from {} at step {}", dir.display(), trainer.step());
+        truncate_metrics(&metrics, trainer.step())?;
     } else if rank == 0 && metrics.exists() {
         std::fs::remove_file(&metrics).map_err(|e| crate::Error::io(&metrics, e))?;
     }
 
-    let total = trainer.cfg.train.steps;
-    let every = trainer.cfg.train.checkpoint_every;
-    let keep = trainer.cfg.train.keep_checkpoints;
-    let log_every = trainer.cfg.train.log_every;
+    let mut events = (rank == 0).then(|| crate::tensorboard::EventWriter::create(&out, trainer.step() + 1)).transpose()?;
+    let total = cfg.train.steps;
+    let every = cfg.train.checkpoint_every;
+    let keep = cfg.train.keep_checkpoints;
+    let log_every = cfg.train.log_every;
     let bar = Progress::new(total, "train");
-    bar.inc(trainer.step.min(total));
+    bar.inc(trainer.step().min(total));
     let mut gate = StepGate::from_env(rank)?;
-    while trainer.step < total {
+    while trainer.step() < total {
         gate.wait()?;
         let log = trainer.train_step()?;
         if rank == 0 {
             append_metrics(&metrics, &log)?;
+            events.as_mut().map_or(Ok(()), |e| e.scalars(log.step, &log))?;
             if log.step % log_every == 0 || log.step == total {
                 tracing::info!("{}", format_log(&log, total));
             }
         }
         bar.inc(1);
         if every > 0 && log.step % every == 0 && log.step < total {
-            let state = trainer.checkpoint_state();
-            let dir = checkpoint::save(&ckpt_root, &state, &**trainer.comm(), keep)?;
+            let dir = trainer.save_checkpoint(&ckpt_root, keep)?;
             if rank == 0 {
                 tracing::info!("checkpoint {}", dir.display());
             }
         }
     }
     bar.finish();
-    let final_ckpt = checkpoint::step_dir(&ckpt_root, trainer.step);
+    let final_ckpt = checkpoint::step_dir(&ckpt_root, trainer.step());
     if !final_ckpt.join("meta.json").exists() {
-        let state = trainer.checkpoint_state();
-        checkpoint::save(&ckpt_root, &state, &**trainer.comm(), keep)?;
+        trainer.save_checkpoint(&ckpt_root, keep)?;
     }
     let final_dir = out.join("final");
     trainer.save_final(&final_dir)?;
     if rank == 0 {
         let rss = crate::plan::rss::peak_rss_bytes().map_or(String::new(), |b| format!(", peak RSS {} MiB on rank 0", b >> 20));
-        tracing::info!("done: {} steps, model in {}{rss}", trainer.step, final_dir.display());
+        tracing::info!("done: {} steps, model in {}{rss}", trainer.step(), final_dir.display());
     }
     Ok(())
 }

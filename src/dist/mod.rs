@@ -56,25 +56,41 @@ pub trait Collective {
 /// Shared within one process (collectives are issued from the main thread only).
 pub type Comm = Rc<dyn Collective>;
 
-/// Pick a backend from `dist.backend` and the environment: `auto` is NCCL on CUDA devices when
-/// built with it, MPI when launched under an MPI launcher, else none.
+/// The collective backend (`dist.backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// NCCL on CUDA devices when built with it, MPI when launched under an MPI launcher, else none.
+    Auto,
+    None,
+    Mpi,
+    Nccl,
+}
+
+/// [`init_backend`] for a backend named on a command line (`auto`, `none`, `mpi`, `nccl`).
 pub fn init(backend: &str, device: tch::Device) -> Result<Comm> {
-    let comm = init_backend(backend, device)?;
+    let b = crate::config::parse_choice::<Backend>(backend).map_err(|e| crate::other!("backend: {e}"))?;
+    init_backend(b, device)
+}
+
+/// Bring up `backend`; `auto` picks from the device and the environment. With
+/// `UNLEARN_COMM_TIMING=1` the collectives are timed (benches: exposed-communication share).
+pub fn init_backend(backend: Backend, device: tch::Device) -> Result<Comm> {
+    let comm = init_untimed(backend, device)?;
     Ok(if timed::requested() { Rc::new(timed::Timed::wrap(comm)) } else { comm })
 }
 
-fn init_backend(backend: &str, device: tch::Device) -> Result<Comm> {
+fn init_untimed(backend: Backend, device: tch::Device) -> Result<Comm> {
     let under_launcher = launcher_world_size() > 1;
     match backend {
-        "none" => {
+        Backend::None => {
             if under_launcher {
                 return Err(crate::other!("dist.backend = \"none\" but launched with {} ranks", launcher_world_size()));
             }
             Ok(Rc::new(local::Local))
         }
-        "mpi" => init_mpi(),
-        "nccl" => init_nccl(device),
-        "auto" => {
+        Backend::Mpi => init_mpi(),
+        Backend::Nccl => init_nccl(device),
+        Backend::Auto => {
             if device.is_cuda() && cfg!(feature = "nccl") {
                 init_nccl(device)
             } else if under_launcher || cfg!(feature = "mpi") && std::env::var("OMPI_COMM_WORLD_SIZE").is_ok() {
@@ -83,7 +99,6 @@ fn init_backend(backend: &str, device: tch::Device) -> Result<Comm> {
                 Ok(Rc::new(local::Local))
             }
         }
-        other => Err(crate::other!("unknown dist.backend `{other}`")),
     }
 }
 

@@ -5,8 +5,8 @@
 use tch::{Device, Tensor};
 
 use crate::model::llama::positions_from_mask;
+use crate::eval::shard::{batched, Batching};
 use crate::model::{KvCache, Llama};
-use crate::progress::Progress;
 
 /// Left-pad prompts into `[b, t]` ids and mask.
 pub fn left_pad(prompts: &[&[i64]], pad_id: i64, device: Device) -> (Tensor, Tensor) {
@@ -81,19 +81,11 @@ pub fn greedy_all(
     batch_size: usize,
     label: &str,
 ) -> Vec<Vec<i64>> {
-    let mut order: Vec<usize> = (0..prompts.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
-    let mut out = vec![vec![]; prompts.len()];
-    let bar = Progress::new(prompts.len() as u64, label);
-    for chunk in order.chunks(batch_size.max(1)) {
-        let batch: Vec<&[i64]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
-        for (gen, &i) in greedy_batch(model, &batch, max_new_tokens, eos, pad_id).into_iter().zip(chunk) {
-            out[i] = gen;
-        }
-        bar.inc(chunk.len() as u64);
-    }
-    bar.finish();
-    out
+    let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    batched(prompts, &lengths, &Batching::rows(batch_size), label, |rows| {
+        let rows: Vec<&[i64]> = rows.iter().map(|p| p.as_slice()).collect();
+        greedy_batch(model, &rows, max_new_tokens, eos, pad_id)
+    })
 }
 
 /// Greedy continuation of one prompt without any cache: the full sequence is re-run each step.

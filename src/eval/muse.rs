@@ -6,7 +6,10 @@
 //!   `gt` tokenized with specials, cut to its first 128 tokens and decoded without specials;
 //!   ROUGE-L F1 (no stemmer), mean x100. open-unlearning: stemmer on, reference = the whole `gt`.
 //! - KnowMem: few-shot prompt from the `*_icl` pairs, greedy 32 new tokens, output cut at the
-//!   first of "\n\n", "\nQuestion", "Question:"; ROUGE-L F1 vs the answer, mean x100.
+//!   first of "\n\n", "\nQuestion", "Question:"; ROUGE-L F1 vs the answer, mean x100. With a
+//!   chat template (`--template`), the ICL pairs are earlier user/assistant turns and the question
+//!   the last user turn, rendered by the template (open-unlearning's way); VerbMem, PrivLeak and
+//!   MMLU are text continuations and keep their plain text under any template.
 //! - PrivLeak: Min-40% of the token log-probs of each full text (tokens 2..n), forget vs holdout
 //!   AUC (`muse_auc`), then (AUC - AUC_retrain) / AUC_retrain x100. open-unlearning:
 //!   Min-K count max(1, int(n k)) and texts cut after 2048 tokens.
@@ -28,14 +31,135 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use super::benchmark::{Benchmark, BenchmarkArgs, Description, ModelFacts, Outcome};
+use super::context::EvalCtx;
 use super::data::{index_field, read_objects, read_qa, read_texts, str_field, str_list_field, take};
 use super::metrics::{muse_auc, privleak, MinKRounding, RougeScorer, AUC_RETRAIN_BOOKS, AUC_RETRAIN_NEWS};
 use super::report::{python_mean, Metric, SampleRow};
-use super::shard::EvalCtx;
 use super::score::summarize;
 use super::text::{cut_at_stops, decode, keep_last_tokens, leading_specials, KNOWMEM_STOPS};
 use crate::data::batch::Example;
 use crate::error::{Error, Result};
+
+/// `unlearn eval muse` options.
+#[derive(clap::Args, Debug)]
+pub struct MuseArgs {
+    /// Corpus directory, e.g. ../shared/data/muse/news (verbmem/, knowmem/, privleak/).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// MMLU subsample directory [default: DATA/../mmlu_subsample].
+    #[arg(long)]
+    pub mmlu: Option<PathBuf>,
+    /// Parts to run (comma separated); a requested part with missing files is an error.
+    /// Default: every part whose files exist (the others are skipped with a note).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub parts: Option<Vec<Part>>,
+    /// Which code's choices to follow where MUSE's original and open-unlearning differ.
+    #[arg(long, value_enum, default_value_t = Variant::Muse)]
+    pub variant: Variant,
+    /// Corpus, for the PrivLeak reference AUC constant [default: from the data directory name].
+    #[arg(long, value_enum)]
+    pub corpus: Option<Corpus>,
+    /// Reference (retrained model) AUC for PrivLeak.
+    #[arg(long, conflicts_with = "retain_model")]
+    pub retain_auc: Option<f64>,
+    /// Retained model whose forget-vs-holdout AUC, measured now, is the PrivLeak reference (a
+    /// directory, or a hub id `org/name` in the local Hugging Face cache).
+    #[arg(long, value_parser = crate::model::hub::model_arg)]
+    pub retain_model: Option<PathBuf>,
+    /// Use only the first N samples of every split.
+    #[arg(long, value_parser = crate::cli::at_least_one)]
+    pub max_samples: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens_verbmem: usize,
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens_knowmem: usize,
+    #[arg(long, default_value_t = 4)]
+    pub max_new_tokens_mmlu: usize,
+    /// Keep only the last N tokens of long generation prompts (leading BOS kept). Not in MUSE.
+    #[arg(long)]
+    pub max_prompt_tokens: Option<usize>,
+    /// Cut PrivLeak texts after N tokens [default: none; 2048 with --variant open-unlearning].
+    #[arg(long)]
+    pub max_text_tokens: Option<usize>,
+}
+
+impl BenchmarkArgs for MuseArgs {
+    fn retain_model(&self) -> Option<&Path> {
+        self.retain_model.as_deref()
+    }
+
+    fn inputs(&self) -> Vec<PathBuf> {
+        [Some(self.data.clone()), Some(self.mmlu_dir()), self.retain_model.clone()].into_iter().flatten().collect()
+    }
+
+    fn prepare(&self, _model: &ModelFacts) -> Result<Box<dyn Benchmark>> {
+        let opts = MuseOptions {
+            mmlu: self.mmlu_dir(),
+            data: self.data.clone(),
+            parts: self.parts.clone(),
+            variant: self.variant,
+            max_samples: self.max_samples,
+            max_new_tokens_verbmem: self.max_new_tokens_verbmem,
+            max_new_tokens_knowmem: self.max_new_tokens_knowmem,
+            max_new_tokens_mmlu: self.max_new_tokens_mmlu,
+            max_prompt_tokens: self.max_prompt_tokens,
+            max_text_tokens: self.max_text_tokens.or((self.variant == Variant::OpenUnlearning).then_some(2048)),
+        };
+        let data = load_data(&opts)?;
+        let mut muse = Muse { opts, data, reference: None, retain_model: None, notes: vec![] };
+        match (self.retain_auc, &self.retain_model, muse.data.privleak.is_some()) {
+            (Some(v), _, _) => muse.reference = Some(AucReference { value: v, source: "given with --retain-auc".into() }),
+            (None, Some(dir), true) => muse.retain_model = Some(dir.clone()),
+            (None, Some(_), false) => muse.notes.push("--retain-model given but no PrivLeak data: the retain model was not evaluated".into()),
+            (None, None, _) => {
+                muse.reference = self.corpus.or_else(|| Corpus::from_dir(&self.data)).map(|corpus| AucReference {
+                    value: corpus.auc_retrain(),
+                    source: format!("MUSE constant AUC_RETRAIN[\"{}\"][\"forget_holdout_Min-40%\"] of the official retrained 7B model", corpus.name()),
+                })
+            }
+        }
+        Ok(Box::new(muse))
+    }
+}
+
+impl MuseArgs {
+    fn mmlu_dir(&self) -> PathBuf {
+        self.mmlu.clone().unwrap_or_else(|| self.data.join("../mmlu_subsample"))
+    }
+}
+
+/// A MUSE evaluation with its data read.
+pub struct Muse {
+    pub opts: MuseOptions,
+    pub data: MuseData,
+    /// PrivLeak's reference AUC; measured on `retain_model` when that is set.
+    pub reference: Option<AucReference>,
+    pub retain_model: Option<PathBuf>,
+    /// Notes from setting up (before the data's own).
+    pub notes: Vec<String>,
+}
+
+impl Benchmark for Muse {
+    fn describe(&self) -> Description {
+        let inputs = self.data.mmlu.is_some().then(|| ("mmlu", self.opts.mmlu.clone())).into_iter().collect();
+        Description { name: "muse", variant: self.opts.variant.name(), data: self.opts.data.clone(), limits: self.opts.limits(), inputs }
+    }
+    fn reference_model(&self) -> Option<&Path> {
+        self.retain_model.as_deref()
+    }
+    fn measure_reference(&mut self, ctx: &EvalCtx) -> Result<()> {
+        let (Some(dir), Some((forget, holdout))) = (&self.retain_model, &self.data.privleak) else { return Ok(()) };
+        let (auc, _, _) = privleak_scores(ctx, forget, holdout, &self.opts, "retain privleak")?;
+        self.reference = Some(AucReference { value: auc, source: format!("forget-vs-holdout AUC of the retain model {}, measured with the same settings", dir.display()) });
+        Ok(())
+    }
+    fn evaluate(&self, ctx: &EvalCtx) -> Result<Outcome> {
+        let mut out = evaluate_parts(ctx, &self.data, &self.opts, self.reference.as_ref())?;
+        out.notes.splice(0..0, self.notes.iter().cloned());
+        Ok(out)
+    }
+}
 
 /// Which evaluation code to follow where MUSE's original and open-unlearning differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -258,6 +382,10 @@ pub fn load_data(o: &MuseOptions) -> Result<MuseData> {
             }
         }
     }
+    let found = data.verbmem.is_some() || data.knowmem_f.is_some() || data.knowmem_r.is_some() || data.privleak.is_some() || data.mmlu.is_some();
+    if !found {
+        return Err(Error::format(&o.data, format!("no MUSE part could be evaluated: {}", data.notes.join("; "))));
+    }
     Ok(data)
 }
 
@@ -269,37 +397,26 @@ pub struct AucReference {
     pub source: String,
 }
 
-/// Everything one MUSE evaluation produced.
-#[derive(Debug, Default)]
-pub struct MuseOutcome {
-    pub metrics: Vec<(String, Metric)>,
-    pub samples: Vec<SampleRow>,
-    pub notes: Vec<String>,
-    pub reference: Option<Value>,
-    pub timings_s: BTreeMap<String, f64>,
-}
-
-impl MuseOutcome {
-    /// Record a finished generation part: its metric, a note on truncated prompts, its time.
-    fn finish_part(&mut self, key: &str, metric: Metric, truncated: usize, o: &MuseOptions, started: Instant) {
-        self.metrics.push((key.into(), metric));
-        if truncated > 0 {
-            self.notes.push(format!(
-                "{key}: {truncated} prompt(s) longer than --max-prompt-tokens {} kept only their last tokens (MUSE never truncates)",
-                o.max_prompt_tokens.unwrap_or(0)
-            ));
-        }
-        self.timings_s.insert(key.into(), started.elapsed().as_secs_f64());
+/// Record a finished generation part: its metric, a note on truncated prompts, its time.
+fn finish_part(out: &mut Outcome, key: &str, metric: Metric, truncated: usize, o: &MuseOptions, started: Instant) {
+    out.metrics.push((key.into(), metric));
+    if truncated > 0 {
+        out.notes.push(format!(
+            "{key}: {truncated} prompt(s) longer than --max-prompt-tokens {} kept only their last tokens (MUSE never truncates)",
+            o.max_prompt_tokens.unwrap_or(0)
+        ));
     }
+    out.timings_s.insert(key.into(), started.elapsed().as_secs_f64());
 }
 
-/// Tokenize generation prompts with the tokenizer's specials, fitted to `--max-prompt-tokens`.
-fn prompt_ids(ctx: &EvalCtx, prompts: &[String], o: &MuseOptions) -> Result<(Vec<Vec<i64>>, usize)> {
+/// Tokenize generation prompts, fitted to `--max-prompt-tokens`: with the tokenizer's specials
+/// (`specials`), or, for prompts rendered by a chat template, as the template wrote them.
+fn prompt_ids(ctx: &EvalCtx, prompts: &[String], o: &MuseOptions, specials: bool) -> Result<(Vec<Vec<i64>>, usize)> {
     let lead = leading_specials(ctx.tok)?;
     let mut truncated = 0;
     let mut out = Vec::with_capacity(prompts.len());
     for p in prompts {
-        let mut ids = ctx.tok.encode(p, true)?;
+        let mut ids = ctx.tok.encode(p, specials)?;
         if let Some(max) = o.max_prompt_tokens {
             truncated += keep_last_tokens(&mut ids, max, lead) as usize;
         }
@@ -309,13 +426,13 @@ fn prompt_ids(ctx: &EvalCtx, prompts: &[String], o: &MuseOptions) -> Result<(Vec
 }
 
 /// Run every loaded part on `ctx`'s model.
-pub fn evaluate(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference: Option<&AucReference>) -> Result<MuseOutcome> {
-    let mut out = MuseOutcome { notes: data.notes.clone(), ..Default::default() };
+pub fn evaluate_parts(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference: Option<&AucReference>) -> Result<Outcome> {
+    let mut out = Outcome { notes: data.notes.clone(), ..Default::default() };
     let scorer = RougeScorer::new(o.variant.stem());
     let stem_txt = if o.variant.stem() { "with" } else { "no" };
     if let Some(rows) = &data.verbmem {
         let t = Instant::now();
-        let (prompts, cut) = prompt_ids(ctx, &rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), o)?;
+        let (prompts, cut) = prompt_ids(ctx, &rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), o, true)?;
         let gens = ctx.generate(&prompts, o.max_new_tokens_verbmem, "verbmem")?;
         let mut f1s = vec![];
         for (i, ((prompt, gt), gen)) in rows.iter().zip(&gens).enumerate() {
@@ -352,14 +469,21 @@ pub fn evaluate(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference: Opti
             f1s.len(),
             "lower",
         );
-        out.finish_part("verbmem_f", metric, cut, o, t);
+        finish_part(&mut out, "verbmem_f", metric, cut, o, t);
     }
     for (key, set, split) in [("knowmem_f", &data.knowmem_f, "D_forget"), ("knowmem_r", &data.knowmem_r, "D_retain")] {
         let Some(set) = set else { continue };
         let t = Instant::now();
-        let prefix: String = set.icl.iter().map(|(q, a)| format!("Question: {q}\nAnswer: {a}\n\n")).collect();
-        let prompts: Vec<String> = set.qa.iter().map(|(q, _)| format!("{prefix}Question: {q}\nAnswer: ")).collect();
-        let (ids, cut) = prompt_ids(ctx, &prompts, o)?;
+        // A chat template puts the ICL pairs in earlier turns (as open-unlearning does); phi-qa keeps MUSE's text.
+        let chat = ctx.template.is_chat();
+        let prompts: Vec<String> = if chat {
+            set.qa.iter().map(|(q, _)| ctx.template.prompt_text(&set.icl, q)).collect::<Result<_>>()?
+        } else {
+            let prefix: String = set.icl.iter().map(|(q, a)| format!("Question: {q}\nAnswer: {a}\n\n")).collect();
+            set.qa.iter().map(|(q, _)| format!("{prefix}Question: {q}\nAnswer: ")).collect()
+        };
+        let shape = if chat { format!("{} chat prompt (ICL pairs as earlier turns)", ctx.template.name()) } else { "\"Question: ..\\nAnswer: ..\" prompt".into() };
+        let (ids, cut) = prompt_ids(ctx, &prompts, o, !chat)?;
         let gens = ctx.generate(&ids, o.max_new_tokens_knowmem, key)?;
         let mut f1s = vec![];
         for (i, (((_, answer), prompt), gen)) in set.qa.iter().zip(&prompts).zip(&gens).enumerate() {
@@ -381,14 +505,14 @@ pub fn evaluate(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference: Opti
         let metric = Metric::new(
             python_mean(&f1s) * 100.0,
             format!(
-                "MUSE KnowMem on {split}: mean ROUGE-L F1 ({stem_txt} stemmer) vs the answer of the {}-token greedy output of a {}-shot \"Question: ..\\nAnswer: ..\" prompt, cut at the first of \"\\n\\n\", \"\\nQuestion\", \"Question:\", x100",
+                "MUSE KnowMem on {split}: mean ROUGE-L F1 ({stem_txt} stemmer) vs the answer of the {}-token greedy output of a {}-shot {shape}, cut at the first of \"\\n\\n\", \"\\nQuestion\", \"Question:\", x100",
                 o.max_new_tokens_knowmem,
                 set.icl.len()
             ),
             f1s.len(),
             if key == "knowmem_f" { "lower" } else { "higher" },
         );
-        out.finish_part(key, metric, cut, o, t);
+        finish_part(&mut out, key, metric, cut, o, t);
     }
     if let Some((forget, holdout)) = &data.privleak {
         let t = Instant::now();
@@ -438,7 +562,7 @@ pub fn evaluate(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference: Opti
     if let Some((items, icl)) = &data.mmlu {
         let t = Instant::now();
         let prompts: Vec<String> = items.iter().map(|it| mmlu_prompt(icl, it)).collect();
-        let (ids, cut) = prompt_ids(ctx, &prompts, o)?;
+        let (ids, cut) = prompt_ids(ctx, &prompts, o, true)?;
         let gens = ctx.generate(&ids, o.max_new_tokens_mmlu, "mmlu")?;
         let mut correct = vec![];
         for (i, ((it, prompt), gen)) in items.iter().zip(&prompts).zip(&gens).enumerate() {
@@ -464,7 +588,7 @@ pub fn evaluate(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference: Opti
             correct.len(),
             "higher",
         );
-        out.finish_part("mmlu", metric, cut, o, t);
+        finish_part(&mut out, "mmlu", metric, cut, o, t);
     }
     Ok(out)
 }

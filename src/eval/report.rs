@@ -1,7 +1,6 @@
-//! Evaluation outputs: `report.json` (every number with the definition it was computed by),
-//! `report.md` (a table a person can read, before/after when compared), `samples.jsonl` (one line
-//! per evaluated sample, enough to recompute every aggregate) and SVG plots. Written into a
-//! temporary directory that replaces `--out` only when complete.
+//! The evaluation report: `report.json`'s types (every number with the definition it was computed
+//! by) and `report.md` (a table a person can read, before/after when compared). Written to disk,
+//! with `samples.jsonl` and the plots, by [`super::outputs`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -12,7 +11,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, IoContext, Result};
-use crate::model::weights::{publish_dir, temp_sibling, write_atomic};
 
 /// One reported number.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,6 +79,9 @@ pub struct Report {
     pub reference: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub truth_stats: Option<TruthStats>,
+    /// Prompt template of QA prompts and answers: {"name", "detail", "source"} (absent: phi-qa).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<Value>,
     pub run: RunInfo,
 }
 
@@ -160,7 +161,7 @@ pub fn model_sha256(dir: &Path) -> Result<String> {
     let mut buf = vec![0u8; 1 << 20];
     for f in files {
         h.update(f.file_name().unwrap_or_default().to_string_lossy().as_bytes());
-        let mut file = std::fs::File::open(&f).at(&f)?;
+        let mut file = crate::files::open_regular(&f)?;
         loop {
             let n = file.read(&mut buf).at(&f)?;
             if n == 0 {
@@ -170,41 +171,6 @@ pub fn model_sha256(dir: &Path) -> Result<String> {
         }
     }
     Ok(format!("{:x}", h.finalize()))
-}
-
-/// Write report.json, report.md, samples.jsonl and metrics.svg into `out` (replacing it), all or
-/// nothing. `compare`: earlier reports to show next to this one (before/after).
-pub fn write_eval_outputs(out: &Path, report: &Report, samples: &[SampleRow], compare: &[Report]) -> Result<()> {
-    let mut all: Vec<&Report> = compare.iter().collect();
-    all.push(report);
-    stage_dir(out, |tmp| {
-        let json = serde_json::to_string_pretty(report).expect("report serializes") + "\n";
-        write_atomic(&tmp.join("report.json"), json.as_bytes())?;
-        let mut lines = String::new();
-        for s in samples {
-            lines.push_str(&serde_json::to_string(s).expect("sample serializes"));
-            lines.push('\n');
-        }
-        write_atomic(&tmp.join("samples.jsonl"), lines.as_bytes())?;
-        let md = if compare.is_empty() { render_single(report) } else { render_comparison(&all, &[]) };
-        write_atomic(&tmp.join("report.md"), md.as_bytes())?;
-        super::plots::metrics_svg(&tmp.join("metrics.svg"), &all)
-    })
-}
-
-/// Fill a fresh temporary sibling of `out` with `fill`, then move it into place; on error the
-/// temporary directory is removed and `out` is untouched.
-pub fn stage_dir(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = temp_sibling(out);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).at(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp).at(&tmp)?;
-    let result = fill(&tmp).and_then(|_| publish_dir(&tmp, out));
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
 }
 
 /// A number for a table: 4 significant digits, scientific for very small magnitudes (p-values).

@@ -3,31 +3,18 @@
 
 use std::path::Path;
 
-use tch::Tensor;
-
 use crate::data::batch::{collate, target_logprobs, Example};
 use crate::error::Result;
 use crate::eval::metrics::{min_k_score, MinKRounding};
+use crate::eval::outputs::json_lines;
+use crate::eval::shard::{batched, Batching};
 use crate::model::Llama;
-use crate::progress::Progress;
 
 /// Target-token log-probabilities for every example, in input order. Examples are batched by
 /// length (fewer pad tokens) and run under `no_grad`.
 pub fn token_logprobs(model: &Llama, examples: &[Example], pad_id: i64, batch_size: usize, label: &str) -> Vec<Vec<f64>> {
-    let _guard = tch::no_grad_guard();
-    let mut order: Vec<usize> = (0..examples.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].ids.len()));
-    let mut out = vec![vec![]; examples.len()];
-    let bar = Progress::new(examples.len() as u64, label);
-    for chunk in order.chunks(batch_size.max(1)) {
-        let exs: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
-        for (lp, &i) in batch_logprobs(model, &exs, pad_id).into_iter().zip(chunk) {
-            out[i] = lp;
-        }
-        bar.inc(chunk.len() as u64);
-    }
-    bar.finish();
-    out
+    let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+    batched(examples, &lengths, &Batching::rows(batch_size), label, |rows| batch_logprobs(model, rows, pad_id))
 }
 
 /// Target-token log-probabilities of one batch, exactly as given (one forward pass, no re-ordering),
@@ -74,15 +61,5 @@ pub fn summarize(index: usize, logprobs: &[f64], rounding: MinKRounding) -> Samp
 
 /// Write scores as JSON lines, atomically.
 pub fn write_scores(path: &Path, scores: &[SampleScore]) -> Result<()> {
-    let mut text = String::new();
-    for s in scores {
-        text.push_str(&serde_json::to_string(s).expect("scores serialize"));
-        text.push('\n');
-    }
-    crate::model::weights::write_atomic(path, text.as_bytes())
-}
-
-/// Mean of a tensor's values as f64 (helper for logging).
-pub fn mean_f64(t: &Tensor) -> f64 {
-    t.mean(tch::Kind::Double).double_value(&[])
+    crate::model::weights::write_atomic(path, json_lines(scores).as_bytes())
 }

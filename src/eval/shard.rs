@@ -1,5 +1,7 @@
 //! Sharded evaluation: the samples of a split are cut into batches by a fixed plan, the batches
-//! are dealt to the ranks, and the per-sample results are gathered back onto every rank.
+//! are dealt to the ranks, and the per-sample results are gathered back onto every rank. The same
+//! loop serves single-process callers (`unlearn score`, `verify`'s reference generation) with a
+//! world of one.
 //!
 //! The plan depends only on the samples' lengths and the batching options, never on the number of
 //! ranks, so every sample is computed in the same batch (same rows, same padding) under
@@ -9,12 +11,8 @@
 //! source of difference is the BLAS thread count (set OMP_NUM_THREADS equal in both runs for
 //! bit-identical results).
 
-use crate::data::batch::Example;
-use crate::dist::gather::all_gather_indexed;
+use crate::dist::gather::{all_gather_indexed, Word};
 use crate::dist::Collective;
-use crate::eval::generate::greedy_batch;
-use crate::eval::score::batch_logprobs;
-use crate::model::Llama;
 use crate::progress::Progress;
 use crate::Result;
 
@@ -28,6 +26,13 @@ pub struct Batching {
     pub max_batch_tokens: usize,
 }
 
+impl Batching {
+    /// At most `batch_size` samples per batch, whatever their length.
+    pub fn rows(batch_size: usize) -> Batching {
+        Batching { batch_size, max_batch_tokens: usize::MAX }
+    }
+}
+
 /// Batches of sample indices: longest first (ties by index), filled greedily under both limits.
 pub fn plan(lengths: &[usize], b: &Batching) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
@@ -38,7 +43,7 @@ pub fn plan(lengths: &[usize], b: &Batching) -> Vec<Vec<usize>> {
     for i in order {
         // Sorted longest first, so the first row of a batch fixes its padded length.
         let width = if cur.is_empty() { lengths[i] } else { longest };
-        if !cur.is_empty() && (cur.len() >= b.batch_size.max(1) || (cur.len() + 1) * width > b.max_batch_tokens) {
+        if !cur.is_empty() && (cur.len() >= b.batch_size.max(1) || (cur.len() + 1).saturating_mul(width) > b.max_batch_tokens) {
             batches.push(std::mem::take(&mut cur));
         }
         if cur.is_empty() {
@@ -52,91 +57,54 @@ pub fn plan(lengths: &[usize], b: &Batching) -> Vec<Vec<usize>> {
     batches
 }
 
-/// This rank's batches: batch k goes to rank k mod world (strided, so long and short batches
-/// spread evenly over the ranks).
-fn my_batches<'a>(batches: &'a [Vec<usize>], comm: &dyn Collective) -> impl Iterator<Item = &'a Vec<usize>> {
-    let (rank, world) = (comm.rank(), comm.world());
-    batches.iter().enumerate().filter(move |(k, _)| k % world == rank).map(|(_, b)| b)
-}
-
-/// Greedy continuations of every prompt (at most `max_new_tokens`, stopping at any `eos`), computed
-/// across the ranks; every rank returns all of them, in input order.
-#[allow(clippy::too_many_arguments)]
-pub fn generate(
-    model: &Llama,
-    prompts: &[Vec<i64>],
-    max_new_tokens: usize,
-    eos: &[i64],
-    pad_id: i64,
-    batching: &Batching,
-    comm: &dyn Collective,
+/// The one sort-and-batch loop of evaluation: `work` runs on the batches of `plan(lengths, b)`
+/// that fall to `rank` of `world` (batch k goes to rank k mod world, strided so that long and
+/// short batches spread evenly), and returns one result per row of its batch, in row order.
+/// Returns `(item index, result)` for this rank's items.
+fn run_my_batches<T, R>(
+    items: &[T],
+    lengths: &[usize],
+    b: &Batching,
+    (rank, world): (usize, usize),
     label: &str,
-) -> Result<Vec<Vec<i64>>> {
-    let lengths: Vec<usize> = prompts.iter().map(|p| p.len() + max_new_tokens).collect();
-    let batches = plan(&lengths, batching);
-    let total: usize = my_batches(&batches, comm).map(Vec::len).sum();
+    mut work: impl FnMut(&[&T]) -> Vec<R>,
+) -> Vec<(usize, R)> {
+    let batches = plan(lengths, b);
+    let mine: Vec<&Vec<usize>> = batches.iter().enumerate().filter(|(k, _)| k % world == rank).map(|(_, batch)| batch).collect();
+    let total: usize = mine.iter().map(|batch| batch.len()).sum();
     let bar = Progress::new(total as u64, label);
-    let mut mine = Vec::with_capacity(total);
-    for batch in my_batches(&batches, comm) {
-        let rows: Vec<&[i64]> = batch.iter().map(|&i| prompts[i].as_slice()).collect();
-        for (gen, &i) in greedy_batch(model, &rows, max_new_tokens, eos, pad_id).into_iter().zip(batch) {
-            mine.push((i, gen));
-        }
+    let mut out = Vec::with_capacity(total);
+    for batch in mine {
+        let rows: Vec<&T> = batch.iter().map(|&i| &items[i]).collect();
+        let results = work(&rows);
+        assert_eq!(results.len(), batch.len(), "one result per row of a batch");
+        out.extend(batch.iter().copied().zip(results));
         bar.inc(batch.len() as u64);
     }
     bar.finish();
-    all_gather_indexed(comm, &mine, prompts.len())
+    out
 }
 
-/// Target-token log-probabilities of every example (see [`batch_logprobs`]), computed across the
-/// ranks; every rank returns all of them, in input order.
-pub fn logprobs(
-    model: &Llama,
-    examples: &[Example],
-    pad_id: i64,
-    batching: &Batching,
+/// `work` over every item in the batches of `plan(lengths, b)`, in one process; results in input
+/// order.
+pub fn batched<T, R>(items: &[T], lengths: &[usize], b: &Batching, label: &str, work: impl FnMut(&[&T]) -> Vec<R>) -> Vec<R> {
+    let mut out = run_my_batches(items, lengths, b, (0, 1), label, work);
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, r)| r).collect()
+}
+
+/// `work` over every item in the batches of `plan(lengths, b)`, each rank of `comm` computing its
+/// share; every rank returns every item's result (bit-exact), in input order.
+pub fn sharded<T, W: Word>(
+    items: &[T],
+    lengths: &[usize],
+    b: &Batching,
     comm: &dyn Collective,
     label: &str,
-) -> Result<Vec<Vec<f64>>> {
-    let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
-    let batches = plan(&lengths, batching);
-    let total: usize = my_batches(&batches, comm).map(Vec::len).sum();
-    let bar = Progress::new(total as u64, label);
-    let mut mine = Vec::with_capacity(total);
-    for batch in my_batches(&batches, comm) {
-        let rows: Vec<&Example> = batch.iter().map(|&i| &examples[i]).collect();
-        for (lp, &i) in batch_logprobs(model, &rows, pad_id).into_iter().zip(batch) {
-            mine.push((i, lp));
-        }
-        bar.inc(batch.len() as u64);
-    }
-    bar.finish();
-    all_gather_indexed(comm, &mine, examples.len())
-}
-
-/// What every evaluation part needs: the model, its tokenizer, the rank group and how to batch.
-pub struct EvalCtx<'a> {
-    pub model: &'a Llama,
-    pub tok: &'a crate::data::Tokenizer,
-    pub comm: &'a dyn Collective,
-    /// Batches of teacher-forced scoring (bounded by the `[rows, len, vocab]` logits).
-    pub score_batching: Batching,
-    /// Batches of greedy generation (bounded by the KV cache; decoding is memory-bound, so more
-    /// rows per step are almost free).
-    pub gen_batching: Batching,
-    /// Generation stops after any of these ids.
-    pub eos: Vec<i64>,
-    pub pad_id: i64,
-}
-
-impl EvalCtx<'_> {
-    pub fn generate(&self, prompts: &[Vec<i64>], max_new_tokens: usize, label: &str) -> Result<Vec<Vec<i64>>> {
-        generate(self.model, prompts, max_new_tokens, &self.eos, self.pad_id, &self.gen_batching, self.comm, label)
-    }
-
-    pub fn logprobs(&self, examples: &[Example], label: &str) -> Result<Vec<Vec<f64>>> {
-        logprobs(self.model, examples, self.pad_id, &self.score_batching, self.comm, label)
-    }
+    work: impl FnMut(&[&T]) -> Vec<Vec<W>>,
+) -> Result<Vec<Vec<W>>> {
+    let mine = run_my_batches(items, lengths, b, (comm.rank(), comm.world()), label, work);
+    all_gather_indexed(comm, &mine, items.len())
 }
 
 #[cfg(test)]
@@ -158,5 +126,23 @@ mod tests {
         }
         // A sample longer than the token budget still gets a batch of its own.
         assert_eq!(plan(&[50, 1], &b), vec![vec![0], vec![1]]);
+        // Without a token budget only the row count splits, longest first, ties by index.
+        assert_eq!(plan(&lengths, &Batching::rows(3)), vec![vec![1, 3, 5], vec![0, 2, 6], vec![4]]);
+    }
+
+    #[test]
+    fn batched_results_come_back_in_input_order() {
+        let items = ["bb", "a", "dddd", "ccc"];
+        let lengths: Vec<usize> = items.iter().map(|s| s.len()).collect();
+        let mut seen_batches = vec![];
+        let out = batched(&items, &lengths, &Batching::rows(2), "test", |rows| {
+            seen_batches.push(rows.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+            rows.iter().map(|s| s.len()).collect()
+        });
+        assert_eq!(out, vec![2, 1, 4, 3]);
+        assert_eq!(seen_batches, vec![vec!["dddd", "ccc"], vec!["bb", "a"]]);
+        let local = crate::dist::local::Local;
+        let gathered = sharded(&items, &lengths, &Batching::rows(3), &local, "test", |rows| rows.iter().map(|s| vec![s.len() as i64]).collect()).unwrap();
+        assert_eq!(gathered, vec![vec![2], vec![1], vec![4], vec![3]]);
     }
 }

@@ -2,9 +2,10 @@
 //! (see `metrics::tofu`), on the four evaluation sets: the forget split's `_perturbed` file,
 //! `retain_perturbed`, `real_authors_perturbed` and `world_facts_perturbed`.
 //!
-//! Every probability is the length-normalized probability of an answer in our data pipeline's
-//! documented QA format (`data::batch::qa_prompt` with specials, then `qa_answer` + EOS as
-//! targets), the format training uses; mean NLL L over those target tokens, P = exp(-L).
+//! Every probability is the length-normalized probability of an answer in the run's prompt
+//! template (`data::template`: by default `"Question: {q}\nAnswer:"` with specials, then `" {a}"` +
+//! EOS as targets; a chat format's answer + end-of-turn token), the format training uses; mean NLL
+//! L over those target tokens, P = exp(-L).
 //! Generation for ROUGE starts from the same prompt (greedy, up to 200 new tokens, stop at EOS),
 //! decoded without specials and without `clean_up_tokenization` (the tokenizer configs of Llama-2
 //! and SmolLM2 turn it off); ROUGE-L recall with the Porter stemmer against the answer. The
@@ -17,18 +18,127 @@ use std::time::Instant;
 
 use serde_json::json;
 
+use super::benchmark::{Benchmark, BenchmarkArgs, Description, ModelFacts, Outcome};
+use super::context::EvalCtx;
 use super::data::{existing, read_objects, str_field, str_list_field, take};
 use super::metrics::tofu::{
     answer_prob, forget_quality, forget_truth_ratio, model_utility, normalized_true_prob,
     truth_stat, utility_truth_ratio, UtilityTriple,
 };
 use super::metrics::{mean, RougeScorer};
-use super::report::{Metric, SampleRow};
-use super::shard::EvalCtx;
+use super::report::{Metric, Report, SampleRow, TruthStats};
 use super::text::decode;
-use crate::data::batch::{qa_prompt, tokenize, Example, Overflow};
-use crate::data::Record;
+use crate::data::batch::{tokenize, Example, Overflow};
+use crate::data::{Record, Template, Tokenizer};
 use crate::error::{Error, Result};
+
+/// `unlearn eval tofu` options.
+#[derive(clap::Args, Debug)]
+pub struct TofuArgs {
+    /// Forget split: forget01, forget05 or forget10 (reads FORGET_perturbed.json).
+    #[arg(long)]
+    pub forget: String,
+    /// TOFU data directory.
+    #[arg(long, default_value = "../shared/data/tofu")]
+    pub data: PathBuf,
+    /// Retain model, evaluated now on the forget set, for Forget Quality (a directory, or a hub id
+    /// `org/name` in the local Hugging Face cache).
+    #[arg(long, conflicts_with = "retain_stats", value_parser = crate::model::hub::model_arg)]
+    pub retain_model: Option<PathBuf>,
+    /// report.json (or its directory) of an earlier `eval tofu` of the retain model.
+    #[arg(long)]
+    pub retain_stats: Option<PathBuf>,
+    /// Use only the first N questions of every set.
+    #[arg(long, value_parser = crate::cli::at_least_one)]
+    pub max_samples: Option<usize>,
+    /// Greedy answer length limit for ROUGE.
+    #[arg(long, default_value_t = 200)]
+    pub max_new_tokens: usize,
+}
+
+impl BenchmarkArgs for TofuArgs {
+    fn retain_model(&self) -> Option<&Path> {
+        self.retain_model.as_deref()
+    }
+
+    fn inputs(&self) -> Vec<PathBuf> {
+        [Some(self.data.clone()), self.retain_model.clone(), self.retain_stats.clone()].into_iter().flatten().collect()
+    }
+
+    fn prepare(&self, model: &ModelFacts) -> Result<Box<dyn Benchmark>> {
+        let retain = self.retain_stats.as_deref().map(|p| retain_stats_from_report(p, &self.forget, model.tok, model.template)).transpose()?;
+        let opts = TofuOptions {
+            max_samples: self.max_samples,
+            max_new_tokens: self.max_new_tokens,
+            max_len: model.config.max_position_embeddings.max(2) as usize,
+        };
+        let sets = load_sets(&self.data, &self.forget, self.max_samples)?;
+        let retain_stats = self.retain_stats.clone();
+        Ok(Box::new(Tofu { forget: self.forget.clone(), data: self.data.clone(), opts, sets, retain, retain_stats, retain_model: self.retain_model.clone() }))
+    }
+}
+
+/// Forget-set truth statistics of an earlier `eval tofu` report, checked against this run.
+fn retain_stats_from_report(path: &Path, forget: &str, tok: &Tokenizer, template: &Template) -> Result<RetainStats> {
+    let r = Report::load(path)?;
+    let file = if path.is_dir() { path.join("report.json") } else { path.to_path_buf() };
+    // Reports from before templates existed were all phi-qa.
+    let theirs = r.template.as_ref().and_then(|t| t.get("name")).and_then(|n| n.as_str()).unwrap_or("phi-qa");
+    if theirs != template.name() {
+        return Err(Error::format(&file, format!("truth_stats were computed with the `{theirs}` prompt template, this evaluation uses `{}`", template.name())));
+    }
+    let ts = r.truth_stats.ok_or_else(|| Error::format(&file, "has no `truth_stats` (it is not the report of an `unlearn eval tofu` run)"))?;
+    if ts.split != forget {
+        return Err(Error::format(&file, format!("truth_stats are for {}, but --forget is {forget}", ts.split)));
+    }
+    if ts.tokenizer_fingerprint != tok.vocab_fingerprint() {
+        return Err(Error::format(&file, "truth_stats were computed by a model with a different tokenizer than the evaluated model's"));
+    }
+    if ts.values.is_empty() || ts.values.iter().any(|v| !v.is_finite()) {
+        return Err(Error::format(&file, "truth_stats.values must be a non-empty list of finite numbers"));
+    }
+    Ok(RetainStats { values: ts.values, source: format!("from {}", file.display()) })
+}
+
+/// A TOFU evaluation with its four sets read.
+pub struct Tofu {
+    /// The forget split, e.g. "forget01".
+    pub forget: String,
+    pub data: PathBuf,
+    pub opts: TofuOptions,
+    pub sets: Vec<TofuSet>,
+    /// Forget Quality's other side, when known (from a report, or measured on `retain_model`).
+    pub retain: Option<RetainStats>,
+    /// The `--retain-stats` report `retain` was read from.
+    pub retain_stats: Option<PathBuf>,
+    pub retain_model: Option<PathBuf>,
+}
+
+impl Benchmark for Tofu {
+    fn describe(&self) -> Description {
+        let inputs = self.retain_stats.iter().map(|p| ("retain_stats", p.clone())).collect();
+        Description { name: "tofu", variant: "tofu", data: self.data.clone(), limits: self.opts.limits(), inputs }
+    }
+    fn reference_model(&self) -> Option<&Path> {
+        self.retain_model.as_deref()
+    }
+    fn measure_reference(&mut self, ctx: &EvalCtx) -> Result<()> {
+        let Some(dir) = &self.retain_model else { return Ok(()) };
+        let values = forget_truth_stats(ctx, &self.sets[0], self.opts.max_len)?;
+        self.retain = Some(RetainStats { values, source: format!("retain model {}, evaluated in this run", dir.display()) });
+        Ok(())
+    }
+    fn evaluate(&self, ctx: &EvalCtx) -> Result<Outcome> {
+        let (mut out, stats) = evaluate_sets(ctx, &self.sets, &self.opts, self.retain.as_ref())?;
+        out.truth_stats = Some(TruthStats {
+            split: self.forget.clone(),
+            definition: TRUTH_STAT_DEFINITION.into(),
+            tokenizer_fingerprint: ctx.tok.vocab_fingerprint(),
+            values: stats,
+        });
+        Ok(out)
+    }
+}
 
 /// The four TOFU evaluation sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,7 +236,7 @@ pub fn set_losses(ctx: &EvalCtx, set: &TofuSet, max_len: usize) -> Result<SetLos
         answers.extend(it.perturbed.iter().enumerate().map(|(j, a)| (2 + j, a.as_str())));
         for (slot, a) in answers {
             let rec = Record::Qa { question: it.question.clone(), answer: a.to_string() };
-            let ex = tokenize(ctx.tok, &rec, max_len, Overflow::Truncate)
+            let ex = tokenize(ctx.tok, ctx.template, &rec, max_len, Overflow::Truncate)
                 .map_err(|e| Error::format(&set.file, format!("record {i}: {e}")))?
                 .remove(0);
             examples.push(ex);
@@ -159,7 +269,7 @@ pub fn truth_stats(losses: &SetLosses) -> Vec<f64> {
     base.iter().zip(&losses.perturbed).map(|(&b, p)| truth_stat(b, p)).collect()
 }
 
-pub const TRUTH_STAT_DEFINITION: &str = "legacy TOFU truth statistic per forget question: exp(mean_j L_pert_j - L_para) = 1/R, L = mean NLL of the answer (+EOS) tokens after \"Question: {q}\\nAnswer:\"";
+pub const TRUTH_STAT_DEFINITION: &str = "legacy TOFU truth statistic per forget question: exp(mean_j L_pert_j - L_para) = 1/R, L = mean NLL of the answer (+EOS or end-of-turn) tokens after the prompt of the report's `template`";
 
 #[derive(Debug, Clone)]
 pub struct TofuOptions {
@@ -186,26 +296,17 @@ pub struct RetainStats {
     pub source: String,
 }
 
-#[derive(Debug, Default)]
-pub struct TofuOutcome {
-    pub metrics: Vec<(String, Metric)>,
-    pub samples: Vec<SampleRow>,
-    pub notes: Vec<String>,
-    /// This model's forget-set truth statistics (for a later `--retain-stats`).
-    pub forget_truth_stats: Vec<f64>,
-    pub timings_s: BTreeMap<String, f64>,
-}
-
-/// Evaluate all four sets and aggregate them.
-pub fn evaluate(ctx: &EvalCtx, sets: &[TofuSet], o: &TofuOptions, retain: Option<&RetainStats>) -> Result<TofuOutcome> {
-    let mut out = TofuOutcome::default();
+/// Evaluate all four sets and aggregate them; also returns the forget set's truth statistics.
+pub fn evaluate_sets(ctx: &EvalCtx, sets: &[TofuSet], o: &TofuOptions, retain: Option<&RetainStats>) -> Result<(Outcome, Vec<f64>)> {
+    let mut out = Outcome::default();
+    let mut forget_stats = vec![];
     let scorer = RougeScorer::new(true);
     let mut triples: BTreeMap<&str, UtilityTriple> = BTreeMap::new();
     for set in sets {
         let t = Instant::now();
         let key = set.kind.key();
         let losses = set_losses(ctx, set, o.max_len)?;
-        let prompts: Vec<Vec<i64>> = set.items.iter().map(|it| ctx.tok.encode(&qa_prompt(&it.question), true)).collect::<Result<_>>()?;
+        let prompts: Vec<Vec<i64>> = set.items.iter().map(|it| ctx.template.prompt_ids(ctx.tok, &it.question)).collect::<Result<_>>()?;
         let gens = ctx.generate(&prompts, o.max_new_tokens, &format!("{key} gen"))?;
         let stats = truth_stats(&losses);
         let mut recalls = vec![];
@@ -223,7 +324,7 @@ pub fn evaluate(ctx: &EvalCtx, sets: &[TofuSet], o: &TofuOptions, retain: Option
             out.samples.push(SampleRow::new(
                 key,
                 i,
-                &qa_prompt(&it.question),
+                &ctx.template.prompt_text(&[], &it.question)?,
                 Some(&it.answer),
                 Some(&generation),
                 json!({
@@ -269,7 +370,7 @@ pub fn evaluate(ctx: &EvalCtx, sets: &[TofuSet], o: &TofuOptions, retain: Option
                 out.metrics.push(("forget_truth_ratio".into(), Metric::new(tr, format!("TOFU forget Truth Ratio on {what}: mean over questions of min(R, 1/R), R = GM_j P(pert_j|q)^(1/|pert_j|) / P(para|q)^(1/|para|)"), n, "toward retain")));
                 out.metrics.push(("forget_prob".into(), Metric::new(prob, prob_def, n, "lower")));
                 out.metrics.push(("forget_rouge".into(), Metric::new(rouge, rouge_def, n, "lower")));
-                out.forget_truth_stats = stats;
+                forget_stats = stats;
             }
             _ => {
                 let tr = utility_truth_ratio(&stats);
@@ -300,7 +401,7 @@ pub fn evaluate(ctx: &EvalCtx, sets: &[TofuSet], o: &TofuOptions, retain: Option
         let fq = out.metrics.remove(pos);
         out.metrics.insert(0, fq);
     }
-    Ok(out)
+    Ok((out, forget_stats))
 }
 
 /// Only the forget set's truth statistics (what Forget Quality needs from the retain model).

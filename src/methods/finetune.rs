@@ -1,15 +1,32 @@
 //! Plain language-model fine-tuning on the retain data (builds target and retain models).
 
+use serde::Serialize;
+use tch::Tensor;
 
-use super::{Direction, Grads, Method, Objective};
+use super::{Direction, Gradients, Grads, LossKind, Method, MethodCfg, MethodConfig, Objective, Registration, Spec, UpdateShape};
 use crate::Result;
+
+pub const REGISTRATION: Registration = Registration { name: "finetune", parse: |_| Ok(MethodCfg::new(FinetuneCfg {})) };
+
+/// No settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinetuneCfg {}
+
+impl MethodConfig for FinetuneCfg {
+    fn name(&self) -> &'static str {
+        REGISTRATION.name
+    }
+    fn spec(&self) -> Spec {
+        Spec::new(vec![(Objective::Retain, LossKind::Nll)], Gradients::WeightedSum { forget: 0.0, retain: 1.0 }, UpdateShape::ALIAS)
+    }
+    fn build(&self, _params: &Tensor, _lr: f64) -> Result<Box<dyn Method>> {
+        Ok(Box::new(Finetune))
+    }
+}
 
 pub struct Finetune;
 
 impl Method for Finetune {
-    fn objectives(&self) -> &'static [Objective] {
-        &[Objective::Retain]
-    }
     fn direction(&mut self, g: &Grads) -> Result<Direction> {
         Ok(Direction { d: g.retain.expect("retain gradient").shallow_clone(), clip: 1.0 })
     }

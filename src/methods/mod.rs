@@ -1,7 +1,17 @@
-//! Unlearning methods. A method is a recipe: it names the losses whose gradients it needs (one
-//! buffer per objective, forget and/or retain), computes them from the student's logits on a
-//! batch, and combines the *reduced* gradient shards into one update direction. It never sees
-//! ranks, buckets or parameter names; the trainer differentiates, reduces and steps.
+//! Unlearning methods. A method is one file that declares everything about itself:
+//!
+//! * its `[method]` settings: a typed struct its parser fills from the config through
+//!   [`config::Section`] (the keys it reads are the only keys it accepts), registered once in
+//!   [`REGISTRY`], the only list of method names;
+//! * a [`Spec`]: the objectives it trains on and the loss of each, whether its direction needs the
+//!   separate reduced gradients or only their weighted sum, whether it needs the EMA teacher or a
+//!   reference pass, and the memory of its update. The config checks the data against it, the
+//!   trainer builds its buffers from it and the planner counts memory from it: none of them
+//!   matches on a method's name;
+//! * the recipe ([`Method`]): the loss of each objective from the student's logits on a batch,
+//!   one-off passes of its own before training (through the trainer's [`Passes`]), and how the
+//!   *reduced* gradient shards combine into one update direction. It never sees ranks, buckets or
+//!   parameter names; the trainer differentiates, reduces and steps.
 //!
 //! Sign convention: each buffer holds the gradient of the loss the method returns for that
 //! objective (e.g. NGDiff's forget buffer is ∇NLL_F, GA's is ∇(−NLL_F)); `direction` returns `d`
@@ -16,25 +26,252 @@ pub mod mean_teacher;
 pub mod ngdiff;
 pub mod npo;
 
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
 use tch::Tensor;
 
-use crate::config::MethodCfg;
+use crate::config::Section;
 use crate::data::loader::LocalBatch;
+use crate::data::Batch;
 use crate::Result;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Every method `method.name` can name, with the parser of its settings.
+pub const REGISTRY: &[Registration] = &[
+    finetune::REGISTRATION,
+    ga::REGISTRATION,
+    graddiff::REGISTRATION,
+    npo::REGISTRATION,
+    ngdiff::REGISTRATION,
+    mean_teacher::REGISTRATION,
+];
+
+/// The registry's names, in its order.
+pub const NAMES: &[&str] = &registry_names::<{ REGISTRY.len() }>();
+
+const fn registry_names<const N: usize>() -> [&'static str; N] {
+    let mut out = [""; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = REGISTRY[i].name;
+        i += 1;
+    }
+    out
+}
+
+/// A method's entry in the registry.
+pub struct Registration {
+    pub name: &'static str,
+    /// Read the method's keys of `[method]` (all but `name`) into its settings.
+    pub parse: fn(&Section) -> Result<MethodCfg>,
+}
+
+/// The registration named `name`.
+pub fn lookup(name: &str) -> Option<&'static Registration> {
+    REGISTRY.iter().find(|r| r.name == name)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Objective {
     Forget,
     Retain,
 }
 
+impl Objective {
+    pub fn name(self) -> &'static str {
+        match self {
+            Objective::Forget => "forget",
+            Objective::Retain => "retain",
+        }
+    }
+}
+
+/// The loss a pass differentiates, as far as memory is concerned (the planner's
+/// `plan::activations` counts the bytes of each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossKind {
+    /// Token-mean NLL (finetune, GA, GradDiff, NGDiff, NPO's retain term).
+    Nll,
+    /// NPO's forget loss (one graph-carrying log-softmax, like NLL).
+    Npo,
+    /// Mean teacher's forget loss: a logged no-grad NLL, the graph-carrying log-probs, and the
+    /// detached probabilities for the weights.
+    Nlul,
+    /// KL(teacher ‖ student) over the vocabulary at every position.
+    Kl,
+    /// Quadratic KL (teacher Fisher).
+    Qkl,
+}
+
+/// Which reduced gradients the direction reads.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Gradients {
+    /// Each objective's reduced gradient on its own (NGDiff normalises each by its own norm).
+    Separate,
+    /// Only `forget·g_F + retain·g_R` (the direction may then scale, clip or add to that sum), so
+    /// one accumulator and one reduction of the weighted sum would serve.
+    WeightedSum { forget: f64, retain: f64 },
+}
+
+/// A pass a method runs once before training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ReferencePass {
+    /// From a separately loaded model (else from the student before its first step).
+    pub separate_model: bool,
+}
+
+/// The memory of a method's update, in shard-sized buffers, for the planner.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct UpdateShape {
+    /// The direction is a shallow clone of a gradient shard (no new buffer).
+    pub direction_aliases: bool,
+    /// Temporaries alive while `direction` builds `d` (besides `d`).
+    pub direction_temps: f64,
+    /// Temporaries of `after_step` (the EMA update).
+    pub after_step_temps: f64,
+}
+
+/// What a method declares about itself.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Spec {
+    /// The objectives that get a batch and a gradient buffer every micro-step, in the order they
+    /// run, with the loss each differentiates.
+    pub losses: Vec<(Objective, LossKind)>,
+    /// The objective whose batches also go through the EMA teacher (mean teacher's retain text).
+    pub teacher_on: Option<Objective>,
+    pub gradients: Gradients,
+    pub reference: Option<ReferencePass>,
+    /// NGDiff's AutoLR probe (three extra forwards around a trial step).
+    pub autolr: bool,
+    /// The method clips its own update and scales other state by the clip factor, so a global
+    /// clip (`optim.clip_norm`) on top is refused.
+    pub clips_itself: bool,
+    pub update: UpdateShape,
+}
+
+impl Spec {
+    /// A method that needs nothing beyond its objectives and the gradients it reads.
+    pub fn new(losses: Vec<(Objective, LossKind)>, gradients: Gradients, update: UpdateShape) -> Self {
+        Spec { losses, teacher_on: None, gradients, reference: None, autolr: false, clips_itself: false, update }
+    }
+
+    pub fn objectives(&self) -> Vec<Objective> {
+        self.losses.iter().map(|(o, _)| *o).collect()
+    }
+
+    pub fn uses(&self, obj: Objective) -> bool {
+        self.losses.iter().any(|(o, _)| *o == obj)
+    }
+
+    pub fn teacher(&self) -> bool {
+        self.teacher_on.is_some()
+    }
+}
+
+/// The shapes of update most methods have.
+impl UpdateShape {
+    /// `d` is one gradient shard itself.
+    pub const ALIAS: UpdateShape = UpdateShape { direction_aliases: true, direction_temps: 0.0, after_step_temps: 0.0 };
+    /// `d` is a new shard built with `temps` temporaries.
+    pub const fn built(temps: f64) -> UpdateShape {
+        UpdateShape { direction_aliases: false, direction_temps: temps, after_step_temps: 0.0 }
+    }
+}
+
+/// A method's validated settings: what it declares, and how to build its recipe.
+pub trait MethodConfig: fmt::Debug + Send + Sync + SettingsTable {
+    fn name(&self) -> &'static str;
+    fn spec(&self) -> Spec;
+    /// What `data.forget` / `data.retain` must hold, for the error when it is missing.
+    fn data_words(&self, obj: Objective) -> &'static str {
+        match obj {
+            Objective::Forget => "forget data",
+            Objective::Retain => "retain data",
+        }
+    }
+    /// Model directories the method reads, by their `method.*` key (checked to exist).
+    fn model_dirs(&self) -> Vec<(&'static str, &Path)> {
+        vec![]
+    }
+    /// The recipe. `params` is this rank's initial fp32 parameter shard (a teacher starts equal
+    /// to it); `lr` the configured learning rate (AutoLR starts from it).
+    fn build(&self, params: &Tensor, lr: f64) -> Result<Box<dyn Method>>;
+}
+
+/// The settings as a TOML table (the resolved config written with every run).
+pub trait SettingsTable {
+    fn settings_table(&self) -> toml::Table;
+}
+
+impl<T: Serialize> SettingsTable for T {
+    fn settings_table(&self) -> toml::Table {
+        toml::Table::try_from(self).expect("method settings serialize to TOML")
+    }
+}
+
+/// The `[method]` section of a run config: one method's settings.
+#[derive(Clone)]
+pub struct MethodCfg(Arc<dyn MethodConfig>);
+
+impl MethodCfg {
+    pub fn new(settings: impl MethodConfig + 'static) -> Self {
+        MethodCfg(Arc::new(settings))
+    }
+}
+
+impl std::ops::Deref for MethodCfg {
+    type Target = dyn MethodConfig;
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl fmt::Debug for MethodCfg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Serialize for MethodCfg {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut table = self.0.settings_table();
+        table.insert("name".into(), self.0.name().into());
+        table.serialize(s)
+    }
+}
+
 /// What the trainer computes before calling [`Method::loss`], on the same batch.
 #[derive(Default)]
 pub struct Aux {
-    /// Teacher logits `[b, t, v]` (mean teacher's penalty), without grad.
+    /// Teacher logits `[b, t, v]` (on the objective [`Spec::teacher_on`] names), without grad.
     pub teacher_logits: Option<Tensor>,
-    /// `Σ_t m log p_ref` per row (NPO), from the frozen reference model.
-    pub ref_sums: Option<Tensor>,
+}
+
+/// Which weights a [`Passes::per_example`] pass runs.
+pub enum PassModel<'a> {
+    /// The student as it is now (before training: the model as loaded).
+    Student,
+    /// A model directory, loaded whole for the pass and dropped after it.
+    Load(&'a Path),
+}
+
+/// Passes over a data set that the trainer runs for a method before training.
+pub trait Passes {
+    /// One number per example of `obj`'s data set, in its order: `value` maps the no-grad logits
+    /// of a batch of examples under `model` to one number per row. The examples are spread over
+    /// the ranks and the numbers gathered onto every rank.
+    fn per_example(
+        &mut self,
+        obj: Objective,
+        model: PassModel,
+        label: &str,
+        value: &mut dyn FnMut(&Tensor, &Batch) -> Result<Vec<f64>>,
+    ) -> Result<Vec<f64>>;
 }
 
 /// A loss to differentiate and the value to log.
@@ -69,16 +306,11 @@ pub struct Direction {
     pub clip: f64,
 }
 
+/// A method's recipe, built from its settings for one run.
 pub trait Method {
-    /// Objectives that get a batch and a gradient buffer every micro-step.
-    fn objectives(&self) -> &'static [Objective];
-    /// Whether the trainer must run the teacher on this objective's batch.
-    fn needs_teacher(&self, _obj: Objective) -> bool {
-        false
-    }
-    /// Whether the trainer must provide NPO reference sums for the forget batches.
-    fn needs_reference(&self) -> bool {
-        false
+    /// One-off work before the first step (NPO's reference log-likelihoods).
+    fn prepare(&mut self, _passes: &mut dyn Passes) -> Result<()> {
+        Ok(())
     }
     /// The loss for `obj` from the student's logits on `batch`; by default the token-mean NLL
     /// (finetune, GDiff and NGDiff differentiate exactly that and differ only in `direction`).
@@ -104,20 +336,6 @@ pub trait Method {
     }
 }
 
-/// Build the method of `cfg`. `params` is this rank's initial fp32 parameter shard (the teacher
-/// starts equal to it).
-pub fn build(cfg: &MethodCfg, params: &Tensor, lr: f64) -> Result<Box<dyn Method>> {
-    Ok(match cfg.name.as_str() {
-        "finetune" => Box::new(finetune::Finetune),
-        "ga" => Box::new(ga::GradientAscent),
-        "graddiff" => Box::new(graddiff::GradDiff::new(cfg)),
-        "npo" => Box::new(npo::Npo::new(cfg)),
-        "ngdiff" => Box::new(ngdiff::NgDiff::new(cfg, lr)),
-        "mean-teacher" => Box::new(mean_teacher::MeanTeacher::new(cfg, params)?),
-        other => return Err(crate::other!("unknown method `{other}`")),
-    })
-}
-
 /// The token-mean NLL as a loss to differentiate (finetune, GDiff, NGDiff, NPO's retain term).
 pub(crate) fn nll_loss(logits_btv: &Tensor, batch: &LocalBatch) -> Result<LossOut> {
     let loss = batch_nll(logits_btv, batch);
@@ -133,4 +351,59 @@ pub(crate) fn batch_nll(logits_btv: &Tensor, batch: &LocalBatch) -> Tensor {
 /// Target-token log-probs of a batch (see [`losses::target_logprobs`]).
 pub(crate) fn batch_logprobs(logits_btv: &Tensor, batch: &LocalBatch) -> Tensor {
     losses::target_logprobs(logits_btv, &batch.batch.input_ids, &batch.batch.target_mask)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RunConfig;
+
+    fn settings(name: &str, keys: &str) -> MethodCfg {
+        let text = format!(
+            "[model]\npath = \"m\"\n[data]\nforget = \"f\"\nretain = \"r\"\n[method]\nname = \"{name}\"\n{keys}\n\
+             [optim]\nname = \"sgd\"\nlr = 0.1\n[train]\nsteps = 1\nbatch_size = 1\nout_dir = \"o\"\n"
+        );
+        RunConfig::from_table(&text.parse().unwrap(), "test", false).unwrap().method
+    }
+
+    /// A method declaring `WeightedSum` must compute exactly that sum when nothing else (clip,
+    /// proximal pull) is in play: issue 11's single accumulator will rely on the declaration.
+    #[test]
+    fn declared_weighted_sums_are_what_the_directions_compute() {
+        let cases = [
+            ("finetune", ""),
+            ("ga", ""),
+            ("graddiff", "forget_weight = 0.25\nretain_weight = 2.0"),
+            ("npo", ""),
+            ("npo", "retain_weight = 0.5"),
+            ("mean-teacher", "damp = 0.0\nclip = 1e9"),
+        ];
+        let f = Tensor::from_slice(&[1.0f32, -2.0, 0.5]);
+        let r = Tensor::from_slice(&[0.25f32, 4.0, -1.0]);
+        let p = Tensor::from_slice(&[0.1f32, 0.2, 0.3]);
+        for (name, keys) in cases {
+            let cfg = settings(name, keys);
+            let spec = cfg.spec();
+            let Gradients::WeightedSum { forget, retain } = spec.gradients else { panic!("{name}: expected a weighted sum") };
+            let mut m = cfg.build(&p, 0.1).unwrap();
+            let stats = GradStats { sq_forget: 5.25, sq_retain: 17.0625, dot: -8.25 };
+            let grads = Grads { forget: spec.uses(Objective::Forget).then_some(&f), retain: spec.uses(Objective::Retain).then_some(&r), stats, params: &p };
+            let d = m.direction(&grads).unwrap().d;
+            let want = &f * forget + &r * retain;
+            let err = (&d - &want).abs().max().double_value(&[]);
+            assert!(err < 1e-6, "{name} {keys:?}: direction {d:?} is not {forget}·g_F + {retain}·g_R");
+        }
+        assert_eq!(settings("ngdiff", "").spec().gradients, Gradients::Separate);
+    }
+
+    #[test]
+    fn the_registry_names_every_method_once() {
+        let mut names = NAMES.to_vec();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), REGISTRY.len());
+        for r in REGISTRY {
+            assert_eq!(lookup(r.name).map(|l| l.name), Some(r.name));
+        }
+    }
 }

@@ -5,27 +5,56 @@
 //! `d` descends on the retain loss and ascends on the forget loss to first order whatever the
 //! two gradients' scales: `d·g_R = ‖g_R‖(1 − cos) ≥ 0` and `d·g_F = ‖g_F‖(cos − 1) ≤ 0`.
 
+use serde::Serialize;
+use tch::Tensor;
 
 use super::autolr::AutoLr;
-use super::{Direction, Grads, Method, Objective};
-use crate::config::MethodCfg;
+use super::{Direction, Gradients, Grads, LossKind, Method, MethodCfg, MethodConfig, Objective, Registration, Spec, UpdateShape};
+use crate::config::{Bound, Section};
 use crate::Result;
+
+pub const REGISTRATION: Registration = Registration { name: "ngdiff", parse: NgDiffCfg::parse };
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NgDiffCfg {
+    pub eps: f64,
+    pub autolr: bool,
+    pub autolr_period: u64,
+    pub autolr_smoothing: f64,
+}
+
+impl NgDiffCfg {
+    fn parse(s: &Section) -> Result<MethodCfg> {
+        Ok(MethodCfg::new(NgDiffCfg {
+            eps: s.float("eps", 1e-8, Bound::Positive)?,
+            autolr: s.boolean("autolr", true)?,
+            autolr_period: s.int("autolr_period", 4, 1)?,
+            autolr_smoothing: s.float("autolr_smoothing", 0.9, Bound::UnitInterval)?,
+        }))
+    }
+}
+
+impl MethodConfig for NgDiffCfg {
+    fn name(&self) -> &'static str {
+        REGISTRATION.name
+    }
+    fn spec(&self) -> Spec {
+        let losses = vec![(Objective::Forget, LossKind::Nll), (Objective::Retain, LossKind::Nll)];
+        // r/‖r‖ and f/‖f‖, then their difference; the norms need each reduced gradient on its own.
+        Spec { autolr: self.autolr, ..Spec::new(losses, Gradients::Separate, UpdateShape::built(2.0)) }
+    }
+    fn build(&self, _params: &Tensor, lr: f64) -> Result<Box<dyn Method>> {
+        let autolr = self.autolr.then(|| AutoLr::new(lr, self.autolr_period, self.autolr_smoothing));
+        Ok(Box::new(NgDiff { eps: self.eps, autolr }))
+    }
+}
 
 pub struct NgDiff {
     eps: f64,
     autolr: Option<AutoLr>,
 }
 
-impl NgDiff {
-    pub fn new(cfg: &MethodCfg, lr: f64) -> Self {
-        NgDiff { eps: cfg.eps, autolr: cfg.autolr.then(|| AutoLr::new(lr, cfg.autolr_period, cfg.autolr_smoothing)) }
-    }
-}
-
 impl Method for NgDiff {
-    fn objectives(&self) -> &'static [Objective] {
-        &[Objective::Forget, Objective::Retain]
-    }
     fn direction(&mut self, g: &Grads) -> Result<Direction> {
         let (f, r) = (g.forget.expect("forget gradient"), g.retain.expect("retain gradient"));
         let n_f = g.stats.sq_forget.sqrt();

@@ -8,11 +8,11 @@ pub mod sgd;
 
 use tch::Tensor;
 
-use crate::config::OptimCfg;
+use crate::config::{OptimCfg, OptimName};
 use crate::Result;
 
 pub use adamw::AdamW;
-pub use schedule::Schedule;
+pub use schedule::{Schedule, ScheduleKind};
 pub use sgd::Sgd;
 
 pub trait Optimizer {
@@ -27,9 +27,9 @@ pub trait Optimizer {
 }
 
 pub fn build(cfg: &OptimCfg, shard: &Tensor) -> Box<dyn Optimizer> {
-    match cfg.name.as_str() {
-        "adamw" => Box::new(AdamW::new(shard, cfg.betas, cfg.adam_eps, cfg.weight_decay)),
-        _ => Box::new(Sgd::new(shard, cfg.momentum, cfg.weight_decay)),
+    match cfg.name {
+        OptimName::AdamW => Box::new(AdamW::new(shard, cfg.betas, cfg.adam_eps, cfg.weight_decay)),
+        OptimName::Sgd => Box::new(Sgd::new(shard, cfg.momentum, cfg.weight_decay)),
     }
 }
 

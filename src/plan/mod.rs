@@ -22,10 +22,11 @@ pub mod rss;
 
 use serde::Serialize;
 
-use crate::config::{MethodCfg, RunConfig};
+use crate::config::{Dtype, OptimName, RunConfig, TeacherMode, Trainable};
+use crate::methods::Spec;
 use crate::model::Config;
+use crate::train::layout;
 use crate::Result;
-use activations::LossKind;
 use phases::{PhaseCtx, Sizes};
 
 pub const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
@@ -37,111 +38,11 @@ pub const CUDA_NON_TENSOR_GIB: f64 = 1.5;
 /// The CUDA caching allocator's rounding and fragmentation, as a share of tensor bytes (assumed).
 pub const CUDA_ALLOCATOR_SLACK: f64 = 0.05;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Device {
     Cuda,
     Cpu,
-}
-
-/// What a method asks of the trainer, mirrored from `methods::*`.
-#[derive(Debug, Clone, Serialize)]
-pub struct MethodShape {
-    pub forget: Option<LossKind>,
-    pub retain: Option<LossKind>,
-    /// EMA teacher shard, and a teacher forward on every retain batch (mean teacher).
-    pub teacher: bool,
-    /// NPO reference log-likelihoods, computed once before training.
-    pub reference: bool,
-    /// ... from a separately loaded reference model (`method.reference_model`).
-    pub reference_model: bool,
-    /// NGDiff's AutoLR probe (three extra forwards around a trial step).
-    pub autolr: bool,
-    /// Whether the direction is a shallow clone of a gradient shard (no new buffer).
-    pub direction_aliases: bool,
-    /// Shard-sized temporaries alive while `direction` builds `d` (besides `d`).
-    pub direction_temps: f64,
-    /// Shard-sized temporaries of `after_step` (the EMA update).
-    pub after_step_temps: f64,
-}
-
-impl MethodShape {
-    pub fn of(m: &MethodCfg) -> Result<Self> {
-        let base = MethodShape {
-            forget: None,
-            retain: None,
-            teacher: false,
-            reference: false,
-            reference_model: false,
-            autolr: false,
-            direction_aliases: false,
-            direction_temps: 0.0,
-            after_step_temps: 0.0,
-        };
-        Ok(match m.name.as_str() {
-            // d = the retain (finetune) or forget (GA) gradient itself.
-            "finetune" => MethodShape { retain: Some(LossKind::Nll), direction_aliases: true, ..base },
-            "ga" => MethodShape { forget: Some(LossKind::Nll), direction_aliases: true, ..base },
-            // r·w_R − f·w_F: two scaled copies, then their difference.
-            "graddiff" => MethodShape { forget: Some(LossKind::Nll), retain: Some(LossKind::Nll), direction_temps: 2.0, ..base },
-            // f + r·w (one scaled copy), or f itself without a retain term.
-            "npo" => {
-                let with_retain = m.retain_weight > 0.0;
-                MethodShape {
-                    forget: Some(LossKind::Npo),
-                    retain: with_retain.then_some(LossKind::Nll),
-                    reference: true,
-                    reference_model: m.reference_model.is_some(),
-                    direction_aliases: !with_retain,
-                    direction_temps: if with_retain { 1.0 } else { 0.0 },
-                    ..base
-                }
-            }
-            // r/‖r‖ and f/‖f‖, then their difference.
-            "ngdiff" => MethodShape {
-                forget: Some(LossKind::Nll),
-                retain: Some(LossKind::Nll),
-                autolr: m.autolr,
-                direction_temps: 2.0,
-                ..base
-            },
-            // (f + r)·c, then + (θ − θ̄)·λc: two temporaries next to d; EMA: θ·δc.
-            "mean-teacher" => {
-                let forget = match m.forget_loss.as_str() {
-                    "nlul" => LossKind::Nlul,
-                    "npo" => LossKind::Npo,
-                    _ => LossKind::Nll,
-                };
-                MethodShape {
-                    forget: Some(forget),
-                    retain: Some(if m.penalty == "qkl" { LossKind::Qkl } else { LossKind::Kl }),
-                    teacher: true,
-                    reference: forget == LossKind::Npo,
-                    reference_model: forget == LossKind::Npo && m.reference_model.is_some(),
-                    direction_temps: if m.damp != 0.0 { 2.0 } else { 1.0 },
-                    after_step_temps: if m.delta != 0.0 { 1.0 } else { 0.0 },
-                    ..base
-                }
-            }
-            other => return Err(crate::other!("unknown method `{other}` (expected one of: {})", crate::config::METHODS.join(", "))),
-        })
-    }
-
-    fn objectives(&self) -> Vec<(&'static str, LossKind)> {
-        let mut out = vec![];
-        if let Some(k) = self.forget {
-            out.push(("forget", k));
-        }
-        if let Some(k) = self.retain {
-            out.push(("retain", k));
-        }
-        out
-    }
-
-    /// Mean teacher runs its teacher on the retain batch only.
-    fn teacher_on(&self, objective: &str) -> bool {
-        self.teacher && objective == "retain"
-    }
 }
 
 /// Everything the estimate depends on.
@@ -152,22 +53,20 @@ pub struct PlanInput {
     pub model: Config,
     pub world_size: usize,
     pub device: Device,
-    /// `bf16` or `fp32`.
-    pub dtype: String,
-    pub method: String,
-    pub method_shape: MethodShape,
+    pub dtype: Dtype,
+    pub method: &'static str,
+    /// What the method declares about itself (objectives and their losses, teacher, reference
+    /// pass, AutoLR, the update's temporaries).
+    pub method_spec: Spec,
     pub zero: u8,
     /// Global micro-batch (sequences per micro-step over all ranks), as `train.batch_size`.
     pub batch: usize,
     /// Padded sequence length, as `train.max_len`.
     pub seq: usize,
     pub recompute: bool,
-    /// `dist.teacher = "replica"` (else `gather`).
-    pub teacher_replica: bool,
-    /// `model.trainable = "all"` (else attention and MLP matrices only).
-    pub trainable_all: bool,
-    /// `adamw` or `sgd`.
-    pub optim: String,
+    pub teacher: TeacherMode,
+    pub trainable: Trainable,
+    pub optim: OptimName,
     pub sgd_momentum: bool,
     pub weight_decay: bool,
     pub clip_norm: bool,
@@ -194,28 +93,22 @@ impl PlanInput {
         if world_size == 0 {
             return Err(crate::other!("--world-size must be at least 1"));
         }
-        if cfg.train.batch_size % world_size != 0 {
-            return Err(crate::Error::config(
-                "plan",
-                "train.batch_size",
-                format!("{} is not divisible by the number of ranks ({world_size})", cfg.train.batch_size),
-            ));
-        }
+        layout::check_batch_split(cfg.train.batch_size, world_size, "plan")?;
         Ok(PlanInput {
             model_name,
             model,
             world_size,
             device,
-            dtype: cfg.model.dtype.clone(),
-            method: cfg.method.name.clone(),
-            method_shape: MethodShape::of(&cfg.method)?,
+            dtype: cfg.model.dtype,
+            method: cfg.method.name(),
+            method_spec: cfg.method.spec(),
             zero: cfg.dist.zero,
             batch: cfg.train.batch_size,
             seq: cfg.train.max_len,
             recompute: cfg.train.recompute,
-            teacher_replica: cfg.dist.teacher == "replica",
-            trainable_all: cfg.model.trainable == "all",
-            optim: cfg.optim.name.clone(),
+            teacher: cfg.dist.teacher,
+            trainable: cfg.model.trainable,
+            optim: cfg.optim.name,
             sgd_momentum: cfg.optim.momentum != 0.0,
             weight_decay: cfg.optim.weight_decay != 0.0,
             clip_norm: cfg.optim.clip_norm > 0.0,
@@ -229,7 +122,7 @@ impl PlanInput {
 
     /// The layer-wise executor runs with recompute and always under ZeRO-3.
     pub fn layer_wise(&self) -> bool {
-        self.recompute || self.zero == 3
+        layout::layer_wise(self.recompute, self.zero)
     }
 }
 

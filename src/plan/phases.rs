@@ -2,9 +2,12 @@
 //! `plan`). Every row names the buffer of the trainer it stands for.
 
 use super::activations::{nograd_logprobs_per_logit, Widths};
-use super::{count, Device, MethodShape, Phase, PlanInput, Row, GIB};
+use super::{count, Device, Phase, PlanInput, Row, GIB};
+use crate::config::{Dtype, OptimName, TeacherMode, Trainable};
 use crate::dist::zero::FlatLayout;
-use crate::model::{param_specs, ParamRole, ParamSpec};
+use crate::methods::Spec;
+use crate::model::{param_specs, ParamSpec};
+use crate::train::layout;
 
 /// Elements per piece of `dist::zero::{dot, checksum}`.
 const PIECE: f64 = (1u64 << 22) as f64;
@@ -77,7 +80,7 @@ fn numel(s: &&ParamSpec) -> i64 {
 /// The sizes every phase is made of, derived once from the plan's inputs.
 pub(super) struct Sizes<'a> {
     p: &'a PlanInput,
-    m: &'a MethodShape,
+    m: &'a Spec,
     /// The trainer's flat layout (same specs, shard count and bucket size as `Trainer::new`).
     pub layout: FlatLayout,
     w: Widths,
@@ -109,24 +112,25 @@ pub(super) struct Sizes<'a> {
 impl<'a> Sizes<'a> {
     pub fn new(p: &'a PlanInput) -> Self {
         let specs = param_specs(&p.model);
-        let is_trainable = |s: &ParamSpec| p.trainable_all || s.role == ParamRole::Matrix;
-        let trainable: Vec<&ParamSpec> = specs.iter().filter(|s| is_trainable(s)).collect();
-        let frozen_n = specs.iter().filter(|s| !is_trainable(s)).map(ParamSpec::numel).sum::<i64>() as f64;
-        let shards = if p.zero == 0 { 1 } else { p.world_size };
-        let bucket_elems = ((p.bucket_mb * 1024.0 * 1024.0) / 4.0).max(1.0) as i64;
-        let layout = FlatLayout::new(&trainable, shards, bucket_elems);
+        let trainable = layout::trainable_specs(&specs, p.trainable);
+        let frozen_n = specs.iter().filter(|s| !p.trainable.includes(s.role)).map(ParamSpec::numel).sum::<i64>() as f64;
+        let shards = layout::shard_count(p.zero, p.world_size);
+        let layout = layout::flat_layout(&trainable, p.zero, p.world_size, p.bucket_mb);
         let span = |l: Option<usize>| -> f64 { layout.layer_buckets(l).iter().map(|&b| layout.buckets[b].padded as f64).sum() };
         let n_layers = p.model.num_hidden_layers as usize;
         let block_params = (0..n_layers)
             .map(|l| trainable.iter().filter(|s| s.layer == Some(l)).map(numel).sum::<i64>() as f64)
             .fold(0.0, f64::max);
-        let c = if p.dtype == "bf16" { 2.0 } else { 4.0 };
-        let w = Widths::new(&p.model, c, p.trainable_all);
+        let c = match p.dtype {
+            Dtype::Bf16 => 2.0,
+            Dtype::Fp32 => 4.0,
+        };
+        let w = Widths::new(&p.model, c, p.trainable == Trainable::All);
         let (b, s) = ((p.batch / p.world_size) as f64, p.seq as f64);
         let shard = layout.shard_len() as f64;
         Sizes {
             p,
-            m: &p.method_shape,
+            m: &p.method_spec,
             w,
             c,
             cw: if c == 2.0 { "2 B (bf16)" } else { "4 B (fp32)" },
@@ -219,7 +223,7 @@ impl<'a> Sizes<'a> {
             row("student compute replica", "absent at ZeRO-3 (one layer gathered at a time, see forward/backward)", 0.0)
         });
         res.push(self.master_row());
-        if p.optim == "adamw" {
+        if p.optim == OptimName::AdamW {
             res.push(row("AdamW state", "exp_avg + exp_avg_sq: 2 × shard × 4 B", 2.0 * shard * 4.0));
         } else {
             res.push(row(
@@ -228,20 +232,20 @@ impl<'a> Sizes<'a> {
                 if p.sgd_momentum { shard * 4.0 } else { 0.0 },
             ));
         }
-        if m.teacher {
+        if m.teacher() {
             res.push(row("EMA teacher shard", "fp32 θ̄: shard × 4 B", shard * 4.0));
-            res.push(if p.teacher_replica && self.replicas_are_shards {
+            res.push(if p.teacher == TeacherMode::Replica && self.replicas_are_shards {
                 row("teacher compute replica", "the EMA teacher shard itself (fp32, one shard)", 0.0)
-            } else if p.teacher_replica {
+            } else if p.teacher == TeacherMode::Replica {
                 row("teacher compute replica", format!("teacher_full (dist.teacher = replica): flat {} × {cw}", count(flat)), flat * c)
             } else {
                 row("teacher compute replica", "none (dist.teacher = gather: one layer gathered per teacher forward)", 0.0)
             });
         }
-        let n_obj = m.objectives().len() as f64;
+        let n_obj = m.losses.len() as f64;
         let (one, words) = if p.zero < 2 { (flat * 4.0, format!("full flat {}", count(flat))) } else { (shard * 4.0, format!("shard {}", count(shard))) };
         res.push(row("gradient accumulators", format!("{n_obj} objective(s) × {words} × 4 B"), n_obj * one));
-        if m.reference {
+        if m.reference.is_some() {
             res.push(row("NPO reference sums", "8 B per forget example (host Vec<f64>), negligible", 0.0));
         }
         let total_bytes = res.iter().map(|r| r.bytes).sum();
@@ -284,13 +288,11 @@ impl<'a> Sizes<'a> {
     /// NPO's reference log-likelihoods: `reference_sums` runs the per-rank micro-batch's worth of
     /// examples per chunk, without a graph.
     pub fn reference(&self, ctx: &PhaseCtx) -> Option<Phase> {
-        if !self.m.reference {
-            return None;
-        }
+        let reference = self.m.reference?;
         let (c, cw) = (self.c, self.cw);
         let ref_tokens = (self.p.batch / self.p.world_size).max(1) as f64 * self.p.seq as f64;
         let mut common = vec![];
-        if self.m.reference_model {
+        if reference.separate_model {
             let n = self.trainable_n + self.frozen_n;
             common.push(row("reference model", format!("method.reference_model loaded whole: {} × {cw}", count(n)), n * c));
         } else {
@@ -318,10 +320,10 @@ impl<'a> Sizes<'a> {
         let (p, m, w, c, cw) = (self.p, self.m, &self.w, self.c, self.cw);
         let (tokens, logits, nl) = (self.tokens, self.logits, self.layers);
         let mut worst: Option<Phase> = None;
-        for (obj, loss) in m.objectives() {
+        for &(obj, loss) in &m.losses {
             let mut common = vec![];
             let mut moments = vec![];
-            if m.teacher_on(obj) {
+            if m.teacher_on == Some(obj) {
                 common.push(row("teacher logits", format!("{} × {cw}, held through the student pass", self.bsv), logits * c));
                 let nograd = w.block_nograd_peak();
                 moments.push(Moment::new(
@@ -329,7 +331,7 @@ impl<'a> Sizes<'a> {
                     vec![
                         row("teacher block working set (no grad)", format!("b·s = {} tokens × {nograd:.0} B", count(tokens)), tokens * nograd),
                         // Without a teacher replica the teacher's weights are gathered layer by layer.
-                        self.gathered_layer_row("one gathered teacher layer", !p.teacher_replica),
+                        self.gathered_layer_row("one gathered teacher layer", p.teacher == TeacherMode::Gather),
                     ],
                 ));
             }
@@ -374,7 +376,7 @@ impl<'a> Sizes<'a> {
                     format!("layer-wise executor: ({nl} + 1) × b·s {} × d {} × {cw}", count(tokens), w.hidden),
                     (nl + 1.0) * tokens * w.hidden * c,
                 ));
-                if p.trainable_all {
+                if p.trainable == Trainable::All {
                     let outer = count(self.outer_span);
                     let gathered = if p.zero == 3 { self.outer_span * c } else { 0.0 };
                     common.push(row("gathered outer weights", format!("embeddings/head/norms span {outer} × {cw}, whole pass"), gathered));
@@ -399,7 +401,7 @@ impl<'a> Sizes<'a> {
                 }
                 moments.push(Moment::new("block backward", layer));
             }
-            let ph = ctx.phase(&format!("forward/backward ({obj}: {})", loss.name()), true, common, moments);
+            let ph = ctx.phase(&format!("forward/backward ({}: {})", obj.name(), loss.name()), true, common, moments);
             if worst.as_ref().is_none_or(|w| ph.total_bytes > w.total_bytes) {
                 worst = Some(ph);
             }
@@ -412,11 +414,11 @@ impl<'a> Sizes<'a> {
         let (p, m, c, shard) = (self.p, self.m, self.c, self.shard);
         let mut common = vec![];
         if p.zero == 1 && p.world_size > 1 {
-            let n = m.objectives().len() as f64;
+            let n = m.losses.len() as f64;
             common.push(row("extracted gradient shards", format!("{n} × shard × 4 B (cut from the full accumulators)"), n * shard * 4.0));
         }
         let d_row = || {
-            let (words, bytes) = if m.direction_aliases { ("aliases a gradient shard", 0.0) } else { ("shard × 4 B", shard * 4.0) };
+            let (words, bytes) = if m.update.direction_aliases { ("aliases a gradient shard", 0.0) } else { ("shard × 4 B", shard * 4.0) };
             row("direction d", words, bytes)
         };
         let piece = (shard).min(PIECE);
@@ -426,20 +428,20 @@ impl<'a> Sizes<'a> {
             let words = "send copy of a bucket + Open MPI scratch: 2 × bucket × 4 B";
             moments.push(Moment::new("all-reduce", vec![row("all-reduce buffers", words, 2.0 * self.max_bucket * 4.0)]));
         }
-        let temps = m.direction_temps;
+        let temps = m.update.direction_temps;
         moments.push(Moment::new("direction", vec![d_row(), row("direction temporaries", format!("{temps} × shard × 4 B"), temps * shard * 4.0)]));
         if p.clip_norm {
             moments.push(Moment::new("clip", vec![d_row(), dot_row("fp64 temporaries of ‖d‖² (optim.clip_norm)")]));
         }
-        let step_row = match (p.optim.as_str(), p.weight_decay) {
+        let step_row = match (p.optim, p.weight_decay) {
             // optim/adamw.rs updates the shard in pieces through two persistent scratch buffers.
-            ("adamw", _) => row("AdamW step scratch", "2 × 1 Mi elements × 4 B", 2.0 * shard.min(1048576.0) * 4.0),
+            (OptimName::AdamW, _) => row("AdamW step scratch", "2 × 1 Mi elements × 4 B", 2.0 * shard.min(1048576.0) * 4.0),
             (_, true) => row("SGD step temporaries", "2 × shard × 4 B", 2.0 * shard * 4.0),
             _ => row("SGD step temporaries", "1 × shard × 4 B", shard * 4.0),
         };
         moments.push(Moment::new("optimizer step", vec![d_row(), step_row]));
-        if m.after_step_temps > 0.0 {
-            moments.push(Moment::new("EMA update", vec![d_row(), row("EMA temporary", "θ·δc: shard × 4 B", m.after_step_temps * shard * 4.0)]));
+        if m.update.after_step_temps > 0.0 {
+            moments.push(Moment::new("EMA update", vec![d_row(), row("EMA temporary", "θ·δc: shard × 4 B", m.update.after_step_temps * shard * 4.0)]));
         }
         if m.autolr {
             let wt_delta = row("probe shards w_t and Δ", "2 × shard × 4 B", 2.0 * shard * 4.0);
@@ -459,7 +461,7 @@ impl<'a> Sizes<'a> {
             ));
         }
         if p.verify {
-            let replica = if p.zero < 3 || (m.teacher && p.teacher_replica) { self.flat.min(PIECE) } else { 0.0 };
+            let replica = if p.zero < 3 || (m.teacher() && p.teacher == TeacherMode::Replica) { self.flat.min(PIECE) } else { 0.0 };
             let words = "dist::zero::checksum: an fp64 piece and its square, 2 × 4 Mi elements × 8 B";
             moments.push(Moment::new("replica verification", vec![row("fp64 pieces of a replica", words, 2.0 * replica * 8.0)]));
         }

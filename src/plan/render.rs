@@ -3,6 +3,7 @@
 use std::fmt::Write;
 
 use super::{count, Phase, Plan, GIB};
+use crate::config::Choice;
 
 const COMPONENT: usize = 38;
 const FORMULA: usize = 96;
@@ -58,7 +59,7 @@ impl Plan {
             p.method,
             p.world_size,
             p.zero,
-            p.dtype,
+            p.dtype.name(),
             match p.device {
                 super::Device::Cuda => "cuda",
                 super::Device::Cpu => "cpu",
@@ -72,8 +73,8 @@ impl Plan {
             p.batch,
             if p.layer_wise() { "layer-wise (recompute)" } else { "plain" },
             if p.zero == 3 && !p.recompute { " (forced by ZeRO-3)" } else { "" },
-            p.optim,
-            if p.method_shape.teacher { if p.teacher_replica { "replica" } else { "gather" } } else { "none" },
+            p.optim.name(),
+            if p.method_spec.teacher() { p.teacher.name() } else { "none" },
             self.buckets,
             p.bucket_mb,
             count(self.shard_elems as f64),

@@ -12,8 +12,13 @@
 //! 6. shards are all-gathered back into the compute-dtype replicas (student, teacher).
 
 pub mod backward;
+mod final_model;
+pub mod layout;
+mod net;
 pub mod params;
+mod passes;
 pub mod sink;
+mod verify;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -23,17 +28,17 @@ use serde::Serialize;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use crate::config::RunConfig;
-use crate::data::loader::{local_batch, LocalBatch, Loader, Sampling};
-use crate::data::{read_records, tokenize_all, Example, Overflow, Record, Tokenizer};
+use crate::config::{DataSource, RunConfig};
+use crate::data::loader::{local_batch, LocalBatch, Loader};
+use crate::data::{read_records, tokenize_all, Example, Record, Template, Tokenizer};
 use crate::dist::zero::FlatLayout;
-use crate::dist::Comm;
-use crate::methods::{self, Aux, GradStats, Grads, Method, Objective};
-use crate::model::{load_model, param_specs, parse_device, parse_kind, Llama, ParamRole};
+use crate::dist::{Collective, Comm};
+use crate::methods::{self, Aux, GradStats, Grads, Method, Objective, Spec};
+use crate::model::{load_model, param_specs};
 use crate::optim::{self, Optimizer, Schedule};
-use crate::progress::Progress;
 use crate::Result;
-use backward::{forward_backward, forward_logits, Weights};
+use backward::{forward_backward, forward_logits};
+use net::{teacher_net, Net, Residency};
 use sink::{Accumulator, Sink};
 
 /// One line of metrics.jsonl.
@@ -55,67 +60,68 @@ pub struct StepLog {
     pub autolr: Option<methods::autolr::Fit>,
 }
 
+/// One objective's data and gradient accumulator.
+struct ObjectiveState {
+    obj: Objective,
+    loader: Loader,
+    acc: Accumulator,
+}
+
+/// The seed stream of an objective's loader (independent samplers from one `train.seed`).
+fn stream(obj: Objective) -> u64 {
+    match obj {
+        Objective::Forget => 1,
+        Objective::Retain => 2,
+    }
+}
+
 pub struct Trainer {
-    pub cfg: RunConfig,
+    cfg: RunConfig,
     comm: Comm,
     kind: Kind,
     device: Device,
-    student: Llama,
-    teacher: Option<Llama>,
+    student: Net,
+    /// The EMA teacher's model, for methods whose spec asks for one.
+    teacher: Option<Net>,
     layout: FlatLayout,
     shard_rank: usize,
-    /// Compute-dtype replica of the trainable weights (ZeRO 0–2); `None` under ZeRO-3.
-    student_full: Option<Tensor>,
-    /// Compute-dtype replica of the teacher (`dist.teacher = "replica"`).
-    teacher_full: Option<Tensor>,
     /// This rank's fp32 master shard of the trainable weights.
     master: Tensor,
     optim: Box<dyn Optimizer>,
     method: Box<dyn Method>,
+    spec: Spec,
     schedule: Schedule,
-    forget: Option<Loader>,
-    retain: Option<Loader>,
-    /// Σ_t log p_ref per forget example (NPO), from the frozen reference model.
-    ref_sums: Option<Vec<f64>>,
-    acc_forget: Option<Accumulator>,
-    acc_retain: Option<Accumulator>,
+    /// In the order every micro-step runs them (the spec's).
+    objectives: Vec<ObjectiveState>,
     layer_wise: bool,
-    /// The compute replicas are the fp32 shards themselves (fp32, one shard): no sync copies.
-    replicas_are_shards: bool,
     pad_id: i64,
     raw_config: Value,
-    pub step: u64,
+    step: u64,
 }
 
 impl Trainer {
-    pub fn new(cfg: RunConfig, comm: Comm) -> Result<Self> {
-        let device = crate::dist::rank_device(parse_device(&cfg.model.device)?);
-        let kind = parse_kind(&cfg.model.dtype)?;
+    /// Load the model, lay out and shard its trainable weights, build the method and the data,
+    /// and run the method's one-off passes. `device` is this rank's, resolved by the caller.
+    pub fn new(cfg: &RunConfig, comm: Comm, device: Device) -> Result<Self> {
+        let kind = cfg.model.dtype.kind();
         let (rank, world) = (comm.rank(), comm.world());
-        if cfg.train.batch_size % world != 0 {
-            return Err(crate::Error::config(
-                "config",
-                "train.batch_size",
-                format!("{} is not divisible by the number of ranks ({world})", cfg.train.batch_size),
-            ));
-        }
+        layout::check_batch_split(cfg.train.batch_size, world, "config")?;
         let zero = cfg.dist.zero;
-        let layer_wise = cfg.train.recompute || zero == 3;
+        let layer_wise = layout::layer_wise(cfg.train.recompute, zero);
         if zero == 3 && !cfg.train.recompute && rank == 0 {
             tracing::info!("dist.zero = 3 gathers weights per layer, so layers are recomputed in backward");
         }
 
+        // Tokenizer and prompt template first: a bad template stops the run before the weights load.
+        let tok = Tokenizer::from_model_dir(&cfg.model.path, &crate::model::Config::from_model_dir(&cfg.model.path)?)?;
+        let template = Template::load(cfg.data.template, &cfg.model.path, &tok)?;
         let mut loaded = load_model(&cfg.model.path, kind, device)?;
-        let tok = Tokenizer::from_model_dir(&cfg.model.path, &loaded.config)?;
         let specs = param_specs(&loaded.config);
-        let trainable: Vec<_> =
-            specs.iter().filter(|s| cfg.model.trainable == "all" || s.role == ParamRole::Matrix).collect();
-        let (shards, shard_rank) = if zero == 0 { (1, 0) } else { (world, rank) };
-        let bucket_elems = ((cfg.dist.bucket_mb * 1024.0 * 1024.0) / 4.0).max(1.0) as i64;
-        let layout = FlatLayout::new(&trainable, shards, bucket_elems);
+        let layout = layout::flat_layout(&layout::trainable_specs(&specs, cfg.model.trainable), zero, world, cfg.dist.bucket_mb);
+        let shard_rank = if layout.shards == 1 { 0 } else { rank };
 
-        let mut student = loaded.model;
-        let full = params::flatten_and_bind(&mut student, &layout, kind, true);
+        let mut model = loaded.model;
+        let full = params::flatten_and_bind(&mut model, &layout, kind, true);
         // fp32 compute with one shard: the compute replica *is* the master (one copy of the weights,
         // nothing to copy back after a step), as in a plain PyTorch loop. Otherwise the fp32 master
         // comes from the checkpoint's own values, not from the compute-dtype copy: a bf16 run keeps
@@ -123,82 +129,55 @@ impl Trainer {
         let replicas_are_shards = kind == Kind::Float && layout.shards == 1 && zero < 3;
         let master =
             if replicas_are_shards { full.shallow_clone() } else { params::master_shard(&cfg.model.path, &layout, shard_rank, device)? };
-        let student_full = if zero < 3 {
-            Some(full)
+        let student = if replicas_are_shards {
+            Net { model, residency: Residency::Shard(full) }
+        } else if zero < 3 {
+            Net { model, residency: Residency::Replica(full) }
         } else {
             drop(full);
             for l in layout.layers() {
-                params::release(&mut student, &layout, l);
+                params::release(&mut model, &layout, l);
             }
-            None
+            Net { model, residency: Residency::Gathered }
         };
 
-        let method = methods::build(&cfg.method, &master, cfg.optim.lr)?;
+        let spec = cfg.method.spec();
+        let method = cfg.method.build(&master, cfg.optim.lr)?;
         let optim = optim::build(&cfg.optim, &master);
         let schedule = Schedule::new(&cfg.optim, cfg.train.steps);
-
-        let teacher_needed = method.objectives().iter().any(|o| method.needs_teacher(*o));
-        let (teacher, teacher_full) = if teacher_needed {
-            let mut t = student.shallow_copy();
-            if cfg.dist.teacher == "replica" {
-                let tf = match &student_full {
-                    Some(_) if replicas_are_shards => method.teacher_shard().expect("a teacher method keeps a teacher shard").shallow_clone(),
-                    Some(f) => f.copy(),
-                    None => Tensor::zeros([layout.total], (kind, device)),
-                };
-                if student_full.is_none() {
-                    layout.gather_buckets(&*comm, &master, &mut tf.shallow_clone(), &(0..layout.buckets.len()).collect::<Vec<_>>(), 0)?;
-                }
-                params::bind(&mut t, &layout, &tf, 0, None, false);
-                (Some(t), Some(tf))
-            } else {
-                for l in layout.layers() {
-                    params::release(&mut t, &layout, l);
-                }
-                (Some(t), None)
+        let teacher = match spec.teacher() {
+            true => {
+                let own_shard = method.teacher_shard().filter(|_| replicas_are_shards);
+                Some(teacher_net(&student, cfg.dist.teacher, own_shard, &layout, &*comm, &master, kind, device)?)
             }
-        } else {
-            (None, None)
+            false => None,
         };
 
-        let sampling = if cfg.data.sampling == "replacement" { Sampling::Replacement } else { Sampling::Shuffle };
-        let overflow = |s: &str| if s == "chunk" { Overflow::Chunk } else { Overflow::Truncate };
-        let uses = |o| method.objectives().contains(&o);
-        let forget = if uses(Objective::Forget) {
-            let ex = load_examples(&cfg.data.forget, cfg.data.forget_limit, &tok, cfg.train.max_len, overflow(&cfg.data.forget_overflow))?;
-            Some(Loader::new(ex, sampling, cfg.train.seed, 1))
-        } else {
-            None
-        };
-        let retain = if uses(Objective::Retain) {
-            let max_len = cfg.data.retain_max_len.unwrap_or(cfg.train.max_len);
-            let ex = load_examples(&cfg.data.retain, cfg.data.retain_limit, &tok, max_len, overflow(&cfg.data.retain_overflow))?;
-            Some(Loader::new(ex, sampling, cfg.train.seed, 2))
-        } else {
-            None
-        };
+        let mut objectives = vec![];
+        for obj in spec.objectives() {
+            let examples = load_examples(&cfg.data.source(obj, cfg.train.max_len), &tok, &template)?;
+            let loader = Loader::new(examples, cfg.data.sampling, cfg.train.seed, stream(obj));
+            objectives.push(ObjectiveState { obj, loader, acc: Accumulator::new(&layout, zero >= 2, device) });
+        }
         if rank == 0 {
-            let n = |l: &Option<Loader>| l.as_ref().map_or(0, Loader::len);
+            let n = |o: Objective| objectives.iter().find(|s| s.obj == o).map_or(0, |s| s.loader.len());
             tracing::info!(
                 "{}: {} trainable parameters in {} buckets, {} shard(s) of {}; forget {} / retain {} examples; {world} rank(s) ({})",
-                cfg.method.name,
+                cfg.method.name(),
                 layout.params.iter().map(|p| p.numel).sum::<i64>(),
                 layout.buckets.len(),
                 layout.shards,
                 layout.shard_len(),
-                n(&forget),
-                n(&retain),
+                n(Objective::Forget),
+                n(Objective::Retain),
                 comm.backend()
             );
         }
 
-        let acc = |o: Objective| uses(o).then(|| Accumulator::new(&layout, zero >= 2, device));
         let mut trainer = Trainer {
-            acc_forget: acc(Objective::Forget),
-            acc_retain: acc(Objective::Retain),
             pad_id: tok.pad_id(),
             raw_config: loaded.raw_config.take(),
-            cfg,
+            cfg: cfg.clone(),
             comm,
             kind,
             device,
@@ -206,22 +185,16 @@ impl Trainer {
             teacher,
             layout,
             shard_rank,
-            student_full,
-            teacher_full,
             master,
             optim,
             method,
+            spec,
             schedule,
-            forget,
-            retain,
-            ref_sums: None,
+            objectives,
             layer_wise,
-            replicas_are_shards,
             step: 0,
         };
-        if trainer.method.needs_reference() {
-            trainer.ref_sums = Some(trainer.reference_sums()?);
-        }
+        trainer.prepare_method()?;
         Ok(trainer)
     }
 
@@ -229,72 +202,52 @@ impl Trainer {
         &self.comm
     }
 
+    /// Optimizer steps taken (restored ones included).
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
     fn is_main(&self) -> bool {
         self.comm.rank() == 0
     }
 
-
-    /// `Σ_t log p_ref` of every forget example under the reference model (the model as loaded,
-    /// or `method.reference_model`), computed once, split over ranks, summed back.
-    fn reference_sums(&mut self) -> Result<Vec<f64>> {
-        let examples = self.forget.as_ref().expect("NPO has forget data").examples().to_vec();
-        let (rank, world) = (self.comm.rank(), self.comm.world());
-        let mut sums = vec![0f64; examples.len()];
-        let mine: Vec<usize> = (rank..examples.len()).step_by(world).collect();
-        let mut reference = match &self.cfg.method.reference_model {
-            Some(p) => Some(load_model(p, self.kind, self.device)?.model),
-            None => None,
+    /// The method's one-off passes (NPO's reference log-likelihoods) through [`passes::Runner`].
+    fn prepare_method(&mut self) -> Result<()> {
+        let mut runner = passes::Runner {
+            student: &mut self.student,
+            layout: &self.layout,
+            comm: &*self.comm,
+            master: &self.master,
+            kind: self.kind,
+            device: self.device,
+            pad_id: self.pad_id,
+            objectives: &self.objectives,
+            rows_per_rank: self.cfg.train.batch_size / self.comm.world(),
         };
-        let bar = Progress::new(mine.len() as u64, "reference");
-        // Chunks of the per-rank micro-batch: the memory of one training micro-batch, no more.
-        for chunk in mine.chunks((self.cfg.train.batch_size / world).max(1)) {
-            let rows: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
-            let batch = crate::data::collate(&rows, self.pad_id, self.device);
-            let logits = match reference.as_mut() {
-                Some(m) => forward_logits(m, &self.layout, &Weights::Resident, &batch)?,
-                None => {
-                    let w = weights_of(&self.student_full, &*self.comm, &self.master, self.kind);
-                    forward_logits(&mut self.student, &self.layout, &w, &batch)?
-                }
-            };
-            let lp = methods::losses::target_logprobs(&logits, &batch.input_ids, &batch.target_mask);
-            let row_sums = Vec::<f64>::try_from(lp.sum_dim_intlist(1, false, Kind::Double).to_device(Device::Cpu))?;
-            for (&i, s) in chunk.iter().zip(row_sums) {
-                sums[i] = s;
-            }
-            bar.inc(chunk.len() as u64);
-        }
-        bar.finish();
-        self.comm.all_reduce_f64(&mut sums)?;
-        Ok(sums)
+        self.method.prepare(&mut runner)
+    }
+
+    fn objective_mut(&mut self, obj: Objective) -> &mut ObjectiveState {
+        self.objectives.iter_mut().find(|s| s.obj == obj).expect("state for every objective of the spec")
     }
 
     fn draw(&mut self, obj: Objective) -> LocalBatch {
         let (rank, world) = (self.comm.rank(), self.comm.world());
-        let loader = match obj {
-            Objective::Forget => self.forget.as_mut(),
-            Objective::Retain => self.retain.as_mut(),
-        }
-        .expect("loader for a used objective");
-        let idx = loader.next_indices(self.cfg.train.batch_size);
-        local_batch(loader.examples(), &idx, rank, world, self.pad_id, self.device)
+        let (batch_size, pad_id, device) = (self.cfg.train.batch_size, self.pad_id, self.device);
+        let loader = &mut self.objective_mut(obj).loader;
+        let idx = loader.next_indices(batch_size);
+        local_batch(loader.examples(), &idx, rank, world, pad_id, device)
     }
 
     /// Forward/backward of one objective on one micro-batch into its accumulator.
     /// Returns this rank's share of the logged loss value.
     fn accumulate(&mut self, obj: Objective, batch: &LocalBatch) -> Result<f64> {
         let mut aux = Aux::default();
-        if self.method.needs_teacher(obj) {
+        if self.spec.teacher_on == Some(obj) {
             let teacher = self.teacher.as_mut().expect("teacher model");
             let shard = self.method.teacher_shard().expect("teacher shard");
-            let w = weights_of(&self.teacher_full, &*self.comm, shard, self.kind);
-            aux.teacher_logits = Some(forward_logits(teacher, &self.layout, &w, &batch.batch)?);
-        }
-        if obj == Objective::Forget {
-            if let Some(sums) = &self.ref_sums {
-                let rows: Vec<f64> = batch.example_ids.iter().map(|&i| sums[i]).collect();
-                aux.ref_sums = Some(Tensor::from_slice(&rows).to_kind(Kind::Float).to_device(self.device));
-            }
+            let w = teacher.weights(&*self.comm, shard, self.kind);
+            aux.teacher_logits = Some(forward_logits(&mut teacher.model, &self.layout, &w, &batch.batch)?);
         }
         let accum = self.cfg.train.grad_accum as f64;
         let mut value = 0.0;
@@ -304,36 +257,19 @@ impl Trainer {
             value = out.value;
             Ok(out.loss / accum)
         };
-        let acc = match obj {
-            Objective::Forget => self.acc_forget.as_mut(),
-            Objective::Retain => self.acc_retain.as_mut(),
-        }
-        .expect("accumulator for a used objective");
+        let acc = &mut self.objectives.iter_mut().find(|s| s.obj == obj).expect("state for every objective of the spec").acc;
         let mut sink = Sink { acc, layout: &self.layout, comm: &*self.comm };
-        let w = weights_of(&self.student_full, &*self.comm, &self.master, self.kind);
-        forward_backward(&mut self.student, &self.layout, &w, self.layer_wise, &batch.batch, &mut loss_fn, &mut sink)?;
+        let w = self.student.weights(&*self.comm, &self.master, self.kind);
+        forward_backward(&mut self.student.model, &self.layout, &w, self.layer_wise, &batch.batch, &mut loss_fn, &mut sink)?;
         Ok(value)
     }
 
-    /// Copy the master shard into the student's compute replica (all-gather when sharded).
-    fn sync_student(&mut self) -> Result<()> {
-        if self.replicas_are_shards {
-            return Ok(());
-        }
-        if let Some(full) = self.student_full.as_mut() {
-            let all: Vec<usize> = (0..self.layout.buckets.len()).collect();
-            tch::no_grad(|| self.layout.gather_buckets(&*self.comm, &self.master, full, &all, 0))?;
-        }
-        Ok(())
-    }
-
-    fn sync_teacher(&mut self) -> Result<()> {
-        if self.replicas_are_shards {
-            return Ok(());
-        }
-        if let (Some(full), Some(shard)) = (self.teacher_full.as_mut(), self.method.teacher_shard()) {
-            let all: Vec<usize> = (0..self.layout.buckets.len()).collect();
-            tch::no_grad(|| self.layout.gather_buckets(&*self.comm, shard, full, &all, 0))?;
+    /// Copy the master shard into the student's replica and the teacher shard into the
+    /// teacher's (all-gathers when sharded; nothing for gathered weights).
+    fn sync_replicas(&mut self) -> Result<()> {
+        self.student.sync(&self.layout, &*self.comm, &self.master)?;
+        if let (Some(teacher), Some(shard)) = (self.teacher.as_mut(), self.method.teacher_shard()) {
+            teacher.sync(&self.layout, &*self.comm, shard)?;
         }
         Ok(())
     }
@@ -342,8 +278,8 @@ impl Trainer {
     fn probe_loss(&mut self, batches: &[LocalBatch]) -> Result<f64> {
         let mut total = 0.0;
         for b in batches {
-            let w = weights_of(&self.student_full, &*self.comm, &self.master, self.kind);
-            let logits = forward_logits(&mut self.student, &self.layout, &w, &b.batch)?;
+            let w = self.student.weights(&*self.comm, &self.master, self.kind);
+            let logits = forward_logits(&mut self.student.model, &self.layout, &w, &b.batch)?;
             total += methods::batch_nll(&logits, b).double_value(&[]);
         }
         let mut v = [total / batches.len() as f64];
@@ -355,14 +291,14 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepLog> {
         let t0 = Instant::now();
         let step = self.step + 1;
-        let objectives = self.method.objectives();
-        for acc in [self.acc_forget.as_mut(), self.acc_retain.as_mut()].into_iter().flatten() {
-            acc.zero_();
+        let objectives = self.spec.objectives();
+        for st in &mut self.objectives {
+            st.acc.zero_();
         }
         let mut losses = [0.0f64; 2];
         let mut tokens = 0i64;
         for _ in 0..self.cfg.train.grad_accum {
-            for &obj in objectives {
+            for &obj in &objectives {
                 let batch = self.draw(obj);
                 tokens += batch.global.targets;
                 let v = self.accumulate(obj, &batch)?;
@@ -373,15 +309,21 @@ impl Trainer {
         // rank becomes non-finite on all, so every rank stops together.
         self.comm.all_reduce_f64(&mut losses)?;
         let uses = |o: Objective| objectives.contains(&o);
-        for (o, name) in [(Objective::Forget, "forget"), (Objective::Retain, "retain")] {
+        for o in [Objective::Forget, Objective::Retain] {
             if uses(o) && !losses[o as usize].is_finite() {
-                return Err(crate::Error::NonFinite { step, msg: format!("{name} loss is {}", losses[o as usize]) });
+                return Err(crate::Error::NonFinite { step, msg: format!("{} loss is {}", o.name(), losses[o as usize]) });
             }
         }
 
         let (comm, layout, rank) = (&*self.comm, &self.layout, self.shard_rank);
-        let g_f = self.acc_forget.as_mut().map(|a| a.reduced_shard(layout, comm, rank)).transpose()?;
-        let g_r = self.acc_retain.as_mut().map(|a| a.reduced_shard(layout, comm, rank)).transpose()?;
+        let (mut g_f, mut g_r) = (None, None);
+        for st in &mut self.objectives {
+            let g = Some(st.acc.reduced_shard(layout, comm, rank)?);
+            match st.obj {
+                Objective::Forget => g_f = g,
+                Objective::Retain => g_r = g,
+            }
+        }
         let dot = crate::dist::zero::dot;
         let mut sq = [
             g_f.as_ref().map_or(0.0, |g| dot(g, g)),
@@ -425,10 +367,9 @@ impl Trainer {
         };
         tch::no_grad(|| self.optim.step(&mut self.master, &dir.d, lr))?;
         self.method.after_step(&self.master, &dir)?;
-        self.sync_student()?;
-        self.sync_teacher()?;
+        self.sync_replicas()?;
         self.step = step;
-        if self.cfg.dist.verify_every > 0 && step % self.cfg.dist.verify_every == 0 {
+        if self.cfg.dist.verify_every > 0 && step.is_multiple_of(self.cfg.dist.verify_every) {
             self.fault_injection_perturb(step);
             self.verify_replicas()?;
         }
@@ -458,7 +399,7 @@ impl Trainer {
         let batches: Vec<LocalBatch> = (0..self.cfg.train.grad_accum).map(|_| self.draw(Objective::Retain)).collect();
         let at = |tr: &mut Trainer, r: f64| -> Result<f64> {
             tch::no_grad(|| tr.master.copy_(&(&w_t + &delta * r)));
-            tr.sync_student()?;
+            tr.student.sync(&tr.layout, &*tr.comm, &tr.master)?;
             tr.probe_loss(&batches)
         };
         let l_minus = at(self, -1.0)?; // w + ηd
@@ -468,155 +409,48 @@ impl Trainer {
         Ok(self.method.autolr().expect("autolr").update(l_minus, l_zero, l_plus))
     }
 
-    /// Fault injection for the divergence-check test: `UNLEARN_FAULT_PERTURB=RANK:STEP` nudges
-    /// that rank's student replica before the check of that step. Never set in normal use.
-    fn fault_injection_perturb(&mut self, step: u64) {
-        let Ok(v) = std::env::var("UNLEARN_FAULT_PERTURB") else { return };
-        let Some((r, s)) = v.split_once(':') else { return };
-        if r.parse() == Ok(self.comm.rank()) && s.parse() == Ok(step) {
-            if let Some(full) = self.student_full.as_mut() {
-                tch::no_grad(|| {
-                    let _ = full.narrow(0, 0, 1).f_add_scalar_(1e-3);
-                });
-            }
-        }
-    }
-
-    /// Fail loudly if the replicated buffers differ across ranks.
-    fn verify_replicas(&self) -> Result<()> {
-        for (name, t) in [("student", self.student_full.as_ref()), ("teacher", self.teacher_full.as_ref())] {
-            let Some(t) = t else { continue };
-            let (sum, sq) = crate::dist::zero::checksum(t);
-            let mut v = [sum, sq, -sum, -sq];
-            self.comm.all_reduce_max_f64(&mut v)?;
-            if v[0] != -v[2] || v[1] != -v[3] {
-                return Err(crate::Error::Dist(format!(
-                    "step {}: {name} weights differ across ranks (checksum range {:.9e}..{:.9e})",
-                    self.step, -v[2], v[0]
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// Write the current student as an HF model directory (rank 0 writes; every rank takes part
-    /// in the per-bucket gathers, so no rank ever holds the fp32 model twice).
-    pub fn save_final(&mut self, out: &Path) -> Result<()> {
-        let cfg = self.student.config().clone();
-        let specs = param_specs(&cfg);
-        let index = params::param_index(&self.layout);
-        let mut writer = if self.is_main() {
-            Some(crate::model::weights::HfWriter::create(out, &self.raw_config, &specs, self.kind, crate::model::weights::DEFAULT_MAX_SHARD_BYTES)?)
-        } else {
-            None
-        };
-        let frozen: std::collections::HashMap<String, Tensor> =
-            self.student.named_params().into_iter().filter(|(n, _)| !index.contains_key(n)).collect();
-        let mut cached: Option<(usize, Tensor)> = None;
-        for s in &specs {
-            let t = match index.get(&s.name) {
-                None => frozen[&s.name].shallow_clone(),
-                Some(&i) => {
-                    let p = &self.layout.params[i];
-                    if cached.as_ref().map(|c| c.0) != Some(p.bucket) {
-                        let bk = &self.layout.buckets[p.bucket];
-                        let mut buf = Tensor::zeros([bk.padded], (Kind::Float, self.device));
-                        self.layout.gather_buckets(&*self.comm, &self.master, &mut buf, &[p.bucket], bk.offset)?;
-                        cached = Some((p.bucket, buf));
-                    }
-                    let (_, buf) = cached.as_ref().unwrap();
-                    let bk = &self.layout.buckets[p.bucket];
-                    buf.narrow(0, p.offset - bk.offset, p.numel).view(p.shape.as_slice())
-                }
-            };
-            if let Some(w) = writer.as_mut() {
-                w.write(&s.name, &t)?;
-            }
-        }
-        if let Some(w) = writer {
-            w.finish(Some(&self.cfg.model.path))?;
-        }
-        self.comm.barrier()
-    }
-
-    /// State for checkpoints.
-    pub fn checkpoint_state(&mut self) -> crate::checkpoint::State {
-        let autolr = self.method.autolr().cloned();
-        let mut tensors = vec![("master".to_string(), self.master.shallow_clone())];
-        for (n, t) in self.optim.state() {
-            tensors.push((format!("optim.{n}"), t));
-        }
-        if let Some(t) = self.method.teacher_shard() {
-            tensors.push(("teacher".to_string(), t.shallow_clone()));
-        }
-        crate::checkpoint::State {
+    /// What a checkpoint holds, borrowed from the trainer, and the communicator to write it with.
+    fn checkpoint_parts(&mut self) -> (crate::checkpoint::Parts<'_>, &dyn Collective) {
+        let parts = crate::checkpoint::Parts {
             step: self.step,
-            world: self.comm.world(),
-            layout: self.layout.clone(),
-            tensors,
-            optim_scalars: self.optim.scalars(),
-            forget: self.forget.as_ref().map(Loader::state),
-            retain: self.retain.as_ref().map(Loader::state),
-            autolr,
-            method: self.cfg.method.name.clone(),
-        }
+            method_name: self.cfg.method.name(),
+            layout: &self.layout,
+            shard: self.shard_rank,
+            master: &mut self.master,
+            optim: &mut *self.optim,
+            method: &mut *self.method,
+            loaders: self.objectives.iter_mut().map(|s| (s.obj, &mut s.loader)).collect(),
+        };
+        (parts, &*self.comm)
     }
 
-    /// Restore from a checkpoint written at any world size.
+    /// Write a checkpoint of the current step under `root` (collective), keeping the last `keep`.
+    pub fn save_checkpoint(&mut self, root: &Path, keep: usize) -> Result<PathBuf> {
+        let (mut parts, comm) = self.checkpoint_parts();
+        crate::checkpoint::save(root, &mut parts, comm, keep)
+    }
+
+    /// Continue from a checkpoint written at any world size.
     pub fn restore(&mut self, dir: &Path) -> Result<()> {
-        let ck = crate::checkpoint::Loaded::open(dir)?;
-        if ck.meta.method != self.cfg.method.name {
-            return Err(crate::other!("{}: checkpoint of method `{}`, config says `{}`", dir.display(), ck.meta.method, self.cfg.method.name));
-        }
-        let rank = self.shard_rank;
-        ck.read_shard("master", &self.layout, rank, &mut self.master)?;
-        let names: Vec<String> = ck.tensor_names().into_iter().filter(|n| n.starts_with("optim.")).collect();
-        let mut optim_tensors = vec![];
-        for n in names {
-            let mut t = Tensor::zeros([self.layout.shard_len()], (Kind::Float, self.device));
-            ck.read_shard(&n, &self.layout, rank, &mut t)?;
-            optim_tensors.push((n.trim_start_matches("optim.").to_string(), t));
-        }
-        self.optim.restore(optim_tensors, &ck.meta.optim_scalars)?;
-        if let Some(t) = self.method.teacher_shard_mut() {
-            ck.read_shard("teacher", &self.layout, rank, t)?;
-        }
-        if let (Some(l), Some(s)) = (self.forget.as_mut(), ck.meta.forget) {
-            l.restore(s);
-        }
-        if let (Some(l), Some(s)) = (self.retain.as_mut(), ck.meta.retain) {
-            l.restore(s);
-        }
-        if let (Some(a), Some(saved)) = (self.method.autolr(), ck.meta.autolr.clone()) {
-            *a = saved;
-        }
-        self.step = ck.meta.step;
-        self.sync_student()?;
-        self.sync_teacher()?;
-        Ok(())
+        let (mut parts, _) = self.checkpoint_parts();
+        self.step = crate::checkpoint::restore(dir, &mut parts)?;
+        self.sync_replicas()
     }
 }
 
-/// Resident weights when a compute replica exists, else gathered per layer from `shard`.
-fn weights_of<'a>(full: &Option<Tensor>, comm: &'a dyn crate::dist::Collective, shard: &'a Tensor, kind: Kind) -> Weights<'a> {
-    match full {
-        Some(_) => Weights::Resident,
-        None => Weights::Gathered { comm, shard, kind },
-    }
-}
-
-/// Read, limit and tokenize the records of one or more dataset files.
-fn load_examples(paths: &[PathBuf], limit: Option<usize>, tok: &Tokenizer, max_len: usize, overflow: Overflow) -> Result<Vec<Example>> {
+/// Read, limit and tokenize the records of one objective's data files.
+fn load_examples(src: &DataSource, tok: &Tokenizer, template: &Template) -> Result<Vec<Example>> {
     let mut records: Vec<Record> = vec![];
-    for p in paths {
+    for p in src.paths {
         records.extend(read_records(p)?);
     }
-    if let Some(n) = limit {
+    if let Some(n) = src.limit {
         records.truncate(n);
     }
-    let ex = tokenize_all(tok, &records, max_len, overflow).map_err(|e| crate::other!("{}: {e}", paths[0].display()))?;
+    let first = src.paths[0].display();
+    let ex = tokenize_all(tok, template, &records, src.max_len, src.overflow).map_err(|e| crate::other!("{first}: {e}"))?;
     if ex.is_empty() {
-        return Err(crate::other!("{}: no usable examples after tokenization", paths[0].display()));
+        return Err(crate::other!("{first}: no usable examples after tokenization"));
     }
     Ok(ex)
 }

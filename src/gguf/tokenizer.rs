@@ -10,8 +10,8 @@
 
 use serde_json::{json, Map, Value};
 
+use super::reader::GgufFile;
 use crate::error::{Error, Result};
-use crate::model::gguf::GgufFile;
 
 /// llama.cpp token types (`tokenizer.ggml.token_type`).
 const TOKEN_CONTROL: i64 = 3;

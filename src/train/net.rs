@@ -1,0 +1,99 @@
+//! The models the trainer runs (student, teacher) and where their trainable weights live.
+
+use tch::{Device, Kind, Tensor};
+
+use super::backward::Weights;
+use super::params;
+use crate::config::TeacherMode;
+use crate::dist::zero::FlatLayout;
+use crate::dist::Collective;
+use crate::model::Llama;
+use crate::Result;
+
+/// Where a model's trainable weights live between passes.
+pub(super) enum Residency {
+    /// A compute-dtype replica of the whole flat buffer, bound to the model (ZeRO 0–2; the
+    /// teacher with `dist.teacher = "replica"`).
+    Replica(Tensor),
+    /// Bound to the fp32 shard itself, updated in place by the optimizer or the method (fp32
+    /// compute, one shard, ZeRO 0–2): one copy of the weights, as in a plain PyTorch loop, and
+    /// nothing to copy after a step.
+    Shard(Tensor),
+    /// Nowhere: gathered layer by layer from the fp32 shards for each pass.
+    Gathered,
+}
+
+/// A model the trainer runs (student or teacher).
+pub(super) struct Net {
+    pub model: Llama,
+    pub residency: Residency,
+}
+
+impl Net {
+    /// How a pass gets the trainable weights: resident, or gathered per layer from `shard`.
+    pub fn weights<'a>(&self, comm: &'a dyn Collective, shard: &'a Tensor, kind: Kind) -> Weights<'a> {
+        match self.residency {
+            Residency::Replica(_) | Residency::Shard(_) => Weights::Resident,
+            Residency::Gathered => Weights::Gathered { comm, shard, kind },
+        }
+    }
+
+    pub fn replica(&self) -> Option<&Tensor> {
+        match &self.residency {
+            Residency::Replica(t) | Residency::Shard(t) => Some(t),
+            Residency::Gathered => None,
+        }
+    }
+
+    /// Copy `shard` into the compute replica (all-gather when sharded); nothing when gathered or
+    /// when the replica is the shard.
+    pub fn sync(&mut self, layout: &FlatLayout, comm: &dyn Collective, shard: &Tensor) -> Result<()> {
+        if let Residency::Replica(full) = &mut self.residency {
+            let all: Vec<usize> = (0..layout.buckets.len()).collect();
+            tch::no_grad(|| layout.gather_buckets(comm, shard, full, &all, 0))?;
+        }
+        Ok(())
+    }
+}
+
+/// The teacher's model: a shallow copy of the student's frozen weights, with its trainable
+/// weights in a compute replica (gathered once from the initial master), bound to `own_shard` (the
+/// method's fp32 teacher shard, where the replicas are the shards) or gathered per pass.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn teacher_net(
+    student: &Net,
+    mode: TeacherMode,
+    own_shard: Option<&Tensor>,
+    layout: &FlatLayout,
+    comm: &dyn Collective,
+    master: &Tensor,
+    kind: Kind,
+    device: Device,
+) -> Result<Net> {
+    let mut model = student.model.shallow_copy();
+    match (mode, own_shard) {
+        (TeacherMode::Replica, Some(shard)) => {
+            let shard = shard.shallow_clone();
+            params::bind(&mut model, layout, &shard, 0, None, false);
+            Ok(Net { model, residency: Residency::Shard(shard) })
+        }
+        (TeacherMode::Replica, None) => {
+            let full = match student.replica() {
+                Some(f) => f.copy(),
+                None => {
+                    let full = Tensor::zeros([layout.total], (kind, device));
+                    layout.gather_buckets(comm, master, &mut full.shallow_clone(), &(0..layout.buckets.len()).collect::<Vec<_>>(), 0)?;
+                    full
+                }
+            };
+            params::bind(&mut model, layout, &full, 0, None, false);
+            Ok(Net { model, residency: Residency::Replica(full) })
+        }
+        (TeacherMode::Gather, _) => {
+            for l in layout.layers() {
+                params::release(&mut model, layout, l);
+            }
+            Ok(Net { model, residency: Residency::Gathered })
+        }
+    }
+}
