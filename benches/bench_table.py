@@ -1,6 +1,6 @@
 """results.json of benches/bench.py → the Markdown table (figure, peer figure, ratio, target).
 
-    bench_table.py bench-results/results.json > benches/latest.md
+    bench_table.py bench-results/results.json > bench-results/results.md
 """
 import json
 import statistics

@@ -3,7 +3,7 @@
 # for finetune / ngdiff / mean-teacher against benches/torch_step.py, MPI weak scaling with the
 # exposed-communication share, TOFU evaluation throughput against transformers `generate`, and a
 # GPU section that runs only where a CUDA device is present. Writes bench-results/results.json and
-# bench-results/results.md (copy the table to benches/latest.md to publish it).
+# bench-results/results.md (output, ignored by git; benches/README.md quotes the latest table).
 #
 #   . launch/env.sh && cargo build --release
 #   benches/run.sh [bench.py options]      # e.g. --sections step --methods finetune --rounds 2
