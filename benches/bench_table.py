@@ -45,8 +45,8 @@ def render(r):
             rss_ok = row["unlearn_peak_rss_kib"] and row["torch_peak_rss_kib"] and row["unlearn_peak_rss_kib"] <= row["torch_peak_rss_kib"]
             out.append(
                 f"| {row['method']}{' (round ' + str(row['round'] + 1) + ')' if s.get('rounds', 1) > 1 else ''} "
-                f"| {row['unlearn_median_s']:.2f} s | {row['torch_median_s']:.2f} s | {ratio:.2f}× "
-                f"(paired {statistics.median(row['paired_ratios']):.2f}×) | ≤ 0.80×: {verdict(ratio <= 0.8)} "
+                f"| {row['unlearn_median_s']:.2f} s | {row['torch_median_s']:.2f} s | {ratio:.3f}× "
+                f"(paired {statistics.median(row['paired_ratios']):.3f}×) | ≤ 0.80×: {verdict(ratio <= 0.8)} "
                 f"| {row['unlearn_cpu_s']:.1f} / {row['torch_cpu_s']:.1f} ({row['cpu_ratio']:.2f}×) "
                 f"| {row['unlearn_minor_faults'] / 1e6:.2f} M / {row['torch_minor_faults'] / 1e6:.2f} M "
                 f"| {gib(row['unlearn_peak_rss_kib'])} | {gib(row['torch_peak_rss_kib'])} | ≤ PyTorch: {verdict(rss_ok)} "
