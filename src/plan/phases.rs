@@ -105,6 +105,8 @@ pub(super) struct Sizes<'a> {
     cpu_mpi: bool,
     bsv: String,
     shard_words: String,
+    /// fp32 compute on one shard below ZeRO-3: the compute replicas are the fp32 shards (train/mod.rs).
+    replicas_are_shards: bool,
 }
 
 impl<'a> Sizes<'a> {
@@ -152,6 +154,7 @@ impl<'a> Sizes<'a> {
             } else {
                 format!("shard {} (flat/{shards})", count(shard))
             },
+            replicas_are_shards: c == 4.0 && shards == 1 && p.zero < 3,
             layout,
         }
     }
@@ -212,7 +215,9 @@ impl<'a> Sizes<'a> {
             },
             self.frozen_n * c,
         ));
-        res.push(if p.zero < 3 {
+        res.push(if self.replicas_are_shards {
+            row("student compute replica", "the fp32 master itself (fp32, one shard)", 0.0)
+        } else if p.zero < 3 {
             row("student compute replica", format!("student_full: flat {} × {cw}, replicated", count(flat)), flat * c)
         } else {
             row("student compute replica", "absent at ZeRO-3 (one layer gathered at a time, see forward/backward)", 0.0)
@@ -229,7 +234,9 @@ impl<'a> Sizes<'a> {
         }
         if m.teacher() {
             res.push(row("EMA teacher shard", "fp32 θ̄: shard × 4 B", shard * 4.0));
-            res.push(if p.teacher == TeacherMode::Replica {
+            res.push(if p.teacher == TeacherMode::Replica && self.replicas_are_shards {
+                row("teacher compute replica", "the EMA teacher shard itself (fp32, one shard)", 0.0)
+            } else if p.teacher == TeacherMode::Replica {
                 row("teacher compute replica", format!("teacher_full (dist.teacher = replica): flat {} × {cw}", count(flat)), flat * c)
             } else {
                 row("teacher compute replica", "none (dist.teacher = gather: one layer gathered per teacher forward)", 0.0)
@@ -277,7 +284,9 @@ impl<'a> Sizes<'a> {
                 self.master_row(),
             ],
         );
-        ctx.phase("init (load, flatten, shard)", false, vec![], vec![load, master])
+        // With replicas that are the shards, the master is the flat buffer: nothing is read again.
+        let moments = if self.replicas_are_shards { vec![load] } else { vec![load, master] };
+        ctx.phase("init (load, flatten, shard)", false, vec![], moments)
     }
 
     /// NPO's reference log-likelihoods: `reference_sums` runs the per-rank micro-batch's worth of
@@ -434,12 +443,13 @@ impl<'a> Sizes<'a> {
         if p.clip_norm {
             moments.push(Moment::new("clip", vec![d_row(), dot_row("fp64 temporaries of ‖d‖² (optim.clip_norm)")]));
         }
-        let (name, temps) = match (p.optim, p.weight_decay) {
-            (OptimName::AdamW, _) => ("AdamW step temporaries", 3.0),
-            (_, true) => ("SGD step temporaries", 2.0),
-            _ => ("SGD step temporaries", 1.0),
+        let step_row = match (p.optim, p.weight_decay) {
+            // optim/adamw.rs updates the shard in pieces through two persistent scratch buffers.
+            (OptimName::AdamW, _) => row("AdamW step scratch", "2 × 1 Mi elements × 4 B", 2.0 * shard.min(1048576.0) * 4.0),
+            (_, true) => row("SGD step temporaries", "2 × shard × 4 B", 2.0 * shard * 4.0),
+            _ => row("SGD step temporaries", "1 × shard × 4 B", shard * 4.0),
         };
-        moments.push(Moment::new("optimizer step", vec![d_row(), row(name, format!("{temps} × shard × 4 B"), temps * shard * 4.0)]));
+        moments.push(Moment::new("optimizer step", vec![d_row(), step_row]));
         if m.update.after_step_temps > 0.0 {
             moments.push(Moment::new("EMA update", vec![d_row(), row("EMA temporary", "θ·δc: shard × 4 B", m.update.after_step_temps * shard * 4.0)]));
         }

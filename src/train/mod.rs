@@ -60,6 +60,9 @@ pub struct StepLog {
     pub clip: f64,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
+    /// Seconds of this step spent in collectives (only with `UNLEARN_COMM_TIMING=1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub autolr: Option<methods::autolr::Fit>,
     /// A non-finite loss or gradient norm: no update was applied.
@@ -138,10 +141,16 @@ impl Trainer {
 
         let mut model = loaded.model;
         let full = params::flatten_and_bind(&mut model, &layout, kind, true);
-        // The fp32 master comes from the checkpoint's own values, not from the compute-dtype copy:
-        // a bf16 run keeps the full precision of an fp32/fp16 checkpoint in its master weights.
-        let master = params::master_shard(&cfg.model.path, &layout, shard_rank, device)?;
-        let student = if zero < 3 {
+        // fp32 compute with one shard: the compute replica *is* the master (one copy of the weights,
+        // nothing to copy back after a step), as in a plain PyTorch loop. Otherwise the fp32 master
+        // comes from the checkpoint's own values, not from the compute-dtype copy: a bf16 run keeps
+        // the full precision of an fp32/fp16 checkpoint in its master weights.
+        let replicas_are_shards = kind == Kind::Float && layout.shards == 1 && zero < 3;
+        let master =
+            if replicas_are_shards { full.shallow_clone() } else { params::master_shard(&cfg.model.path, &layout, shard_rank, device)? };
+        let student = if replicas_are_shards {
+            Net { model, residency: Residency::Shard(full) }
+        } else if zero < 3 {
             Net { model, residency: Residency::Replica(full) }
         } else {
             drop(full);
@@ -156,7 +165,10 @@ impl Trainer {
         let optim = optim::build(&cfg.optim, &master);
         let schedule = Schedule::new(&cfg.optim, cfg.train.steps);
         let teacher = match spec.teacher() {
-            true => Some(teacher_net(&student, cfg.dist.teacher, &layout, &*comm, &master, kind, device)?),
+            true => {
+                let own_shard = method.teacher_shard().filter(|_| replicas_are_shards);
+                Some(teacher_net(&student, cfg.dist.teacher, own_shard, &layout, &*comm, &master, kind, device)?)
+            }
             false => None,
         };
 
@@ -399,6 +411,7 @@ impl Trainer {
             clip: dir.clip,
             tokens_per_s: tokens as f64 / elapsed.max(1e-9),
             elapsed_s: elapsed,
+            comm_s: self.comm.take_collective_seconds(),
             autolr: fit,
             skipped: false,
             stop_requested,
@@ -472,6 +485,7 @@ impl Trainer {
             autolr: None,
             skipped: true,
             stop_requested,
+            comm_s: self.comm.take_collective_seconds(),
         })
     }
 
