@@ -1,175 +1,473 @@
 //! MPI backend (rsmpi) on CPU tensors: the backend the multi-rank tests use, and the bootstrap
-//! channel of the NCCL backend. bf16 buffers are widened to f32 on the host for reductions (MPI
-//! has no bf16 type and summing in f32 is what we want anyway) and moved as-is otherwise.
+//! channel of the NCCL backend.
+//!
+//! One communication thread owns every MPI call of the process: it initialises MPI, runs the
+//! collectives in the order the trainer issues them, and finalises MPI when the backend is
+//! dropped. Blocking collectives send it a job and wait for the answer; the `start_*` collectives
+//! return at once with a handle, so a bucket's gradient reduction runs while backward computes
+//! the next layer (Open MPI's non-blocking collectives would only progress inside MPI calls, which
+//! a rank busy in libtorch never makes). MPI is initialised with `MPI_THREAD_MULTIPLE` when the
+//! library offers it (Open MPI does), which also keeps the emergency `MPI_Abort` of another thread
+//! and benches/reduce.rs's direct calls within the standard; any level works in practice since
+//! only this thread calls MPI in a run.
+//!
+//! Dtypes: fp32 moves as MPI_FLOAT; bf16 moves as 16-bit words (half the bytes), reduced by a
+//! user-defined operation that adds in fp32 and rounds to bf16 at every step, as NCCL's bf16 sum
+//! does; other kinds are widened to fp32 on the host.
 
-use mpi::collective::SystemOperation;
-use mpi::environment::Universe;
+use std::ffi::{c_int, c_void};
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use half::bf16;
+use mpi::collective::{SystemOperation, UnsafeUserOperation};
+use mpi::environment::Threading;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use tch::{Device, Kind, Tensor};
 
-use super::{f32_slice, f32_slice_mut, Collective};
+use super::{f32_slice, f32_slice_mut, Collective, Handle, InFlight};
 use crate::Result;
 
 /// MPI counts are C ints: move large buffers in pieces.
 const CHUNK: usize = 1 << 28;
 
-pub struct Mpi {
-    // Drop order matters: the communicator before the universe (which calls MPI_Finalize).
+/// What the communication thread owns.
+struct Ctx {
     world: SimpleCommunicator,
-    _universe: Universe,
-    /// Send buffer reused across all-reduces (rsmpi has no MPI_IN_PLACE): one bucket, allocated once.
-    scratch: std::cell::RefCell<Vec<f32>>,
+    /// Send copy for all-reduces (rsmpi has no MPI_IN_PLACE), grown to the largest bucket once.
+    scratch_f32: Vec<f32>,
+    scratch_u16: Vec<u16>,
+    bf16_sum: UnsafeUserOperation,
+    /// Test hook (`UNLEARN_COMM_DELAY_MS`): sleep this long before every gradient reduction.
+    delay: Option<Duration>,
+}
+
+type Job = Box<dyn FnOnce(&mut Ctx) + Send>;
+
+pub struct Mpi {
+    rank: usize,
+    world: usize,
+    jobs: Option<Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// `inout[i] = bf16(in[i] + inout[i])`, both read as bf16 bit patterns.
+unsafe extern "C" fn bf16_sum(invec: *mut c_void, inoutvec: *mut c_void, len: *mut c_int, _dtype: *mut mpi::ffi::MPI_Datatype) {
+    let n = *len as usize;
+    let a = std::slice::from_raw_parts(invec as *const u16, n);
+    let b = std::slice::from_raw_parts_mut(inoutvec as *mut u16, n);
+    for (x, y) in a.iter().zip(b) {
+        *y = bf16::from_f32(bf16::from_bits(*x).to_f32() + bf16::from_bits(*y).to_f32()).to_bits();
+    }
+}
+
+/// A job's answer, once it has run on the communication thread.
+struct Reply<T>(Receiver<std::thread::Result<T>>);
+
+impl<T> Reply<T> {
+    fn get(self) -> Result<T> {
+        match self.0.recv() {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(panic)) => Err(crate::Error::Dist(format!("MPI communication thread: {}", panic_text(&panic)))),
+            Err(_) => Err(crate::Error::Dist("the MPI communication thread has stopped".into())),
+        }
+    }
+}
+
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panicked".into())
+}
+
+/// A collective issued with `start_*`, running on the communication thread.
+struct Pending {
+    reply: Option<Reply<()>>,
+    done: Option<Result<()>>,
+}
+
+impl InFlight for Pending {
+    fn is_done(&mut self) -> bool {
+        if self.done.is_some() {
+            return true;
+        }
+        let Some(r) = &self.reply else { return true };
+        match r.0.try_recv() {
+            Ok(v) => {
+                self.done = Some(v.map_err(|p| crate::Error::Dist(format!("MPI communication thread: {}", panic_text(&p)))));
+                true
+            }
+            Err(TryRecvError::Empty) => false,
+            Err(TryRecvError::Disconnected) => {
+                self.done = Some(Err(crate::Error::Dist("the MPI communication thread has stopped".into())));
+                true
+            }
+        }
+    }
+    fn wait(mut self: Box<Self>) -> Result<()> {
+        match self.done.take() {
+            Some(r) => r,
+            None => self.reply.take().map_or(Ok(()), Reply::get),
+        }
+    }
 }
 
 impl Mpi {
     pub fn init() -> Result<Self> {
-        let universe = mpi::initialize().ok_or_else(|| crate::other!("MPI was already initialised"))?;
-        let world = universe.world();
-        Ok(Mpi { world, _universe: universe, scratch: Default::default() })
+        let delay = std::env::var("UNLEARN_COMM_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()).map(Duration::from_millis);
+        let (jobs, queue) = channel::<Job>();
+        let (ready_tx, ready) = channel::<std::result::Result<(usize, usize, Threading), String>>();
+        let thread = std::thread::Builder::new()
+            .name("mpi-comm".into())
+            .spawn(move || {
+                let Some((universe, level)) = mpi::initialize_with_threading(Threading::Multiple) else {
+                    let _ = ready_tx.send(Err("MPI was already initialised".into()));
+                    return;
+                };
+                let world = universe.world();
+                // SAFETY: bf16_sum reads and writes exactly `len` 16-bit words of each buffer.
+                let bf16_sum = unsafe { UnsafeUserOperation::commutative(bf16_sum) };
+                let _ = ready_tx.send(Ok((world.rank() as usize, world.size() as usize, level)));
+                let mut ctx = Ctx { world, scratch_f32: vec![], scratch_u16: vec![], bf16_sum, delay };
+                while let Ok(job) = queue.recv() {
+                    job(&mut ctx);
+                }
+                drop(ctx); // communicator and operation before MPI_Finalize (the universe)
+                drop(universe);
+            })
+            .map_err(|e| crate::Error::Dist(format!("cannot start the MPI communication thread: {e}")))?;
+        let (rank, world, level) = ready
+            .recv()
+            .map_err(|_| crate::Error::Dist("the MPI communication thread stopped during MPI_Init".into()))?
+            .map_err(|e| crate::other!("{e}"))?;
+        if level != Threading::Multiple {
+            tracing::debug!("MPI provides thread level {level:?}; all MPI calls are made by one thread, which that level allows");
+        }
+        Ok(Mpi { rank, world, jobs: Some(jobs), thread: Some(thread) })
     }
 
-    /// Run `f` on an f32 CPU version of `t` and write the result back when `t` is not one.
-    fn with_f32(t: &mut Tensor, f: impl FnOnce(&mut Tensor)) {
-        if t.kind() == Kind::Float && t.device() == Device::Cpu && t.is_contiguous() {
-            f(t);
+    /// Queue `f` on the communication thread; its answer arrives on the returned reply.
+    fn submit<T: Send + 'static>(&self, f: impl FnOnce(&mut Ctx) -> T + Send + 'static) -> Result<Reply<T>> {
+        let (tx, rx) = channel();
+        let job: Job = Box::new(move |ctx| {
+            // A collective in flight on this thread: the place for a watchdog guard around it.
+            let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(ctx))));
+        });
+        self.jobs
+            .as_ref()
+            .expect("jobs channel open until drop")
+            .send(job)
+            .map_err(|_| crate::Error::Dist("the MPI communication thread has stopped".into()))?;
+        Ok(Reply(rx))
+    }
+
+    fn run<T: Send + 'static>(&self, f: impl FnOnce(&mut Ctx) -> T + Send + 'static) -> Result<T> {
+        self.submit(f)?.get()
+    }
+
+    fn start(&self, f: impl FnOnce(&mut Ctx) + Send + 'static) -> Result<Handle> {
+        Ok(Box::new(Pending { reply: Some(self.submit(f)?), done: None }))
+    }
+}
+
+/// How a tensor travels: fp32 and bf16 as they are, anything else widened to fp32 on the host.
+enum Wire {
+    F32(Tensor),
+    Bf16(Tensor),
+}
+
+impl Wire {
+    /// A contiguous CPU view (or copy) of `t` for the wire.
+    fn of(t: &Tensor) -> Wire {
+        let ready = |k| t.kind() == k && t.device() == Device::Cpu && t.is_contiguous();
+        if ready(Kind::Float) {
+            Wire::F32(t.shallow_clone())
+        } else if ready(Kind::BFloat16) {
+            Wire::Bf16(t.shallow_clone())
+        } else if t.kind() == Kind::BFloat16 {
+            Wire::Bf16(t.to_device(Device::Cpu).contiguous())
         } else {
-            let mut tmp = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-            f(&mut tmp);
-            t.copy_(&tmp);
+            Wire::F32(t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous())
         }
     }
 
-    fn f32_cpu(t: &Tensor) -> Tensor {
-        if t.kind() == Kind::Float && t.device() == Device::Cpu && t.is_contiguous() {
-            t.shallow_clone()
+    /// A receive buffer for `t` in the wire dtype of `like`: `t` itself when it already is one,
+    /// else a fresh host buffer (fully overwritten by the collective, then copied into `t`).
+    fn out(like: &Wire, t: &Tensor) -> Wire {
+        let (kind, wrap): (Kind, fn(Tensor) -> Wire) = match like {
+            Wire::F32(_) => (Kind::Float, Wire::F32),
+            Wire::Bf16(_) => (Kind::BFloat16, Wire::Bf16),
+        };
+        if t.kind() == kind && t.device() == Device::Cpu && t.is_contiguous() {
+            wrap(t.shallow_clone())
         } else {
-            t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous()
+            wrap(Tensor::empty([t.numel() as i64], (kind, Device::Cpu)))
+        }
+    }
+
+    /// Whether results written into this buffer must be copied back into `t`.
+    fn is_copy_of(&self, t: &Tensor) -> bool {
+        let w = match self {
+            Wire::F32(w) | Wire::Bf16(w) => w,
+        };
+        w.data_ptr() != t.data_ptr() || w.kind() != t.kind()
+    }
+
+    fn tensor(&self) -> &Tensor {
+        match self {
+            Wire::F32(w) | Wire::Bf16(w) => w,
         }
     }
 }
 
+/// # Safety
+/// `t` must be a contiguous CPU tensor of 2-byte elements, not aliased mutably elsewhere.
+unsafe fn u16_slice_mut(t: &mut Tensor) -> &mut [u16] {
+    std::slice::from_raw_parts_mut(t.data_ptr() as *mut u16, t.numel())
+}
+
+/// # Safety
+/// As [`u16_slice_mut`], read-only.
+unsafe fn u16_slice(t: &Tensor) -> &[u16] {
+    std::slice::from_raw_parts(t.data_ptr() as *const u16, t.numel())
+}
+
+fn all_reduce_on(ctx: &mut Ctx, t: &mut Tensor) {
+    if let Some(d) = ctx.delay {
+        std::thread::sleep(d);
+    }
+    let mut wire = Wire::of(t);
+    match &mut wire {
+        Wire::F32(w) => {
+            // SAFETY: contiguous CPU f32, exclusively ours until the handle is waited on.
+            let data = unsafe { f32_slice_mut(w) };
+            for piece in data.chunks_mut(CHUNK) {
+                ctx.scratch_f32.clear();
+                ctx.scratch_f32.extend_from_slice(piece);
+                ctx.world.all_reduce_into(&ctx.scratch_f32[..], piece, SystemOperation::sum());
+            }
+        }
+        Wire::Bf16(w) => {
+            // SAFETY: contiguous CPU bf16.
+            let data = unsafe { u16_slice_mut(w) };
+            for piece in data.chunks_mut(CHUNK) {
+                ctx.scratch_u16.clear();
+                ctx.scratch_u16.extend_from_slice(piece);
+                ctx.world.all_reduce_into(&ctx.scratch_u16[..], piece, &ctx.bf16_sum);
+            }
+        }
+    }
+    if wire.is_copy_of(t) {
+        t.copy_(wire.tensor());
+    }
+}
+
+/// Block r of every `CHUNK`-sized piece of `send` (world blocks of `n`) goes to rank r.
+fn scatter_pieces<T: Equivalence + Copy>(world: &SimpleCommunicator, send: &[T], recv: &mut [T], op: impl Operation + Copy) {
+    let (n, w) = (recv.len(), world.size() as usize);
+    if n <= CHUNK {
+        world.reduce_scatter_block_into(send, recv, op);
+        return;
+    }
+    let mut off = 0;
+    while off < n {
+        let len = CHUNK.min(n - off);
+        let mut piece = Vec::with_capacity(len * w);
+        for r in 0..w {
+            piece.extend_from_slice(&send[r * n + off..r * n + off + len]);
+        }
+        world.reduce_scatter_block_into(&piece[..], &mut recv[off..off + len], op);
+        off += len;
+    }
+}
+
+fn gather_pieces<T: Equivalence + Copy + Default>(world: &SimpleCommunicator, send: &[T], recv: &mut [T]) {
+    let (n, w) = (send.len(), world.size() as usize);
+    if n <= CHUNK {
+        world.all_gather_into(send, recv);
+        return;
+    }
+    let mut off = 0;
+    while off < n {
+        let len = CHUNK.min(n - off);
+        let mut piece = vec![T::default(); len * w];
+        world.all_gather_into(&send[off..off + len], &mut piece[..]);
+        for r in 0..w {
+            recv[r * n + off..r * n + off + len].copy_from_slice(&piece[r * len..(r + 1) * len]);
+        }
+        off += len;
+    }
+}
+
+fn reduce_scatter_on(ctx: &mut Ctx, full: &Tensor, shard: &mut Tensor) {
+    if let Some(d) = ctx.delay {
+        std::thread::sleep(d);
+    }
+    let send = Wire::of(full);
+    let mut recv = Wire::out(&send, shard);
+    let copy_back = recv.is_copy_of(shard);
+    match (&send, &mut recv) {
+        (Wire::F32(s), Wire::F32(r)) => {
+            // SAFETY: contiguous CPU f32 buffers, ours until the handle is waited on.
+            let (s, r) = unsafe { (f32_slice(s), f32_slice_mut(r)) };
+            scatter_pieces(&ctx.world, s, r, SystemOperation::sum());
+        }
+        (Wire::Bf16(s), Wire::Bf16(r)) => {
+            // SAFETY: contiguous CPU bf16 buffers.
+            let (s, r) = unsafe { (u16_slice(s), u16_slice_mut(r)) };
+            scatter_pieces(&ctx.world, s, r, &ctx.bf16_sum);
+        }
+        _ => unreachable!("send and receive buffers share the wire dtype"),
+    }
+    if copy_back {
+        shard.copy_(recv.tensor());
+    }
+}
+
+fn all_gather_on(ctx: &mut Ctx, shard: &Tensor, full: &mut Tensor) {
+    // Gathering moves values without arithmetic: bf16 travels as its bits whatever the target.
+    let send = Wire::of(shard);
+    let mut recv = Wire::out(&send, full);
+    let copy_back = recv.is_copy_of(full);
+    match (&send, &mut recv) {
+        (Wire::F32(s), Wire::F32(r)) => {
+            // SAFETY: contiguous CPU f32 buffers.
+            let (s, r) = unsafe { (f32_slice(s), f32_slice_mut(r)) };
+            gather_pieces(&ctx.world, s, r);
+        }
+        (Wire::Bf16(s), Wire::Bf16(r)) => {
+            // SAFETY: contiguous CPU bf16 buffers.
+            let (s, r) = unsafe { (u16_slice(s), u16_slice_mut(r)) };
+            gather_pieces(&ctx.world, s, r);
+        }
+        _ => unreachable!("gathers keep the shard's wire dtype"),
+    }
+    if copy_back {
+        full.copy_(recv.tensor());
+    }
+}
+
+fn check_sizes(what: &str, full: &Tensor, shard: &Tensor, world: usize) -> Result<()> {
+    if full.numel() != shard.numel() * world {
+        return Err(crate::other!("{what}: full has {} elements, expected {world} x {}", full.numel(), shard.numel()));
+    }
+    Ok(())
+}
+
 impl Collective for Mpi {
     fn rank(&self) -> usize {
-        self.world.rank() as usize
+        self.rank
     }
     fn world(&self) -> usize {
-        self.world.size() as usize
+        self.world
     }
     fn backend(&self) -> &'static str {
         "mpi"
     }
 
     fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()> {
-        Self::with_f32(t, |t| {
-            // SAFETY: contiguous CPU f32, exclusively borrowed.
-            let data = unsafe { f32_slice_mut(t) };
-            let mut send = self.scratch.borrow_mut();
-            for piece in data.chunks_mut(CHUNK) {
-                send.clear();
-                send.extend_from_slice(piece);
-                self.world.all_reduce_into(&send[..], piece, SystemOperation::sum());
-            }
-        });
-        Ok(())
+        self.start_all_reduce(t.shallow_clone())?.wait()
     }
 
     fn reduce_scatter_sum(&self, full: &Tensor, shard: &mut Tensor) -> Result<()> {
-        let n = shard.numel();
-        let w = self.world();
-        if full.numel() != n * w {
-            return Err(crate::other!("reduce_scatter: full has {} elements, expected {w} x {n}", full.numel()));
-        }
-        let full32 = Self::f32_cpu(full);
-        // SAFETY: contiguous CPU f32.
-        let send = unsafe { f32_slice(&full32) };
-        Self::with_f32(shard, |shard| {
-            let recv = unsafe { f32_slice_mut(shard) };
-            if n <= CHUNK {
-                self.world.reduce_scatter_block_into(send, recv, SystemOperation::sum());
-            } else {
-                // Scatter piece by piece: block r of every piece goes to rank r.
-                let mut off = 0;
-                while off < n {
-                    let len = CHUNK.min(n - off);
-                    let mut piece = Vec::with_capacity(len * w);
-                    for r in 0..w {
-                        piece.extend_from_slice(&send[r * n + off..r * n + off + len]);
-                    }
-                    self.world.reduce_scatter_block_into(&piece[..], &mut recv[off..off + len], SystemOperation::sum());
-                    off += len;
-                }
-            }
-        });
-        Ok(())
+        self.start_reduce_scatter(full.shallow_clone(), shard.shallow_clone())?.wait()
     }
 
     fn all_gather(&self, shard: &Tensor, full: &mut Tensor) -> Result<()> {
-        let n = shard.numel();
-        let w = self.world();
-        if full.numel() != n * w {
-            return Err(crate::other!("all_gather: full has {} elements, expected {w} x {n}", full.numel()));
-        }
-        let shard32 = Self::f32_cpu(shard);
-        let send = unsafe { f32_slice(&shard32) };
-        Self::with_f32(full, |full| {
-            let recv = unsafe { f32_slice_mut(full) };
-            if n <= CHUNK {
-                self.world.all_gather_into(send, recv);
-            } else {
-                let mut off = 0;
-                while off < n {
-                    let len = CHUNK.min(n - off);
-                    let mut piece = vec![0f32; len * w];
-                    self.world.all_gather_into(&send[off..off + len], &mut piece[..]);
-                    for r in 0..w {
-                        recv[r * n + off..r * n + off + len].copy_from_slice(&piece[r * len..(r + 1) * len]);
-                    }
-                    off += len;
-                }
-            }
-        });
-        Ok(())
+        self.start_all_gather(shard.shallow_clone(), full.shallow_clone())?.wait()
     }
 
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
-        let root = self.world.process_at_rank(root as i32);
-        Self::with_f32(t, |t| {
-            let data = unsafe { f32_slice_mut(t) };
-            for piece in data.chunks_mut(CHUNK) {
-                root.broadcast_into(piece);
+        let t = t.shallow_clone();
+        self.run(move |ctx| {
+            let mut t = t;
+            let mut wire = Wire::of(&t);
+            let root = ctx.world.process_at_rank(root as i32);
+            match &mut wire {
+                // SAFETY: contiguous CPU buffers, exclusively ours for the call.
+                Wire::F32(w) => unsafe { f32_slice_mut(w) }.chunks_mut(CHUNK).for_each(|p| root.broadcast_into(p)),
+                Wire::Bf16(w) => unsafe { u16_slice_mut(w) }.chunks_mut(CHUNK).for_each(|p| root.broadcast_into(p)),
             }
-        });
-        Ok(())
+            if wire.is_copy_of(&t) {
+                t.copy_(wire.tensor());
+            }
+        })
     }
 
     fn all_reduce_f64(&self, v: &mut [f64]) -> Result<()> {
         let send = v.to_vec();
-        self.world.all_reduce_into(&send[..], v, SystemOperation::sum());
+        let out = self.run(move |ctx| {
+            let mut recv = vec![0f64; send.len()];
+            ctx.world.all_reduce_into(&send[..], &mut recv[..], SystemOperation::sum());
+            recv
+        })?;
+        v.copy_from_slice(&out);
         Ok(())
     }
 
     fn all_reduce_max_f64(&self, v: &mut [f64]) -> Result<()> {
         let send = v.to_vec();
-        self.world.all_reduce_into(&send[..], v, SystemOperation::max());
+        let out = self.run(move |ctx| {
+            let mut recv = vec![0f64; send.len()];
+            ctx.world.all_reduce_into(&send[..], &mut recv[..], SystemOperation::max());
+            recv
+        })?;
+        v.copy_from_slice(&out);
         Ok(())
     }
 
     fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()> {
-        let root_proc = self.world.process_at_rank(root as i32);
-        let mut len = bytes.len() as u64;
-        root_proc.broadcast_into(&mut len);
-        bytes.resize(len as usize, 0);
-        root_proc.broadcast_into(&mut bytes[..]);
+        let mine = std::mem::take(bytes);
+        *bytes = self.run(move |ctx| {
+            let mut buf = mine;
+            let root_proc = ctx.world.process_at_rank(root as i32);
+            let mut len = buf.len() as u64;
+            root_proc.broadcast_into(&mut len);
+            buf.resize(len as usize, 0);
+            root_proc.broadcast_into(&mut buf[..]);
+            buf
+        })?;
         Ok(())
     }
 
     fn barrier(&self) -> Result<()> {
-        self.world.barrier();
-        Ok(())
+        self.run(|ctx| ctx.world.barrier())
     }
 
     fn abort(&self, code: i32) -> ! {
-        self.world.abort(code)
+        super::abort_world(code)
+    }
+
+    fn start_all_reduce(&self, t: Tensor) -> Result<Handle> {
+        self.start(move |ctx| {
+            let mut t = t;
+            all_reduce_on(ctx, &mut t);
+        })
+    }
+
+    fn start_reduce_scatter(&self, full: Tensor, shard: Tensor) -> Result<Handle> {
+        check_sizes("reduce_scatter", &full, &shard, self.world)?;
+        self.start(move |ctx| {
+            let mut shard = shard;
+            reduce_scatter_on(ctx, &full, &mut shard);
+        })
+    }
+
+    fn start_all_gather(&self, shard: Tensor, full: Tensor) -> Result<Handle> {
+        check_sizes("all_gather", &full, &shard, self.world)?;
+        self.start(move |ctx| {
+            let mut full = full;
+            all_gather_on(ctx, &shard, &mut full);
+        })
+    }
+}
+
+impl Drop for Mpi {
+    fn drop(&mut self) {
+        // Closing the queue lets the thread finish its jobs and finalise MPI.
+        drop(self.jobs.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
