@@ -109,6 +109,24 @@ pub fn wait_all(handles: impl IntoIterator<Item = Handle>) -> Result<()> {
     first
 }
 
+/// Nanoseconds this process's threads have spent blocked waiting for collectives (host
+/// backends), since the last [`take_blocked_seconds`].
+static BLOCKED_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Run `f`, a wait for a collective, and count the time it blocks.
+pub(crate) fn blocked<T>(f: impl FnOnce() -> T) -> T {
+    let t = std::time::Instant::now();
+    let out = f();
+    BLOCKED_NS.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+    out
+}
+
+/// Seconds spent blocked on collectives since the last call: the communication a step did not
+/// hide behind compute (the trainer logs it per step as `comm_wait_s`).
+pub fn take_blocked_seconds() -> f64 {
+    BLOCKED_NS.swap(0, std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
+}
+
 /// Payload bytes of a tensor, as collectives move and count them.
 pub fn tensor_bytes(t: &Tensor) -> u64 {
     (t.numel() * t.kind().elt_size_in_bytes()) as u64

@@ -40,8 +40,35 @@ struct Ctx {
     scratch_f32: Vec<f32>,
     scratch_u16: Vec<u16>,
     bf16_sum: UnsafeUserOperation,
-    /// Test hook (`UNLEARN_COMM_DELAY_MS`): sleep this long before every gradient reduction.
-    delay: Option<Duration>,
+    delay: Delay,
+}
+
+/// Test hook (`UNLEARN_COMM_DELAY_MS=MS[:N]`): sleep MS milliseconds before each gradient
+/// reduction (tensor all-reduce or reduce-scatter), or, with N, before N reductions in a row and
+/// then not before the next N, alternately (so that delayed and undelayed steps of one run can be
+/// compared under the same machine load).
+#[derive(Default)]
+struct Delay {
+    each: Option<Duration>,
+    run: Option<u64>,
+    count: u64,
+}
+
+impl Delay {
+    fn from_env() -> Delay {
+        let Ok(v) = std::env::var("UNLEARN_COMM_DELAY_MS") else { return Delay::default() };
+        let (ms, run) = v.split_once(':').map_or((v.as_str(), None), |(a, b)| (a, b.parse().ok()));
+        Delay { each: ms.parse::<u64>().ok().filter(|&m| m > 0).map(Duration::from_millis), run, count: 0 }
+    }
+
+    fn before_reduction(&mut self) {
+        let Some(d) = self.each else { return };
+        let on = self.run.is_none_or(|n| (self.count / n.max(1)) % 2 == 0);
+        self.count += 1;
+        if on {
+            std::thread::sleep(d);
+        }
+    }
 }
 
 type Job = Box<dyn FnOnce(&mut Ctx) + Send>;
@@ -68,7 +95,7 @@ struct Reply<T>(Receiver<std::thread::Result<T>>);
 
 impl<T> Reply<T> {
     fn get(self) -> Result<T> {
-        match self.0.recv() {
+        match super::blocked(|| self.0.recv()) {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(panic)) => Err(crate::Error::Dist(format!("MPI communication thread: {}", panic_text(&panic)))),
             Err(_) => Err(crate::Error::Dist("the MPI communication thread has stopped".into())),
@@ -114,7 +141,7 @@ impl InFlight for Pending {
 
 impl Mpi {
     pub fn init() -> Result<Self> {
-        let delay = std::env::var("UNLEARN_COMM_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()).map(Duration::from_millis);
+        let delay = Delay::from_env();
         let (jobs, queue) = channel::<Job>();
         let (ready_tx, ready) = channel::<std::result::Result<(usize, usize, Threading), String>>();
         let thread = std::thread::Builder::new()
@@ -233,9 +260,7 @@ unsafe fn u16_slice(t: &Tensor) -> &[u16] {
 }
 
 fn all_reduce_on(ctx: &mut Ctx, t: &mut Tensor) {
-    if let Some(d) = ctx.delay {
-        std::thread::sleep(d);
-    }
+    ctx.delay.before_reduction();
     let mut wire = Wire::of(t);
     match &mut wire {
         Wire::F32(w) => {
@@ -300,9 +325,7 @@ fn gather_pieces<T: Equivalence + Copy + Default>(world: &SimpleCommunicator, se
 }
 
 fn reduce_scatter_on(ctx: &mut Ctx, full: &Tensor, shard: &mut Tensor) {
-    if let Some(d) = ctx.delay {
-        std::thread::sleep(d);
-    }
+    ctx.delay.before_reduction();
     let send = Wire::of(full);
     let mut recv = Wire::out(&send, shard);
     let copy_back = recv.is_copy_of(shard);

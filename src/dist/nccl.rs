@@ -2,27 +2,89 @@
 //! found at run time: `libnccl.so`, which launch/setup.sh links to the torch wheel's
 //! `libnccl.so.2`, so the process holds a single NCCL).
 //!
-//! Collectives are enqueued on the legacy default stream (`stream = null`), the stream every tch
-//! kernel runs on (tch exposes no stream API): NCCL kernels are thereby ordered after the kernels
-//! that produce their inputs and before those that consume their outputs, with no explicit sync.
+//! Every tch kernel runs on the legacy default stream (tch exposes no stream API), the *compute
+//! stream*. Every NCCL collective runs on one communication stream of this backend, created
+//! non-blocking so that it never synchronises implicitly with the compute stream, which lets a
+//! bucket's reduction run while backward computes the next layer. Ordering is explicit:
+//! * before a collective, an event recorded on the compute stream is waited for by the
+//!   communication stream, so NCCL reads its inputs only after the kernels that wrote them;
+//! * after it, an event recorded on the communication stream is what the handle's `wait` makes
+//!   the compute stream wait for (on the device: the host does not block), so later kernels read
+//!   the results only once NCCL has written them.
+//!
+//! The handle owns (shallow clones of) the collective's tensors until then: tch has no
+//! `record_stream`, so a tensor dropped earlier could have its memory handed by the caching
+//! allocator to a kernel on the compute stream while NCCL still uses it. Once the compute stream
+//! waits for the collective's event, any reuse of that memory is ordered after it. All
+//! collectives, the blocking ones too (`start_*` then `wait`), go through the one stream, so
+//! every rank runs them in the order they were issued, as NCCL requires.
+//!
 //! The communicator id is made by rank 0 and broadcast over MPI; host-side scalars (norms, loss
 //! sums) and barriers also go through MPI, or nowhere at world size 1.
 
 use std::ffi::c_void;
 
+use cudarc::driver::{result as dr, sys as ds};
 use cudarc::nccl::{result as nr, sys as ns};
 use tch::{Kind, Tensor};
 
 use super::local::Local;
-use super::Collective;
+use super::{Collective, Handle, InFlight};
 use crate::Result;
 
 pub struct Nccl {
     comm: ns::ncclComm_t,
     rank: usize,
     world: usize,
+    /// The communication stream (non-blocking with respect to the legacy default stream).
+    stream: ds::CUstream,
     /// Host channel: MPI when launched by mpirun, else the trivial world-size-1 group.
     host: Box<dyn Collective>,
+}
+
+fn cuda_err(what: &str, e: impl std::fmt::Debug) -> crate::Error {
+    crate::Error::Dist(format!("CUDA {what}: {e:?}"))
+}
+
+/// The compute stream: the legacy default stream tch runs every kernel on.
+fn compute_stream() -> ds::CUstream {
+    dr::stream::null()
+}
+
+/// A collective enqueued on the communication stream, with the tensors it reads and writes.
+struct OnStream {
+    done: ds::CUevent,
+    keep: Vec<Tensor>,
+}
+
+impl InFlight for OnStream {
+    fn is_done(&mut self) -> bool {
+        // SAFETY: the event is ours and alive until drop.
+        unsafe { dr::event::query(self.done) }.is_ok()
+    }
+    fn wait(self: Box<Self>) -> Result<()> {
+        // SAFETY: the event is alive; later compute-stream work now runs after the collective.
+        unsafe { dr::stream::wait_event(compute_stream(), self.done, ds::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
+            .map_err(|e| cuda_err("stream wait", e))?;
+        // The tensors may now be freed: any reuse of their memory is ordered after the collective.
+        let mut this = self;
+        this.keep.clear();
+        Ok(())
+    }
+}
+
+impl Drop for OnStream {
+    fn drop(&mut self) {
+        if !self.keep.is_empty() {
+            // Dropped without `wait` (an error path): keep the memory safe by blocking until the
+            // collective has finished before the tensors go back to the allocator.
+            // SAFETY: the event is alive.
+            let _ = unsafe { dr::event::synchronize(self.done) };
+            self.keep.clear();
+        }
+        // SAFETY: destroying a possibly pending event is allowed; resources go when it completes.
+        let _ = unsafe { dr::event::destroy(self.done) };
+    }
 }
 
 fn nccl_err(what: &str, e: impl std::fmt::Debug) -> crate::Error {
@@ -75,7 +137,28 @@ impl Nccl {
         unsafe { nr::comm_init_rank(&mut comm, world as i32, id, rank as i32) }.map_err(|e| nccl_err("comm_init_rank", e))?;
         let version = nr::get_nccl_version().unwrap_or(0);
         tracing::info!("NCCL {version}: rank {rank} of {world} on {device:?}");
-        Ok(Nccl { comm, rank, world, host })
+        let stream = dr::stream::create(dr::stream::StreamKind::NonBlocking).map_err(|e| cuda_err("stream create", e))?;
+        Ok(Nccl { comm, rank, world, stream, host })
+    }
+
+    /// Enqueue `launch` on the communication stream after everything the compute stream has
+    /// been given so far; the handle keeps `keep` alive until the compute stream waits for it.
+    fn enqueue(&self, what: &str, keep: Vec<Tensor>, launch: impl FnOnce(ns::cudaStream_t) -> Result<()>) -> Result<Handle> {
+        let flags = ds::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+        let ready = dr::event::create(flags).map_err(|e| cuda_err("event create", e))?;
+        // SAFETY: fresh event and our own stream; the event is destroyed once the wait is queued
+        // (destroying a pending event is allowed: it is released when it completes).
+        unsafe {
+            let queued = dr::event::record(ready, compute_stream())
+                .and_then(|_| dr::stream::wait_event(self.stream, ready, ds::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT));
+            let _ = dr::event::destroy(ready);
+            queued.map_err(|e| cuda_err("event record/wait", e))?;
+        }
+        launch(self.stream as ns::cudaStream_t).map_err(|e| crate::Error::Dist(format!("{what}: {e}")))?;
+        let done = dr::event::create(flags).map_err(|e| cuda_err("event create", e))?;
+        // SAFETY: fresh event recorded on our stream after the collective.
+        unsafe { dr::event::record(done, self.stream) }.map_err(|e| cuda_err("event record", e))?;
+        Ok(Box::new(OnStream { done, keep }))
     }
 }
 
@@ -105,56 +188,23 @@ impl Collective for Nccl {
         "nccl"
     }
     fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()> {
-        check(t, "all_reduce")?;
-        let ptr = t.data_ptr();
-        // SAFETY: in-place all-reduce on a contiguous device buffer of numel elements.
-        unsafe {
-            nr::all_reduce(ptr as *const c_void, ptr, t.numel(), dtype(t.kind())?, ns::ncclRedOp_t::ncclSum, self.comm, std::ptr::null_mut())
-        }
-        .map_err(|e| nccl_err("all_reduce", e))?;
-        Ok(())
+        self.start_all_reduce(t.shallow_clone())?.wait()
     }
     fn reduce_scatter_sum(&self, full: &Tensor, shard: &mut Tensor) -> Result<()> {
-        check(full, "reduce_scatter")?;
-        check(shard, "reduce_scatter")?;
-        if full.numel() != shard.numel() * self.world || full.kind() != shard.kind() {
-            return Err(crate::Error::Dist("NCCL reduce_scatter: buffer sizes or kinds disagree".into()));
-        }
-        // SAFETY: sizes checked above.
-        unsafe {
-            nr::reduce_scatter(
-                full.data_ptr() as *const c_void,
-                shard.data_ptr(),
-                shard.numel(),
-                dtype(full.kind())?,
-                ns::ncclRedOp_t::ncclSum,
-                self.comm,
-                std::ptr::null_mut(),
-            )
-        }
-        .map_err(|e| nccl_err("reduce_scatter", e))?;
-        Ok(())
+        self.start_reduce_scatter(full.shallow_clone(), shard.shallow_clone())?.wait()
     }
     fn all_gather(&self, shard: &Tensor, full: &mut Tensor) -> Result<()> {
-        check(full, "all_gather")?;
-        check(shard, "all_gather")?;
-        if full.numel() != shard.numel() * self.world || full.kind() != shard.kind() {
-            return Err(crate::Error::Dist("NCCL all_gather: buffer sizes or kinds disagree".into()));
-        }
-        // SAFETY: sizes checked above.
-        unsafe {
-            nr::all_gather(shard.data_ptr() as *const c_void, full.data_ptr(), shard.numel(), dtype(full.kind())?, self.comm, std::ptr::null_mut())
-        }
-        .map_err(|e| nccl_err("all_gather", e))?;
-        Ok(())
+        self.start_all_gather(shard.shallow_clone(), full.shallow_clone())?.wait()
     }
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
         check(t, "broadcast")?;
-        let ptr = t.data_ptr();
-        // SAFETY: in-place broadcast on a contiguous device buffer.
-        unsafe { nr::broadcast(ptr as *const c_void, ptr, t.numel(), dtype(t.kind())?, root as i32, self.comm, std::ptr::null_mut()) }
-            .map_err(|e| nccl_err("broadcast", e))?;
-        Ok(())
+        let (ptr, n, dt, comm) = (t.data_ptr(), t.numel(), dtype(t.kind())?, self.comm);
+        self.enqueue("NCCL broadcast", vec![t.shallow_clone()], |stream| {
+            // SAFETY: in-place broadcast on a contiguous device buffer kept alive by the handle.
+            unsafe { nr::broadcast(ptr as *const c_void, ptr, n, dt, root as i32, comm, stream) }.map_err(|e| nccl_err("broadcast", e))?;
+            Ok(())
+        })?
+        .wait()
     }
     fn all_reduce_f64(&self, v: &mut [f64]) -> Result<()> {
         self.host.all_reduce_f64(v)
@@ -175,13 +225,55 @@ impl Collective for Nccl {
         }
         self.host.abort(code)
     }
+
+    fn start_all_reduce(&self, t: Tensor) -> Result<Handle> {
+        check(&t, "all_reduce")?;
+        let (ptr, n, dt, comm) = (t.data_ptr(), t.numel(), dtype(t.kind())?, self.comm);
+        self.enqueue("NCCL all_reduce", vec![t], |stream| {
+            // SAFETY: in-place all-reduce on a contiguous device buffer kept alive by the handle.
+            unsafe { nr::all_reduce(ptr as *const c_void, ptr, n, dt, ns::ncclRedOp_t::ncclSum, comm, stream) }
+                .map_err(|e| nccl_err("all_reduce", e))?;
+            Ok(())
+        })
+    }
+
+    fn start_reduce_scatter(&self, full: Tensor, shard: Tensor) -> Result<Handle> {
+        check(&full, "reduce_scatter")?;
+        check(&shard, "reduce_scatter")?;
+        if full.numel() != shard.numel() * self.world || full.kind() != shard.kind() {
+            return Err(crate::Error::Dist("NCCL reduce_scatter: buffer sizes or kinds disagree".into()));
+        }
+        let (send, recv, n, dt, comm) = (full.data_ptr(), shard.data_ptr(), shard.numel(), dtype(full.kind())?, self.comm);
+        self.enqueue("NCCL reduce_scatter", vec![full, shard], |stream| {
+            // SAFETY: sizes checked above; both buffers kept alive by the handle.
+            unsafe { nr::reduce_scatter(send as *const c_void, recv, n, dt, ns::ncclRedOp_t::ncclSum, comm, stream) }
+                .map_err(|e| nccl_err("reduce_scatter", e))?;
+            Ok(())
+        })
+    }
+
+    fn start_all_gather(&self, shard: Tensor, full: Tensor) -> Result<Handle> {
+        check(&full, "all_gather")?;
+        check(&shard, "all_gather")?;
+        if full.numel() != shard.numel() * self.world || full.kind() != shard.kind() {
+            return Err(crate::Error::Dist("NCCL all_gather: buffer sizes or kinds disagree".into()));
+        }
+        let (send, recv, n, dt, comm) = (shard.data_ptr(), full.data_ptr(), shard.numel(), dtype(full.kind())?, self.comm);
+        self.enqueue("NCCL all_gather", vec![shard, full], |stream| {
+            // SAFETY: sizes checked above; both buffers kept alive by the handle.
+            unsafe { nr::all_gather(send as *const c_void, recv, n, dt, comm, stream) }.map_err(|e| nccl_err("all_gather", e))?;
+            Ok(())
+        })
+    }
 }
 
 impl Drop for Nccl {
     fn drop(&mut self) {
-        // SAFETY: the communicator is ours and no collective is in flight at drop.
+        // SAFETY: our stream and communicator; whatever is still queued finishes before both go.
         unsafe {
+            let _ = dr::stream::synchronize(self.stream);
             let _ = nr::comm_destroy(self.comm);
+            let _ = dr::stream::destroy(self.stream);
         }
     }
 }

@@ -75,6 +75,9 @@ pub struct StepLog {
     pub clip: f64,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
+    /// Seconds the step spent blocked on collectives (MPI; NCCL waits are on the device): the
+    /// communication it did not hide behind compute.
+    pub comm_wait_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub autolr: Option<methods::autolr::Fit>,
     /// Calls and payload bytes per collective this rank issued in the step
@@ -333,6 +336,7 @@ impl Trainer {
     /// One optimizer step.
     pub fn train_step(&mut self) -> Result<StepLog> {
         let t0 = Instant::now();
+        crate::dist::take_blocked_seconds();
         let step = self.step + 1;
         let objectives = self.spec.objectives();
         for acc in &mut self.accs {
@@ -416,6 +420,7 @@ impl Trainer {
             clip: 1.0,
             tokens_per_s: 0.0,
             elapsed_s: 0.0,
+            comm_wait_s: 0.0,
             autolr: None,
             collectives: None,
         };
@@ -479,6 +484,7 @@ impl Trainer {
         log.clip = dir.clip;
         log.tokens_per_s = tokens as f64 / elapsed.max(1e-9);
         log.elapsed_s = elapsed;
+        log.comm_wait_s = crate::dist::take_blocked_seconds();
         log.collectives = self.tally.as_ref().map(|t| t.take());
         Ok(log)
     }
