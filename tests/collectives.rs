@@ -176,6 +176,14 @@ fn every_method_and_zero_stage_moves_the_promised_collectives_and_bytes() {
         assert!(ok, "{name} failed:\n{err}");
         let l = layout(&out, 3);
         let want = expected(e, &l);
+        // The step-time model of `unlearn plan` counts the same calls and bytes.
+        let planned = planned(&model, e);
+        let no_scalars = |m: &HashMap<String, (f64, f64)>| -> HashMap<String, (f64, f64)> {
+            m.iter().filter(|(k, _)| !k.ends_with("f64")).map(|(k, v)| (k.clone(), *v)).collect()
+        };
+        if planned != no_scalars(&want) {
+            failures.push(format!("{name}: unlearn plan's step-time model counts {planned:?}, the design {:?}", no_scalars(&want)));
+        }
         // Step 1 also counts the set-up (teacher, reference pass); the last the final checkpoint
         // only after the count is taken. Steps 2 and 3 are plain steps.
         for (s, got) in counts(&out).iter().enumerate().skip(1) {
@@ -191,6 +199,35 @@ fn every_method_and_zero_stage_moves_the_promised_collectives_and_bytes() {
         }
     }
     assert!(failures.is_empty(), "collectives differ from the design:\n{}", failures.join("\n"));
+}
+
+/// Calls and bytes per operation in `unlearn plan`'s replay of the same step (scalars left out).
+fn planned(model: &Path, e: &Expect) -> HashMap<String, (f64, f64)> {
+    let method_set = match e.method {
+        "ngdiff" => vec!["--set", "method.autolr=false"],
+        "npo" => vec!["--set", "method.retain_weight=1.0"],
+        _ => vec![],
+    };
+    let (zero, accum) = (e.zero.to_string(), e.accum.to_string());
+    let mut args = vec![
+        "plan", "--model", model.to_str().unwrap(), "--world-size", "2", "--device", "cpu", "--method", e.method, "--zero", &zero,
+        "--grad-accum", &accum, "--batch", "4", "--seq", "128", "--set", "dist.bucket_mb=0.04", "--json",
+        "--reduce", if e.micro { "micro-batch" } else { "step" }, "--reduce-dtype", if e.bf16 { "bf16" } else { "fp32" },
+    ];
+    args.extend(method_set);
+    let (ok, out, err) = run_unlearn(&args);
+    assert!(ok, "plan {args:?}: {err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let mut m: HashMap<String, (f64, f64)> = HashMap::new();
+    for r in v["step_time"]["now"]["comm"].as_array().unwrap() {
+        if r["what"].as_str().unwrap().starts_with("scalars") {
+            continue;
+        }
+        let e = m.entry(r["op"].as_str().unwrap().to_string()).or_default();
+        e.0 += r["calls"].as_f64().unwrap();
+        e.1 += r["bytes"].as_f64().unwrap();
+    }
+    m
 }
 
 fn weights(dir: &Path) -> HashMap<String, Tensor> {

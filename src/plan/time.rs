@@ -128,7 +128,13 @@ pub struct Flops {
     /// Final norm and LM head, forward.
     pub head_forward: f64,
     pub head_backward: f64,
+    /// The first block's q/k/v input gradients, which nobody needs when the embedding is frozen
+    /// (autograd skips them: the block's input does not require a gradient).
+    pub first_block_saving: f64,
     pub layers: f64,
+    /// Per token: the whole forward and backward.
+    pub forward_per_token: f64,
+    pub backward_per_token: f64,
 }
 
 impl Flops {
@@ -140,22 +146,28 @@ impl Flops {
         let mlp_params = 3.0 * d * i;
         let block = attn_params + mlp_params;
         let attn = 2.0 * q * p.seq as f64;
-        // Block matrices train under both trainable sets; the head (or the tied embedding) only
-        // under "all". Norm weights are elementwise, not counted.
-        let head_trainable = p.trainable == Trainable::All;
-        Flops {
+        // Block matrices train under both trainable sets; the head and the embedding only under
+        // "all". Norm weights are elementwise, not counted.
+        let (head_trainable, embed_trainable) = (p.trainable == Trainable::All, p.trainable == Trainable::All);
+        let mut f = Flops {
             block_forward: 2.0 * block + attn,
             block_backward: 4.0 * block + 2.0 * attn,
             head_forward: 2.0 * d * v,
             head_backward: 2.0 * d * v + if head_trainable { 2.0 * d * v } else { 0.0 },
+            first_block_saving: if embed_trainable { 0.0 } else { 2.0 * d * (q + 2.0 * kv) },
             layers: m.num_hidden_layers as f64,
-        }
+            forward_per_token: 0.0,
+            backward_per_token: 0.0,
+        };
+        f.forward_per_token = f.layers * f.block_forward + f.head_forward;
+        f.backward_per_token = f.layers * f.block_backward + f.head_backward - f.first_block_saving;
+        f
     }
     pub fn forward(&self) -> f64 {
-        self.layers * self.block_forward + self.head_forward
+        self.forward_per_token
     }
     pub fn backward(&self) -> f64 {
-        self.layers * self.block_backward + self.head_backward
+        self.backward_per_token
     }
 }
 
@@ -217,17 +229,17 @@ impl Sim {
             self.t = until;
         }
     }
-    /// Queue a collective; returns when it ends.
-    fn issue(&mut self, what: &str, op: &'static str, bytes: f64, seconds: f64) -> f64 {
+    /// Queue `calls` collectives (a layer's buckets); returns when they end.
+    fn issue(&mut self, what: &str, op: &'static str, bytes: f64, calls: f64, seconds: f64) -> f64 {
         let start = self.t.max(self.comm_free);
         self.comm_free = start + seconds;
         match self.rows.iter_mut().find(|r| r.what == what && r.op == op) {
             Some(r) => {
-                r.calls += 1.0;
+                r.calls += calls;
                 r.bytes += bytes;
                 r.seconds += seconds;
             }
-            None => self.rows.push(CommRow { what: what.into(), op, calls: 1.0, bytes, seconds }),
+            None => self.rows.push(CommRow { what: what.into(), op, calls, bytes, seconds }),
         }
         self.comm_free
     }
@@ -277,9 +289,12 @@ impl Model<'_> {
     /// `each` runs the layer's compute; prefetched one layer ahead in the current design.
     fn gathered(&self, sim: &mut Sim, d: Design, what: &str, bytes_per: f64, order: &[Option<usize>], each: &mut dyn FnMut(&mut Sim, Option<usize>)) {
         let gather = |sim: &mut Sim, l: Option<usize>| {
-            let bytes = self.layer_elems(l) * bytes_per;
-            let s = self.seconds("all_gather", bytes, self.layer_buckets(l));
-            sim.issue(what, "all_gather", bytes, s)
+            if self.layer_buckets(l) == 0.0 {
+                return sim.t; // nothing trainable in this layer: nothing to gather
+            }
+            let (bytes, calls) = (self.layer_elems(l) * bytes_per, self.layer_buckets(l));
+            let s = self.seconds("all_gather", bytes, calls);
+            sim.issue(what, "all_gather", bytes, calls, s)
         };
         if d == Design::Before {
             for &l in order {
@@ -316,7 +331,7 @@ impl Model<'_> {
                 sim.wait(oldest);
             }
         }
-        let end = sim.issue("gradient reduction", op, bytes, s);
+        let end = sim.issue("gradient reduction", op, bytes, calls, s);
         if d == Design::Before || !self.p.overlap {
             sim.wait(end);
         } else if micro {
@@ -419,7 +434,7 @@ impl Model<'_> {
         let scalar = |sim: &mut Sim, n: f64| {
             for _ in 0..n as usize {
                 let s = self.seconds("all_reduce", 64.0, 1.0);
-                let e = sim.issue("scalars (losses, norms)", "all_reduce", 64.0, s);
+                let e = sim.issue("scalars (losses, norms)", "all_reduce", 64.0, 1.0, s);
                 sim.wait(e);
             }
         };
@@ -437,9 +452,9 @@ impl Model<'_> {
             };
             for _ in 0..3 {
                 if d == Design::Before && sharded && p.zero < 3 {
-                    let bytes = self.layout.total as f64 * self.c;
-                    let s = self.seconds("all_gather", bytes, self.layout.buckets.len() as f64);
-                    let e = probe.issue("AutoLR probe gathers", "all_gather", bytes, s);
+                    let (bytes, calls) = (self.layout.total as f64 * self.c, self.layout.buckets.len() as f64);
+                    let s = self.seconds("all_gather", bytes, calls);
+                    let e = probe.issue("AutoLR probe gathers", "all_gather", bytes, calls, s);
                     probe.wait(e);
                 }
                 for _ in 0..a {
@@ -453,7 +468,7 @@ impl Model<'_> {
                     }
                 }
                 let s = self.seconds("all_reduce", 8.0, 1.0);
-                let e = probe.issue("scalars (losses, norms)", "all_reduce", 8.0, s);
+                let e = probe.issue("scalars (losses, norms)", "all_reduce", 8.0, 1.0, s);
                 probe.wait(e);
             }
             sim.compute += share * probe.compute;
@@ -475,9 +490,9 @@ impl Model<'_> {
         }
         // Re-gathering the compute replicas after the update (waited for).
         let regather = |sim: &mut Sim, what: &str| {
-            let bytes = self.layout.total as f64 * self.c;
-            let s = self.seconds("all_gather", bytes, self.layout.buckets.len() as f64);
-            let e = sim.issue(what, "all_gather", bytes, s);
+            let (bytes, calls) = (self.layout.total as f64 * self.c, self.layout.buckets.len() as f64);
+            let s = self.seconds("all_gather", bytes, calls);
+            let e = sim.issue(what, "all_gather", bytes, calls, s);
             sim.wait(e);
         };
         if sharded && p.zero < 3 {
