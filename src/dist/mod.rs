@@ -114,6 +114,7 @@ pub fn wait_all(handles: impl IntoIterator<Item = Handle>) -> Result<()> {
 static BLOCKED_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Run `f`, a wait for a collective, and count the time it blocks.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 pub(crate) fn blocked<T>(f: impl FnOnce() -> T) -> T {
     let t = std::time::Instant::now();
     let out = f();
