@@ -5,7 +5,8 @@
 #   3. unlearn forget01 from the target with NGDiff + AutoLR and with mean teacher + NLUL;
 #   4. print forget/retain NLL before and after;
 #   5. evaluate target, retain and both unlearned models on TOFU forget01 and print the table;
-#   6. export the mean-teacher model to ONNX and verify it with onnxruntime against our logits.
+#   6. export the mean-teacher model to ONNX (KV cache, genai_config.json: optimum and
+#      onnxruntime-genai load the directory as is) and verify it with onnxruntime against our logits.
 # Everything lands in $UNLEARN_DEMO_OUT (default runs/demo), recreated on every run.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -84,7 +85,7 @@ done
 cat "$OUT/report/report.md"
 
 say "6. export the mean-teacher model to ONNX and verify it with onnxruntime"
-"$BIN" export --model "$OUT/mean-teacher/final" --out "$OUT/onnx" --dtype fp32 --kv-cache
+"$BIN" export --model "$OUT/mean-teacher/final" --out "$OUT/onnx" --dtype fp32
 "$BIN" verify --model "$OUT/mean-teacher/final" --onnx "$OUT/onnx" --prompts "$FORGET" --out "$OUT/onnx/verify.json"
 
 say "done: outputs in $OUT"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: set up (idempotent, cached under ~/.cache/unlearn), then run every test.
 # The Rust tests call the Python references (transformers, onnxruntime, onnx.checker, rouge_score,
-# scipy, sklearn, gguf) from the venv that setup.sh made, and spawn `mpirun` for multi-rank tests.
+# scipy, sklearn, gguf, tensorboard) and the ONNX clients (optimum, onnxruntime-genai) from the venv
+# that setup.sh made, and spawn `mpirun` for multi-rank tests.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$REPO/launch/setup.sh"
@@ -13,8 +14,10 @@ if [ ! -d "$UNLEARN_SHARED/data/tofu" ]; then
   echo "test data not found: $UNLEARN_SHARED/data (set UNLEARN_SHARED to the shared/ directory)" >&2
   exit 1
 fi
-# Lint gate first (release profile, so the dependencies built by setup.sh are reused): any
-# warning fails the run.
-cargo clippy --release --all-targets -- -D warnings
-# Release profile: the binary and the dependencies built by setup.sh are reused.
-cargo test --release --no-fail-fast "$@"
+# Lint gate first, then every test. Release profile and setup.sh's cargo flags (env.sh): the binary
+# and the dependencies built by setup.sh are reused, and a CUDA build is never rebuilt as a CPU one;
+# any clippy warning fails the run.
+# shellcheck disable=SC2086 # the flags are words
+cargo clippy --release $UNLEARN_CARGO_FLAGS --all-targets -- -D warnings
+# shellcheck disable=SC2086
+cargo test --release $UNLEARN_CARGO_FLAGS --no-fail-fast "$@"

@@ -134,7 +134,7 @@ pub fn restore(dir: &Path, parts: &mut Parts) -> Result<u64> {
             Objective::Retain => ck.meta.retain,
         };
         if let Some(s) = saved {
-            loader.restore(s);
+            loader.restore(s).map_err(|e| crate::other!("{}: {} loader: {e}", dir.display(), obj.name()))?;
         }
     }
     if let (Some(a), Some(saved)) = (parts.method.autolr(), ck.meta.autolr.clone()) {
@@ -210,8 +210,8 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
     if !p.exists() {
         return Ok(None);
     }
-    let name = std::fs::read_to_string(&p).at(&p)?;
-    let dir = root.join(name.trim());
+    let name = crate::files::read_text(&p)?;
+    let dir = crate::files::inside(root, name.trim(), &p)?;
     if !dir.join("meta.json").exists() {
         return Err(Error::format(&p, format!("points to {} which is not a complete checkpoint", dir.display())));
     }
@@ -230,7 +230,7 @@ fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     file.finish()
 }
 
-/// An opened checkpoint.
+/// An opened checkpoint: meta.json checked against itself and against every shard file.
 pub struct Loaded {
     pub dir: PathBuf,
     pub meta: Meta,
@@ -240,17 +240,31 @@ pub struct Loaded {
 impl Loaded {
     pub fn open(dir: &Path) -> Result<Self> {
         let meta_path = dir.join("meta.json");
-        let text = std::fs::read_to_string(&meta_path).at(&meta_path)?;
+        let text = crate::files::read_text(&meta_path)?;
         let meta: Meta =
             serde_json::from_str(&text).map_err(|e| Error::format(&meta_path, format!("not a checkpoint meta file: {e}")))?;
+        check_meta(&meta, dir).map_err(|msg| Error::format(&meta_path, msg))?;
         let n = meta.layout.shards;
+        let shard_len = meta.layout.shard_len() as usize;
         let mut shards = vec![];
         for r in 0..n {
             let path = dir.join(shard_file(r, n));
-            let file = std::fs::File::open(&path).at(&path)?;
+            if !path.exists() {
+                return Err(Error::format(&path, format!("checkpoint shard {r} of {n} is missing (meta.json lists {n} shards)")));
+            }
+            let file = crate::files::open_regular(&path)?;
             // SAFETY: read-only map of a file we do not modify.
             let mmap = unsafe { Mmap::map(&file) }.at(&path)?;
-            SafeTensors::deserialize(&mmap).map_err(|e| Error::format(&path, format!("corrupt checkpoint shard: {e}")))?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::format(&path, format!("corrupt checkpoint shard: {e}")))?;
+            for name in &meta.tensors {
+                let view = st.tensor(name).map_err(|e| Error::format(&path, format!("state `{name}` (listed in meta.json): {e}")))?;
+                if view.dtype() != safetensors::Dtype::F32 || view.shape() != [shard_len] {
+                    return Err(Error::format(
+                        &path,
+                        format!("state `{name}` is {:?} of shape {:?}; meta.json's layout needs F32 of shape [{shard_len}]", view.dtype(), view.shape()),
+                    ));
+                }
+            }
             shards.push((path, mmap));
         }
         Ok(Loaded { dir: dir.to_path_buf(), meta, shards })
@@ -265,6 +279,7 @@ impl Loaded {
         if !self.meta.tensors.iter().any(|n| n == name) {
             return Err(Error::format(self.dir.join("meta.json"), format!("checkpoint has no `{name}` state")));
         }
+        self.check_same_parameters(layout)?;
         // param -> list of (param_offset, len, old shard, old shard offset)
         let mut old: BTreeMap<&str, Vec<(i64, i64, usize, i64)>> = BTreeMap::new();
         let old_segments: Vec<_> = (0..self.meta.layout.shards).map(|r| (r, self.meta.layout.segments(r))).collect();
@@ -273,16 +288,16 @@ impl Loaded {
                 old.entry(s.param.as_str()).or_default().push((s.param_offset, s.len, *r, s.shard_offset));
             }
         }
-        let views: Vec<&[f32]> = self
+        // Raw little-endian f32 bytes, decoded piece by piece: nothing assumes the data section
+        // is aligned (safetensors only promises that for files it wrote itself).
+        let views: Vec<&[u8]> = self
             .shards
             .iter()
-            .map(|(path, mmap)| -> Result<&[f32]> {
+            .map(|(path, mmap)| -> Result<&[u8]> {
                 let st = SafeTensors::deserialize(mmap).map_err(|e| Error::format(path, e.to_string()))?;
                 let view = st.tensor(name).map_err(|e| Error::format(path, format!("`{name}`: {e}")))?;
-                let data = view.data();
-                // SAFETY: safetensors data sections are 8-byte aligned in our files (header padded),
-                // F32 little-endian, and live as long as the map.
-                Ok(unsafe { std::slice::from_raw_parts(data.as_ptr() as *const f32, data.len() / 4) })
+                let offset = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+                Ok(&mmap[offset..offset + view.data().len()])
             })
             .collect::<Result<_>>()?;
         let mut host = vec![0f32; layout.shard_len() as usize];
@@ -295,8 +310,12 @@ impl Loaded {
             for &(p_off, len, r, s_off) in pieces {
                 let (a, b) = (lo.max(p_off), hi.min(p_off + len));
                 if a < b {
-                    let src = &views[r][(s_off + a - p_off) as usize..(s_off + b - p_off) as usize];
-                    host[(seg.shard_offset + a - lo) as usize..(seg.shard_offset + b - lo) as usize].copy_from_slice(src);
+                    let src = (s_off + a - p_off) as usize * 4..(s_off + b - p_off) as usize * 4;
+                    let bytes = views[r].get(src).ok_or_else(|| Error::format(&self.shards[r].0, format!("`{name}` is shorter than meta.json's layout")))?;
+                    let dst = &mut host[(seg.shard_offset + a - lo) as usize..(seg.shard_offset + b - lo) as usize];
+                    for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+                        *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    }
                     covered += b - a;
                 }
             }
@@ -308,4 +327,79 @@ impl Loaded {
         tch::no_grad(|| out.copy_(&t));
         Ok(())
     }
+
+    /// A resumed run must train exactly the parameters the checkpoint holds: restoring a subset
+    /// would silently reset the others to the base model, a superset has no saved state.
+    fn check_same_parameters(&self, layout: &FlatLayout) -> Result<()> {
+        let saved: BTreeMap<&str, &[i64]> = self.meta.layout.params.iter().map(|p| (p.name.as_str(), p.shape.as_slice())).collect();
+        let now: BTreeMap<&str, &[i64]> = layout.params.iter().map(|p| (p.name.as_str(), p.shape.as_slice())).collect();
+        if saved == now {
+            return Ok(());
+        }
+        let only_saved = saved.keys().filter(|k| !now.contains_key(*k)).count();
+        let only_now = now.keys().filter(|k| !saved.contains_key(*k)).count();
+        let example = saved.iter().find(|(k, v)| now.get(*k) != Some(*v)).or_else(|| now.iter().find(|(k, _)| !saved.contains_key(*k)));
+        Err(Error::format(
+            self.dir.join("meta.json"),
+            format!(
+                "the checkpoint holds {} trainable parameters, this run trains {} ({only_saved} only in the checkpoint, {only_now} only in this run, e.g. `{}`); \
+                 resume with the model and `model.trainable` of the run that wrote it",
+                saved.len(),
+                now.len(),
+                example.map(|(k, _)| *k).unwrap_or_default()
+            ),
+        ))
+    }
+}
+
+/// meta.json must describe a layout that can be read: consistent buckets and parameters, at least
+/// one shard, the master weights among the states, and the step its directory is named after.
+fn check_meta(meta: &Meta, dir: &Path) -> std::result::Result<(), String> {
+    if let Some(n) = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse::<u64>().ok()) {
+        if n != meta.step {
+            return Err(format!("`step` is {}, but the checkpoint directory is {}", meta.step, dir.display()));
+        }
+    }
+    if !meta.tensors.iter().any(|t| t == "master") {
+        return Err(format!("`tensors` {:?} lacks the master weights `master`", meta.tensors));
+    }
+    check_layout(&meta.layout).map_err(|m| format!("`layout`: {m}"))
+}
+
+fn check_layout(l: &FlatLayout) -> std::result::Result<(), String> {
+    if l.shards == 0 || l.shards > 1 << 20 {
+        return Err(format!("`shards` must be in 1..=2^20, got {}", l.shards));
+    }
+    let mut offset = 0i64;
+    let mut next_param = 0usize;
+    for (bi, b) in l.buckets.iter().enumerate() {
+        if b.offset != offset || b.params.start != next_param || b.params.end < b.params.start || b.params.end > l.params.len() {
+            return Err(format!("bucket {bi} does not follow the previous one"));
+        }
+        if b.len < 0 || b.padded < b.len || b.padded % l.shards as i64 != 0 || b.padded - b.len >= l.shards as i64 {
+            return Err(format!("bucket {bi}: length {} and padded length {} do not fit {} shards", b.len, b.padded, l.shards));
+        }
+        let mut p_off = b.offset;
+        for (pi, p) in l.params[b.params.clone()].iter().enumerate() {
+            let numel = p.shape.iter().try_fold(1i64, |acc, &d| if d >= 0 { acc.checked_mul(d) } else { None });
+            if numel != Some(p.numel) || p.offset != p_off || p.bucket != bi {
+                return Err(format!("parameter `{}` (#{}) does not match its shape or place in bucket {bi}", p.name, b.params.start + pi));
+            }
+            p_off += p.numel;
+        }
+        if p_off - b.offset != b.len {
+            return Err(format!("bucket {bi}: its parameters do not add up to its length {}", b.len));
+        }
+        offset = offset.checked_add(b.padded).filter(|&o| o <= 1 << 42).ok_or("more than 2^42 elements")?;
+        next_param = b.params.end;
+    }
+    if next_param != l.params.len() || offset != l.total {
+        return Err(format!("buckets cover {next_param} of {} parameters and {offset} of {} elements", l.params.len(), l.total));
+    }
+    let mut names: Vec<&str> = l.params.iter().map(|p| p.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("parameter `{}` appears twice", w[0]));
+    }
+    Ok(())
 }

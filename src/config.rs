@@ -19,7 +19,7 @@ use tch::{Device, Kind};
 use toml::{Table, Value};
 
 use crate::data::loader::Sampling;
-use crate::data::Overflow;
+use crate::data::{Overflow, TemplateKind};
 use crate::dist::Backend;
 use crate::error::{Error, Result};
 use crate::methods::{self, MethodCfg, Objective};
@@ -63,6 +63,8 @@ pub struct DataCfg {
     pub retain_overflow: Overflow,
     /// `shuffle` (epoch permutations) or `replacement` (i.i.d. draws, as mt-unlearn's RandomSampler).
     pub sampling: Sampling,
+    /// Prompt format of QA records (see `data::template`); evaluation of the result uses the same.
+    pub template: TemplateKind,
 }
 
 /// Where one objective's examples come from.
@@ -215,8 +217,8 @@ impl DeviceChoice {
 /// Which parameters train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trainable {
-    /// Attention and MLP matrices only (embeddings, head and norms frozen, as the mean-teacher
-    /// recipe does for every method).
+    /// Attention and MLP matrices only (embeddings, head, norms and biases frozen, as the
+    /// mean-teacher recipe does for every method); the roles come from `model::layout`.
     Matrices,
     /// Every parameter.
     All,
@@ -229,7 +231,7 @@ impl Trainable {
     }
 }
 
-choice!(Overflow { "truncate" => Overflow::Truncate, "chunk" => Overflow::Chunk });
+choice!(Overflow { "truncate" => Overflow::Truncate, "chunk" => Overflow::Chunk, "chunk-exact" => Overflow::ChunkExact });
 
 /// `Sampling` serializes itself (kebab-case, the same names).
 impl Choice for Sampling {
@@ -296,7 +298,7 @@ impl RunConfig {
 
         model.only(&["path", "dtype", "device", "trainable"])?;
         let model_cfg = ModelCfg {
-            path: model.path("path")?.ok_or_else(|| model.missing("path"))?,
+            path: model.model_dir("path")?.ok_or_else(|| model.missing("path"))?,
             dtype: model.choice("dtype", Dtype::Fp32)?,
             device: model.choice("device", DeviceChoice::Auto)?,
             trainable: model.choice("trainable", Trainable::Matrices)?,
@@ -307,7 +309,7 @@ impl RunConfig {
         method.only_read(&format!("method `{}`", registration.name))?;
         let spec = method_cfg.spec();
 
-        data.only(&["forget", "retain", "forget_limit", "retain_limit", "retain_max_len", "forget_overflow", "retain_overflow", "sampling"])?;
+        data.only(&["forget", "retain", "forget_limit", "retain_limit", "retain_max_len", "forget_overflow", "retain_overflow", "sampling", "template"])?;
         let data_cfg = DataCfg {
             forget: data.paths("forget")?,
             retain: data.paths("retain")?,
@@ -317,6 +319,7 @@ impl RunConfig {
             forget_overflow: data.choice("forget_overflow", Overflow::Truncate)?,
             retain_overflow: data.choice("retain_overflow", Overflow::Chunk)?,
             sampling: data.choice("sampling", Sampling::Shuffle)?,
+            template: data.choice("template", TemplateKind::PhiQa)?,
         };
         for obj in spec.objectives() {
             let (key, paths) = match obj {
@@ -338,6 +341,9 @@ impl RunConfig {
                     return Err(Error::config(file, key, format!("file not found: {}{hint}", p.display())));
                 }
             }
+        }
+        if check_paths {
+            check_forget_is_not_retain(file, &data_cfg)?;
         }
         for (key, dir) in method_cfg.model_dirs() {
             if check_paths && !dir.join("config.json").exists() {
@@ -401,6 +407,7 @@ impl RunConfig {
                 return Err(train.missing(key));
             }
         }
+        check_batch_bounds(&train, &train_cfg, data_cfg.retain_max_len)?;
 
         dist.only(&["backend", "zero", "bucket_mb", "teacher", "verify_every", "reduce", "reduce_dtype", "overlap"])?;
         let zero = dist.int("zero", 0, 0)?;
@@ -438,9 +445,58 @@ impl RunConfig {
     }
 }
 
+/// Largest global micro-batch, in sequences and in tokens (`batch_size × max_len`). Far above any
+/// real run (64 GPUs × 64 sequences × 8k tokens is 2^25 tokens), and checked before the loader
+/// allocates index vectors and batches from them.
+pub const MAX_BATCH_SEQUENCES: u64 = 1 << 20;
+pub const MAX_BATCH_TOKENS: u64 = 1 << 31;
+/// Longest sequence accepted (a few times the longest context of current models).
+pub const MAX_LEN: u64 = 1 << 20;
+
+fn check_batch_bounds(train: &Section, t: &TrainCfg, retain_max_len: Option<usize>) -> Result<()> {
+    if t.batch_size as u64 > MAX_BATCH_SEQUENCES {
+        return Err(train.err("batch_size", format!("{} is above the limit of {MAX_BATCH_SEQUENCES} sequences per micro-batch", t.batch_size)));
+    }
+    let longest = t.max_len.max(retain_max_len.unwrap_or(0)) as u64;
+    if longest > MAX_LEN {
+        return Err(train.err("max_len", format!("{longest} tokens (train.max_len or data.retain_max_len) is above the limit of {MAX_LEN}")));
+    }
+    if t.batch_size as u64 * longest > MAX_BATCH_TOKENS {
+        return Err(train.err(
+            "batch_size",
+            format!("{} sequences of up to {longest} tokens is above the limit of 2^31 tokens per micro-batch", t.batch_size),
+        ));
+    }
+    Ok(())
+}
+
+/// Forgetting a set while training to keep the very same set cancels out (GradDiff's direction is
+/// zero, NGDiff's is undefined): the same file, or files with identical content, is an error.
+fn check_forget_is_not_retain(file: &str, d: &DataCfg) -> Result<()> {
+    for f in &d.forget {
+        for r in &d.retain {
+            if crate::files::same_content(f, r).map_err(|e| Error::config(file, "data.retain", e.to_string()))? {
+                return Err(Error::config(
+                    file,
+                    "data.retain",
+                    format!("{} has the same content as the forget file {}; the forget and retain sets must differ", r.display(), f.display()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `data.template` of a run's saved config.toml (`None` when unset), checked as `unlearn run` checks it.
+pub fn saved_template(path: &Path) -> Result<Option<TemplateKind>> {
+    let table = read_table(path)?;
+    let file = path.display().to_string();
+    Section::new(&file, "", &table).section("data")?.opt_choice("template", &TemplateKind::names(), TemplateKind::from_name)
+}
+
 /// Parse a TOML file; a syntax error keeps its line, column and the offending text.
 pub fn read_table(path: &Path) -> Result<Table> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_text(path)?;
     text.parse().map_err(|e: toml::de::Error| Error::format(path, e.to_string().trim_end().to_string()))
 }
 
@@ -617,6 +673,10 @@ impl<'a> Section<'a> {
             Some(Value::String(s)) if !s.is_empty() => expand(s).map(Some).map_err(|m| self.err(k, m)),
             Some(v) => Err(self.err(k, format!("expected a path string, got {v}"))),
         }
+    }
+    /// A model directory, or a hub id `org/name` resolved from the local Hugging Face cache.
+    pub fn model_dir(&self, k: &str) -> Result<Option<PathBuf>> {
+        self.path(k)?.map(|p| crate::model::hub::resolve_model(&p).map_err(|m| self.err(k, m))).transpose()
     }
     fn paths(&self, k: &str) -> Result<Vec<PathBuf>> {
         match self.get(k) {

@@ -13,12 +13,16 @@ pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod files;
 pub mod gguf;
+pub mod logging;
 pub mod methods;
 pub mod model;
 pub mod optim;
 pub mod plan;
 pub mod progress;
+pub mod record;
+pub mod tensorboard;
 pub mod train;
 
 pub use error::{Error, Result};

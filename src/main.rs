@@ -1,13 +1,14 @@
 //! The `unlearn` command line: parse, set up logging, dispatch to `unlearn::cli`.
 
 use clap::{Parser, Subcommand, ValueEnum};
-use unlearn::cli;
+use unlearn::{cli, logging};
 
 /// Make a language model forget a forget set, keep what it should know, and ship it as ONNX.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Log format: human-readable, or one JSON object per line for cluster log collectors.
+    /// Log format: human-readable, or one JSON object per line for cluster log collectors
+    /// (timestamp, level, target, rank, fields; the final error too).
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -18,6 +19,15 @@ struct Cli {
 enum LogFormat {
     Human,
     Json,
+}
+
+impl From<LogFormat> for logging::LogFormat {
+    fn from(f: LogFormat) -> Self {
+        match f {
+            LogFormat::Human => logging::LogFormat::Human,
+            LogFormat::Json => logging::LogFormat::Json,
+        }
+    }
 }
 
 // Parsed once at start-up: the size of the largest variant costs nothing worth boxing for.
@@ -44,35 +54,22 @@ enum Command {
     CommCheck(cli::comm_check::CommCheckArgs),
 }
 
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    // Only rank 0 reports progress; every rank reports warnings and errors, tagged with its rank.
-    let rank = unlearn::dist::env_rank();
-    let default = if rank == 0 { "info" } else { "warn" };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    // Colours only on a terminal: cluster logs and redirected files stay plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() {
     // Freed tensors go back to the OS (glibc would otherwise keep multi-MiB activations resident),
     // which is also what `unlearn plan` assumes.
     unlearn::plan::rss::release_freed_memory();
     let args = Cli::parse();
-    init_logging(args.log_format);
     let rank = unlearn::dist::env_rank();
-    let multi_rank = unlearn::dist::launcher_world_size() > 1;
+    let world = unlearn::dist::launcher_world_size();
+    let log = logging::LogSetup { format: args.log_format.into(), rank, world };
+    log.init();
+    let multi_rank = world > 1;
     if multi_rank {
         // A panicking rank takes the whole job down instead of leaving peers in a collective.
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             default(info);
-            eprintln!("rank {rank}: panicked; aborting all ranks");
+            log.fatal("panicked; aborting all ranks", 1);
             unlearn::dist::abort_world(1);
         }));
     }
@@ -88,11 +85,10 @@ fn main() {
         Command::CommCheck(a) => cli::comm_check::run(a).map(|text| print!("{text}")),
     };
     if let Err(e) = result {
+        log.fatal(&e.to_string(), 1);
         if multi_rank {
-            eprintln!("rank {rank}: error: {e}");
             unlearn::dist::abort_world(1);
         }
-        eprintln!("error: {e}");
         std::process::exit(1);
     }
 }

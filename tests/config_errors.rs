@@ -72,6 +72,7 @@ fn wrong_types_and_values_are_named() {
     expect_err(&f, &base(&f, "ngdiff"), &["method.autolr=\"yes\""], &["method.autolr", "true or false"]);
     expect_err(&f, &base(&f, "ngdiff"), &["dist.zero=4"], &["dist.zero", "0, 1, 2 or 3"]);
     expect_err(&f, &base(&f, "ngdiff"), &["train.batch_size=0"], &["train.batch_size", ">= 1"]);
+    expect_err(&f, &base(&f, "ngdiff"), &["data.retain_overflow=\"wrap\""], &["data.retain_overflow", "allowed: truncate, chunk, chunk-exact"]);
     expect_err(&f, "model = [", &[], &["bad.toml"]);
 }
 
@@ -126,6 +127,22 @@ fn resolved_config_round_trips_for_every_method() {
         let again = load(&f, &cfg.to_toml(), &[]).unwrap_or_else(|e| panic!("{m}: resolved config does not parse back: {e}"));
         assert_eq!(cfg.to_toml(), again.to_toml(), "{m}");
     }
+}
+
+/// `chunk-exact` (the mean-teacher recipe's pretraining text) is a value configs may use, and the
+/// resolved config written for `--resume` keeps it.
+#[test]
+fn overflow_modes_parse_and_round_trip() {
+    use unlearn::data::Overflow;
+    let f = fixture();
+    let cfg = load(&f, &base(&f, "mean-teacher"), &["data.retain_overflow=\"chunk-exact\"", "data.forget_overflow=\"chunk\""]).unwrap();
+    assert_eq!((cfg.data.forget_overflow, cfg.data.retain_overflow), (Overflow::Chunk, Overflow::ChunkExact));
+    assert!(cfg.to_toml().contains("retain_overflow = \"chunk-exact\""), "{}", cfg.to_toml());
+    let again = load(&f, &cfg.to_toml(), &[]).unwrap();
+    assert_eq!(again.data.retain_overflow, Overflow::ChunkExact);
+    // Defaults: forget text truncated, retain text chunked with its tails.
+    let cfg = load(&f, &base(&f, "mean-teacher"), &[]).unwrap();
+    assert_eq!((cfg.data.forget_overflow, cfg.data.retain_overflow), (Overflow::Truncate, Overflow::Chunk));
 }
 
 #[test]

@@ -226,17 +226,18 @@ fn scratch_tofu(dir: &Path) -> PathBuf {
 }
 
 /// The command fails, its message contains every `needles`, and `out` still holds exactly what
-/// it held before (here: one marker file).
+/// it held before (here: the report.json of an earlier evaluation, which `--out` may replace).
 fn assert_fails_cleanly(args: &[&str], out: &Path, needles: &[&str]) {
     std::fs::create_dir_all(out).unwrap();
-    std::fs::write(out.join("marker"), "before").unwrap();
+    std::fs::write(out.join("report.json"), "before").unwrap();
     let (success, err) = unlearn(1, args);
     assert!(!success, "expected failure for {args:?}");
     for n in needles {
         assert!(err.contains(n), "error for {args:?} should mention {n:?}:\n{err}");
     }
     let entries: Vec<_> = std::fs::read_dir(out).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(entries, vec![std::ffi::OsString::from("marker")], "partial outputs left in {}", out.display());
+    assert_eq!(entries, vec![std::ffi::OsString::from("report.json")], "partial outputs left in {}", out.display());
+    assert_eq!(std::fs::read_to_string(out.join("report.json")).unwrap(), "before", "the earlier output was replaced");
     let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

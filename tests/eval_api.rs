@@ -8,7 +8,7 @@ use std::path::Path;
 
 use common::*;
 use serde_json::Value;
-use unlearn::data::Tokenizer;
+use unlearn::data::{Template, Tokenizer};
 use unlearn::dist::local::Local;
 use unlearn::eval::benchmark::{BenchmarkArgs, ModelFacts, Outcome};
 use unlearn::eval::context::EvalCtx;
@@ -27,24 +27,25 @@ fn load(dir: &Path) -> (LoadedModel, Tokenizer) {
     (m, tok)
 }
 
-/// `unlearn eval`'s default batching.
-fn ctx<'a>(m: &'a LoadedModel, tok: &'a Tokenizer, comm: &'a Local) -> EvalCtx<'a> {
+/// `unlearn eval`'s default batching and prompt template (phi-qa: no run config next to the models).
+fn ctx<'a>(m: &'a LoadedModel, tok: &'a Tokenizer, template: &'a Template, comm: &'a Local) -> EvalCtx<'a> {
     let score = Batching { batch_size: 8, max_batch_tokens: 4096 };
     let gen = Batching { batch_size: 32, max_batch_tokens: 65536 };
-    EvalCtx::new(&m.model, tok, comm, &m.config.eos_token_ids, score, gen)
+    EvalCtx::new(&m.model, tok, template, comm, &m.config.eos_token_ids, score, gen)
 }
 
 /// Evaluate `model` in memory, with `retain` as the reference model when given.
 fn evaluate_in_memory(args: &dyn BenchmarkArgs, model: &Path, retain: Option<&Path>) -> Outcome {
     let comm = Local;
     let (m, tok) = load(model);
-    let mut bench = args.prepare(&ModelFacts { config: &m.config, tok: &tok }).unwrap();
+    let template = Template::phi_qa();
+    let mut bench = args.prepare(&ModelFacts { config: &m.config, tok: &tok, template: &template }).unwrap();
     assert_eq!(bench.reference_model(), retain, "the reference model is the retain model named");
     if let Some(dir) = retain {
         let (r, rtok) = load(dir);
-        bench.measure_reference(&ctx(&r, &rtok, &comm)).unwrap();
+        bench.measure_reference(&ctx(&r, &rtok, &template, &comm)).unwrap();
     }
-    bench.evaluate(&ctx(&m, &tok, &comm)).unwrap()
+    bench.evaluate(&ctx(&m, &tok, &template, &comm)).unwrap()
 }
 
 /// Run `unlearn` and return its report.json, as text and parsed.

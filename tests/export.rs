@@ -1,7 +1,8 @@
 //! `unlearn export` / `unlearn verify` on tiny random Llamas saved by transformers, judged by
 //! references that share no code with ours: `onnx.checker` (full check), Python onnxruntime
 //! running the exported graph against transformers' logits and `generate`, and a SHA-256 of the
-//! weight file computed here.
+//! weight file computed here. The clients users load exports with (optimum's ORTModelForCausalLM,
+//! onnxruntime-genai) must generate exactly what transformers generates.
 
 mod common;
 
@@ -77,7 +78,7 @@ fn fp32_exports_pass_the_checker_match_transformers_and_verify() {
         let tmp = tempfile::tempdir().unwrap();
         let model = make_tiny_model(&tmp.path().join("model"), case.config, 7, "bytebpe");
         let out = tmp.path().join("onnx");
-        export(&model, &out, &["--kv-cache"]);
+        export(&model, &out, &[]); // the KV-cache graph is the default
 
         let g = onnx_check(&out);
         let inputs: Vec<&str> = g["inputs"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
@@ -110,7 +111,7 @@ fn fp32_exports_pass_the_checker_match_transformers_and_verify() {
         if case.name == "gqa-untied" {
             // Without the cache, and a verify that must fail on an impossible tolerance.
             let plain = tmp.path().join("plain");
-            export(&model, &plain, &[]);
+            export(&model, &plain, &["--no-kv-cache"]);
             assert_eq!(onnx_check(&plain)["outputs"].as_array().unwrap().len(), 1);
             assert_matches_transformers("no-cache", &onnx_vs_transformers(&model, &plain), 1e-4);
             let (ok, report, err) = verify(&model, &plain, &[]);
@@ -128,8 +129,8 @@ fn kv_cache_generation_equals_uncached_generation_and_transformers_generate() {
     let tmp = tempfile::tempdir().unwrap();
     let model = make_tiny_model(&tmp.path().join("model"), LLAMA_CASES[0].config, 3, "bytebpe");
     let (kv, plain) = (tmp.path().join("kv"), tmp.path().join("plain"));
-    export(&model, &kv, &["--kv-cache"]);
-    export(&model, &plain, &[]);
+    export(&model, &kv, &["--kv-cache"]); // the default, spelled as scripts from before it was
+    export(&model, &plain, &["--no-kv-cache"]);
     let prompts: Vec<Vec<i64>> = [9usize, 4, 13, 1, 6]
         .iter()
         .enumerate()
@@ -264,9 +265,9 @@ fn bad_models_and_outputs_fail_clearly_without_partial_output() {
     let good = make_tiny_model(&tmp.path().join("model"), LLAMA_CASES[0].config, 17, "bytebpe");
     let t = tmp.path();
 
-    let mistral = copy_dir(&good, &t.join("mistral"));
-    edit_config(&mistral, |c| {
-        c.insert("model_type".into(), "mistral".into());
+    let gemma = copy_dir(&good, &t.join("gemma"));
+    edit_config(&gemma, |c| {
+        c.insert("model_type".into(), "gemma".into());
     });
     let yarn = copy_dir(&good, &t.join("yarn"));
     edit_config(&yarn, |c| {
@@ -290,7 +291,7 @@ fn bad_models_and_outputs_fail_clearly_without_partial_output() {
     std::fs::write(&a_file, "not a directory").unwrap();
 
     let cases: Vec<(&str, &Path, PathBuf, Vec<&str>, &str)> = vec![
-        ("model_type mistral", &mistral, t.join("out1"), vec![], "unsupported model_type `mistral`"),
+        ("model_type gemma", &gemma, t.join("out1"), vec![], "unsupported model_type `gemma`"),
         ("rope yarn", &yarn, t.join("out2"), vec![], "unsupported rope scaling type `yarn`"),
         ("no safetensors", &no_weights, t.join("out3"), vec![], "no model.safetensors"),
         ("missing tensor", &no_tensor, t.join("out4"), vec![], "tensor `model.layers.1.mlp.up_proj.weight` is missing"),
@@ -364,4 +365,101 @@ fn smollm2_demo_model_exports_and_verifies() {
     let report = report.unwrap();
     assert_verify_passed("smollm2", &report, 1e-3);
     assert_eq!(report["generations_identical"], Value::Bool(true));
+}
+
+/// `n` prompts of token ids in `3..3+range`, of assorted lengths.
+fn id_prompts(n: usize, range: i64) -> Vec<Vec<i64>> {
+    [9usize, 4, 13, 1, 6, 11].iter().take(n).enumerate().map(|(r, &len)| (0..len).map(|j| 3 + ((r * 31 + j * 7) as i64 % range)).collect()).collect()
+}
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+/// transformers' greedy generate() on the HF model directory (the reference).
+fn hf_generate(model: &Path, prompts: &Path, max_new: usize) -> Vec<Vec<i64>> {
+    let out = prompts.with_extension("hf.json");
+    run_py("hf_ref.py", &["generate", "--model", s(model), "--prompts", s(prompts), "--out", s(&out), "--max-new-tokens", &max_new.to_string()]);
+    serde_json::from_value(read_json(&out)).unwrap()
+}
+
+/// A client's greedy generations from an export directory (tests/py/client_ref.py), or the reason
+/// it could not run here (onnxruntime-genai only).
+fn client_generate(client: &str, onnx: &Path, prompts: &Path, max_new: usize, extra: &[&str]) -> Result<Vec<Vec<i64>>, String> {
+    let out = onnx.with_extension(format!("{client}.json"));
+    let mut args = vec![client, "--onnx", s(onnx), "--prompts", s(prompts), "--out", s(&out)];
+    let max_new = max_new.to_string();
+    args.extend(["--max-new-tokens", &max_new]);
+    args.extend_from_slice(extra);
+    let overlay = if client == "optimum" { Some(optimum_path()) } else { None };
+    let env: Vec<(&str, &Path)> = overlay.iter().map(|p| ("PYTHONPATH", p.as_path())).collect();
+    run_py_env("client_ref.py", &args, &env);
+    let v = read_json(&out);
+    match v.get("skipped") {
+        Some(why) => Err(why.as_str().unwrap_or_default().to_string()),
+        None => Ok(serde_json::from_value(v).unwrap()),
+    }
+}
+
+/// Exports `model` with the default (KV-cache) graph and with `--no-kv-cache`, then checks that
+/// optimum (with and without the cache) and onnxruntime-genai generate exactly what transformers
+/// generates; prints the generations compared.
+fn clients_generate_as_transformers(case: &str, model: &Path, tmp: &Path, prompts: &[Vec<i64>], max_new: usize, extra: &[&str]) {
+    let (kv, plain) = (tmp.join(format!("{case}-kv")), tmp.join(format!("{case}-plain")));
+    export(model, &kv, extra);
+    export(model, &plain, &[extra, &["--no-kv-cache"]].concat());
+    let genai_config = read_json(&kv.join("genai_config.json"));
+    assert_eq!(read_json(&kv.join("export.json"))["genai_config"], "genai_config.json");
+    assert!(!plain.join("genai_config.json").exists(), "onnxruntime-genai cannot run a cache-less graph; no genai_config.json for it");
+    let cfg = read_json(&model.join("config.json"));
+    for key in ["num_hidden_layers", "num_key_value_heads", "hidden_size", "num_attention_heads"] {
+        assert_eq!(genai_config["model"]["decoder"][key], cfg[key], "{case}: genai_config {key}");
+    }
+    assert_eq!(genai_config["model"]["context_length"], cfg["max_position_embeddings"]);
+
+    let pfile = tmp.join(format!("{case}-prompts.json"));
+    std::fs::write(&pfile, serde_json::to_string(prompts).unwrap()).unwrap();
+    let hf = hf_generate(model, &pfile, max_new);
+    println!("{case}: transformers generate: {hf:?}");
+    assert!(hf.iter().map(Vec::len).sum::<usize>() >= prompts.len() * max_new / 2, "{case}: generations too short to test anything");
+    let with_cache = client_generate("optimum", &kv, &pfile, max_new, &[]).unwrap();
+    assert_eq!(with_cache, hf, "{case}: optimum ORTModelForCausalLM (KV cache) vs transformers generate");
+    let without = client_generate("optimum", &plain, &pfile, max_new, &["--no-cache"]).unwrap();
+    assert_eq!(without, hf, "{case}: optimum ORTModelForCausalLM (no cache) vs transformers generate");
+    println!("{case}: optimum with and without the cache: equal to transformers ({} prompts)", prompts.len());
+    match client_generate("genai", &kv, &pfile, max_new, &[]) {
+        Ok(genai) => {
+            assert_eq!(genai, hf, "{case}: onnxruntime-genai vs transformers generate");
+            println!("{case}: onnxruntime-genai: equal to transformers");
+        }
+        Err(why) => println!("{case}: SKIPPED onnxruntime-genai: {why}"),
+    }
+}
+
+/// Tiny Llamas (GQA with a byte-level BPE; llama3 rope scaling with a SentencePiece-style
+/// tokenizer and its weights in external data) through optimum and onnxruntime-genai.
+#[test]
+fn optimum_and_onnxruntime_genai_generate_what_transformers_generates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gqa = make_tiny_model(&tmp.path().join("gqa"), LLAMA_CASES[0].config, 3, "bytebpe");
+    clients_generate_as_transformers("gqa-untied", &gqa, tmp.path(), &id_prompts(5, 300), 24, &[]);
+    let rope = make_tiny_model(&tmp.path().join("rope"), LLAMA_CASES[2].config, 5, "sentencepiece");
+    clients_generate_as_transformers("gqa-llama3-rope-external", &rope, tmp.path(), &id_prompts(4, 300), 24, &["--external-threshold-bytes", "1024"]);
+    assert!(tmp.path().join("gqa-llama3-rope-external-kv/model.onnx.data").exists());
+}
+
+/// The demo model, asked TOFU questions in its own chat format (ChatML).
+#[test]
+fn smollm2_generates_in_optimum_and_onnxruntime_genai_as_in_transformers() {
+    let model = cache_dir().join("models/smollm2-135m-instruct");
+    assert!(model.join("model.safetensors").exists(), "no demo model at {} (launch/setup.sh imports it)", model.display());
+    let tmp = tempfile::tempdir().unwrap();
+    let records = read_json(&shared_data().join("tofu/forget01.json"));
+    let texts: Vec<String> =
+        records.as_array().unwrap().iter().take(3).map(|r| format!("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", r["prompt"].as_str().unwrap())).collect();
+    let (tfile, ids) = (tmp.path().join("texts.json"), tmp.path().join("ids.json"));
+    std::fs::write(&tfile, serde_json::to_string(&texts).unwrap()).unwrap();
+    run_py("hf_ref.py", &["tokenize", "--model", s(&model), "--texts", s(&tfile), "--out", s(&ids)]);
+    let prompts: Vec<Vec<i64>> = serde_json::from_value(read_json(&ids)).unwrap();
+    clients_generate_as_transformers("smollm2", &model, tmp.path(), &prompts, 24, &[]);
 }

@@ -25,14 +25,7 @@ fn cached_batched_greedy_equals_transformers_generate() {
     for (p, g) in prompts.iter().zip(&ours) {
         assert_eq!(g, &greedy_uncached(&loaded.model, p, 24, &eos), "cached vs uncached for prompt {p:?}");
     }
-    let pfile = tmp.path().join("prompts.json");
-    let ofile = tmp.path().join("hf.json");
-    std::fs::write(&pfile, serde_json::to_string(&prompts).unwrap()).unwrap();
-    run_py(
-        "hf_ref.py",
-        &["generate", "--model", dir.to_str().unwrap(), "--prompts", pfile.to_str().unwrap(), "--out", ofile.to_str().unwrap(), "--max-new-tokens", "24"],
-    );
-    let hf: Vec<Vec<i64>> = serde_json::from_str(&std::fs::read_to_string(&ofile).unwrap()).unwrap();
+    let hf = hf_generate(&dir, &prompts, 24);
     assert_eq!(ours, hf);
     assert!(ours.iter().map(Vec::len).sum::<usize>() > 20, "generations too short to test anything: {ours:?}");
 }

@@ -105,8 +105,8 @@ fn bad_model_directories_and_data_get_clear_errors() {
     expect_score_error(&d, &data, &["garbled-config/config.json", "not valid JSON"]);
 
     let d = variant("unknown-type");
-    edit_config(&d, &|v| v["model_type"] = "mistral".into());
-    expect_score_error(&d, &data, &["unknown-type/config.json", "unsupported model_type `mistral`"]);
+    edit_config(&d, &|v| v["model_type"] = "gemma".into());
+    expect_score_error(&d, &data, &["unknown-type/config.json", "unsupported model_type `gemma`"]);
 
     let d = variant("bad-rope");
     edit_config(&d, &|v| {

@@ -10,6 +10,10 @@ use serde_json::Value;
 
 const LLAMA2_7B: &str = r#"{"vocab_size":32000,"hidden_size":4096,"intermediate_size":11008,"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":32,"tie_word_embeddings":false}"#;
 const LLAMA3_8B: &str = r#"{"vocab_size":128256,"hidden_size":4096,"intermediate_size":14336,"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,"tie_word_embeddings":false}"#;
+/// The other families' 7B-class members, as their config.json files give the shapes.
+const ZEPHYR_7B: &str = r#"{"model_type":"mistral","vocab_size":32000,"hidden_size":4096,"intermediate_size":14336,"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,"tie_word_embeddings":false}"#;
+const QWEN2_5_7B: &str = r#"{"model_type":"qwen2","vocab_size":152064,"hidden_size":3584,"intermediate_size":18944,"num_hidden_layers":28,"num_attention_heads":28,"num_key_value_heads":4,"tie_word_embeddings":false}"#;
+const PHI3_5_MINI: &str = r#"{"model_type":"phi3","vocab_size":32064,"hidden_size":3072,"intermediate_size":8192,"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":32,"tie_word_embeddings":false,"pad_token_id":32000}"#;
 
 fn plan(args: &[&str]) -> Value {
     let mut all = vec!["plan"];
@@ -48,7 +52,13 @@ fn resident(plan: &Value, component: &str) -> f64 {
 
 #[test]
 fn preset_counts_and_zero2_resident_state_match_transformers() {
-    for (preset, cfg) in [("llama2-7b", LLAMA2_7B), ("llama3-8b", LLAMA3_8B)] {
+    for (preset, cfg) in [
+        ("llama2-7b", LLAMA2_7B),
+        ("llama3-8b", LLAMA3_8B),
+        ("zephyr-7b-beta", ZEPHYR_7B),
+        ("qwen2.5-7b", QWEN2_5_7B),
+        ("phi3.5-mini", PHI3_5_MINI),
+    ] {
         let (total, matrices) = counts(&["--config", cfg]);
         let args = ["--preset", preset, "--world-size", "8", "--method", "mean-teacher", "--zero", "2", "--batch", "32", "--seq", "1024", "--recompute"];
         let p = plan(&[&args[..], &["--reduce", "micro-batch"]].concat());

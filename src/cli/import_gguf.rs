@@ -15,9 +15,13 @@ pub struct ImportGgufArgs {
     /// Output HF model directory; replaced atomically if it exists, never left half-written.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace a non-empty --out (its files are deleted).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run(args: &ImportGgufArgs) -> Result<()> {
+    crate::files::check_output_dir(&args.out, &crate::files::IMPORT_OUTPUT, &[&args.gguf], args.overwrite)?;
     let start = Instant::now();
     let s = import_gguf(&args.gguf, &args.out)?;
     tracing::info!(

@@ -9,3 +9,12 @@ pub mod report;
 pub mod run;
 pub mod score;
 pub mod verify;
+
+/// Parser for counts that must be at least 1 (`--limit 0` would select nothing and report NaN).
+pub fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (0 selects nothing)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}

@@ -23,6 +23,15 @@ pub enum Preset {
     /// Llama-3-8B.
     #[value(name = "llama3-8b")]
     Llama3_8b,
+    /// zephyr-7b-beta (Mistral-7B architecture; the WMDP target).
+    #[value(name = "zephyr-7b-beta")]
+    Zephyr7bBeta,
+    /// Qwen2.5-7B(-Instruct): q/k/v biases.
+    #[value(name = "qwen2.5-7b")]
+    Qwen2_5_7b,
+    /// Phi-3.5-mini(-instruct): fused qkv_proj and gate_up_proj.
+    #[value(name = "phi3.5-mini")]
+    Phi3_5Mini,
 }
 
 impl Preset {
@@ -30,20 +39,21 @@ impl Preset {
         match self {
             Preset::Llama2_7b => Config::llama2_7b(),
             Preset::Llama3_8b => Config::llama3_8b(),
+            Preset::Zephyr7bBeta => Config::zephyr_7b_beta(),
+            Preset::Qwen2_5_7b => Config::qwen2_5_7b(),
+            Preset::Phi3_5Mini => Config::phi3_5_mini(),
         }
     }
-    fn name(self) -> &'static str {
-        match self {
-            Preset::Llama2_7b => "llama2-7b",
-            Preset::Llama3_8b => "llama3-8b",
-        }
+    /// The name `--preset` takes.
+    fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self).expect("no preset is skipped").get_name().to_string()
     }
 }
 
 #[derive(clap::Args, Debug)]
 pub struct PlanArgs {
-    /// HF model directory (only its config.json is read).
-    #[arg(long, conflicts_with = "preset")]
+    /// HF model directory (only its config.json is read), or a hub id in the local Hugging Face cache.
+    #[arg(long, conflicts_with = "preset", value_parser = crate::model::hub::model_arg)]
     pub model: Option<PathBuf>,
     /// A known model shape instead of a directory; overrides `model.path` of --config.
     #[arg(long, value_enum)]
@@ -279,7 +289,7 @@ pub fn run(args: &PlanArgs) -> Result<String> {
     let (model_cfg, model_name) = match (args.preset, &args.model) {
         (Some(p), _) => {
             set("model.path", "\"unused-by-plan\"".into());
-            (Some(p.config()), p.name().to_string())
+            (Some(p.config()), p.name())
         }
         (None, Some(dir)) => {
             set("model.path", toml_str(dir));
@@ -297,8 +307,9 @@ pub fn run(args: &PlanArgs) -> Result<String> {
             let path = cfg.model.path.join("config.json");
             if !path.exists() {
                 return Err(crate::other!(
-                    "{label}: `model.path`: {} is not a model directory here; pass --preset llama2-7b|llama3-8b or --model DIR",
-                    cfg.model.path.display()
+                    "{label}: `model.path`: {} is not a model directory here; pass --preset {} or --model DIR",
+                    cfg.model.path.display(),
+                    <Preset as clap::ValueEnum>::value_variants().iter().map(|p| p.name()).collect::<Vec<_>>().join("|")
                 ));
             }
             (Config::from_file(&path)?, cfg.model.path.display().to_string())

@@ -28,12 +28,17 @@ pub struct ReportArgs {
     /// Output directory (replaced when complete).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace a non-empty --out that is not an earlier report (its files are deleted).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run(args: &ReportArgs) -> Result<()> {
     if !args.names.is_empty() && args.names.len() != args.reports.len() {
         return Err(crate::other!("--names has {} labels for {} --reports", args.names.len(), args.reports.len()));
     }
+    let inputs: Vec<&Path> = args.reports.iter().chain(&args.runs).map(PathBuf::as_path).collect();
+    crate::files::check_output_dir(&args.out, &crate::files::REPORT_OUTPUT, &inputs, args.overwrite)?;
     let mut reports: Vec<Report> = args.reports.iter().map(|p| Report::load(p)).collect::<Result<_>>()?;
     for (r, name) in reports.iter_mut().zip(&args.names) {
         r.name = name.clone();

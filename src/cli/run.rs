@@ -25,6 +25,9 @@ pub struct RunArgs {
 pub fn run(args: &RunArgs) -> Result<()> {
     let config_path = match (&args.config, &args.resume) {
         (Some(c), _) => c.clone(),
+        (None, Some(dir)) if !dir.join("config.toml").is_file() => {
+            return Err(crate::other!("--resume {}: not a run directory (no config.toml); give --config FILE to start a run there", dir.display()))
+        }
         (None, Some(dir)) => dir.join("config.toml"),
         (None, None) => return Err(crate::other!("give --config FILE (or --resume DIR of an earlier run)")),
     };
@@ -53,24 +56,33 @@ pub fn run(args: &RunArgs) -> Result<()> {
             None
         }
     };
+    // The model, data and checkpoint are checked before anything is written, so bad input leaves
+    // no half-made run directory behind and a refused resume keeps the run's config.toml.
+    let mut trainer = Trainer::new(&cfg, comm.clone(), device)?;
+    if let Some(dir) = &resume_from {
+        trainer.restore(dir)?;
+        if trainer.step() > cfg.train.steps {
+            return Err(crate::Error::config(
+                config_path.display().to_string(),
+                "train.steps",
+                format!("{} is below the step of the checkpoint {} ({}); nothing to resume", cfg.train.steps, dir.display(), trainer.step()),
+            ));
+        }
+    }
     if rank == 0 {
         std::fs::create_dir_all(&ckpt_root).map_err(|e| crate::Error::io(&ckpt_root, e))?;
         crate::model::weights::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
     }
     comm.barrier()?;
-
-    let mut trainer = Trainer::new(&cfg, comm.clone(), device)?;
     let metrics = out.join("metrics.jsonl");
-    if let Some(dir) = &resume_from {
-        trainer.restore(dir)?;
-        if rank == 0 {
-            tracing::info!("resumed from {} at step {}", dir.display(), trainer.step());
-            truncate_metrics(&metrics, trainer.step())?;
-        }
+    if let Some(dir) = resume_from.as_ref().filter(|_| rank == 0) {
+        tracing::info!("resumed from {} at step {}", dir.display(), trainer.step());
+        truncate_metrics(&metrics, trainer.step())?;
     } else if rank == 0 && metrics.exists() {
         std::fs::remove_file(&metrics).map_err(|e| crate::Error::io(&metrics, e))?;
     }
 
+    let mut events = (rank == 0).then(|| crate::tensorboard::EventWriter::create(&out, trainer.step() + 1)).transpose()?;
     let total = cfg.train.steps;
     let every = cfg.train.checkpoint_every;
     let keep = cfg.train.keep_checkpoints;
@@ -81,6 +93,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let log = trainer.train_step()?;
         if rank == 0 {
             append_metrics(&metrics, &log)?;
+            events.as_mut().map_or(Ok(()), |e| e.scalars(log.step, &log))?;
             if log.step % log_every == 0 || log.step == total {
                 tracing::info!("{}", format_log(&log, total));
             }

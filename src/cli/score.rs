@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use crate::data::{read_records, tokenize_all, Overflow, Tokenizer};
+use crate::config::parse_choice;
+use crate::data::template::template_for;
+use crate::data::{read_records, tokenize_all, Overflow, Template, TemplateKind, Tokenizer};
 use crate::eval::metrics::MinKRounding;
 use crate::eval::score::{summarize, token_logprobs, write_scores};
 use crate::model::{load_model, parse_device, parse_kind};
@@ -10,8 +12,9 @@ use crate::Result;
 
 #[derive(clap::Args, Debug)]
 pub struct ScoreArgs {
-    /// HF model directory (config.json, safetensors, tokenizer.json).
-    #[arg(long)]
+    /// HF model directory (config.json, safetensors, tokenizer.json), or a hub id `org/name` in the
+    /// local Hugging Face cache.
+    #[arg(long, value_parser = crate::model::hub::model_arg)]
     pub model: PathBuf,
     /// Dataset file: JSON array, JSON arrays per line or JSON lines; QA or text records.
     #[arg(long)]
@@ -20,9 +23,9 @@ pub struct ScoreArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Truncate each sample to this many tokens.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = super::at_least_one)]
     pub max_len: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::at_least_one)]
     pub batch_size: usize,
     /// Compute dtype: fp32 or bf16.
     #[arg(long, default_value = "fp32")]
@@ -31,22 +34,38 @@ pub struct ScoreArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Score only the first N samples.
-    #[arg(long)]
+    #[arg(long, value_parser = super::at_least_one)]
     pub limit: Option<usize>,
+    /// Prompt template of QA records: phi-qa, llama2-chat, llama3-chat, chatml or model [default:
+    /// data.template of the training run next to --model, else phi-qa].
+    #[arg(long, value_parser = parse_choice::<TemplateKind>)]
+    pub template: Option<TemplateKind>,
 }
 
 pub fn run(args: &ScoreArgs) -> Result<()> {
+    crate::files::check_output_file(&args.out, &[&args.model, &args.data], None)?;
     let device = parse_device(&args.device)?;
+    let tok = Tokenizer::from_model_dir(&args.model, &crate::model::Config::from_model_dir(&args.model)?)?;
+    let (kind, source) = template_for(args.template, &args.model)?;
+    let template = Template::load(kind, &args.model, &tok)?;
+    tracing::info!("prompt template {} ({source})", template.describe());
     let loaded = load_model(&args.model, parse_kind(&args.dtype)?, device)?;
-    let tok = Tokenizer::from_model_dir(&args.model, &loaded.config)?;
     let mut records = read_records(&args.data)?;
     if let Some(n) = args.limit {
         records.truncate(n);
     }
-    let examples = tokenize_all(&tok, &records, args.max_len, Overflow::Truncate)
+    let examples = tokenize_all(&tok, &template, &records, args.max_len, Overflow::Truncate)
         .map_err(|e| crate::other!("{}: {e}", args.data.display()))?;
     let lps = token_logprobs(&loaded.model, &examples, tok.pad_id(), args.batch_size, "score");
     let scores: Vec<_> = lps.iter().enumerate().map(|(i, lp)| summarize(i, lp, MinKRounding::Floor)).collect();
+    if let Some(bad) = scores.iter().find(|s| !s.nll.is_finite()) {
+        let mut model = loaded.model;
+        let cause = match crate::model::weights::first_non_finite(&mut model) {
+            Some(name) => format!("weight `{name}` of {} holds NaN or infinity", args.model.display()),
+            None => "the weights are finite, so the model overflows on this input (try --dtype fp32)".into(),
+        };
+        return Err(crate::other!("{}: sample {}: the NLL is {}: {cause}; nothing written", args.data.display(), bad.index, bad.nll));
+    }
     write_scores(&args.out, &scores)?;
     let mean = scores.iter().map(|s| s.nll).sum::<f64>() / scores.len() as f64;
     tracing::info!("scored {} samples -> {}", scores.len(), args.out.display());

@@ -10,8 +10,8 @@ use crate::Result;
 
 #[derive(clap::Args, Debug)]
 pub struct VerifyArgs {
-    /// HF model directory the export was made from.
-    #[arg(long)]
+    /// HF model directory the export was made from (or its hub id in the local Hugging Face cache).
+    #[arg(long, value_parser = crate::model::hub::model_arg)]
     pub model: PathBuf,
     /// Export directory (with model.onnx) or the .onnx file.
     #[arg(long)]
@@ -21,7 +21,7 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub prompts: Option<PathBuf>,
     /// Use at most this many records of --prompts.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::at_least_one)]
     pub limit: usize,
     /// Cut prompts to this many tokens.
     #[arg(long, default_value_t = 64)]
@@ -55,10 +55,12 @@ pub fn run(args: &VerifyArgs) -> Result<()> {
         threads: args.threads,
         device: parse_device(&args.device)?,
     };
-    let report = verify(&opts)?;
     let out = args.out.clone().unwrap_or_else(|| {
         onnx_file(&args.onnx).parent().map(|d| d.join("verify.json")).unwrap_or_else(|| "verify.json".into())
     });
+    let inputs: Vec<&std::path::Path> = [Some(args.model.as_path()), Some(args.onnx.as_path()), args.prompts.as_deref()].into_iter().flatten().collect();
+    crate::files::check_output_file(&out, &inputs, Some("verify.json"))?;
+    let report = verify(&opts)?;
     let mut text = serde_json::to_string_pretty(&report).expect("report serializes");
     text.push('\n');
     write_atomic(&out, text.as_bytes())?;

@@ -1,26 +1,19 @@
 //! Records → token examples → padded batches. The one place that decides which tokens are
 //! targets, shared by training, `score` and evaluation so that they can never disagree.
 //!
-//! QA records are formatted as `"Question: {q}\nAnswer:"` followed by `" {a}"` and EOS; the prompt
-//! is tokenized with the tokenizer's specials (BOS for Llama), the answer without, and only the
-//! answer tokens (EOS included) are targets. Text records are tokenized with specials and every
-//! token after the first is a target.
+//! QA records are formatted by the run's prompt template (`data::template`; by default
+//! `"Question: {q}\nAnswer:"` followed by `" {a}"` and EOS) and only the answer tokens (with the
+//! end of the answer: EOS or the chat format's end-of-turn token) are targets. Text records are
+//! tokenized with specials and every token after the first is a target.
 
 use tch::{Device, Kind, Tensor};
 
 use super::formats::Record;
+use super::template::Template;
 use super::tokenizer::Tokenizer;
 use crate::error::Result;
 
-/// The plain QA prompt format (the one TOFU used for Phi-1.5).
-pub fn qa_prompt(question: &str) -> String {
-    format!("Question: {question}\nAnswer:")
-}
-
-/// The answer continuation that follows [`qa_prompt`].
-pub fn qa_answer(answer: &str) -> String {
-    format!(" {answer}")
-}
+pub use super::template::{qa_answer, qa_prompt};
 
 /// A tokenized sample: `ids[n_context..]` are the targets.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,24 +29,30 @@ impl Example {
     }
 }
 
-/// How long text is handled when it exceeds `max_len`.
+/// How long text is handled when it exceeds `max_len`. Every mode cuts text as transformers'
+/// `tokenizer(text, truncation=True, max_length=max_len, return_overflowing_tokens=...)` does
+/// ([`Tokenizer::encode_chunks`]): specials such as Llama-2's BOS start *every* chunk. QA records
+/// are never chunked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Overflow {
-    /// Keep the first `max_len` tokens (MUSE-News forget set in the mean-teacher recipe).
+    /// Keep the first chunk (`truncation=True`; MUSE-News forget set in the mean-teacher recipe).
     Truncate,
-    /// Split into consecutive `max_len`-token chunks (MUSE-Books, pretraining text).
+    /// Keep every chunk, the short tail included (mt-unlearn's `dataset.py` with `chunking=True`,
+    /// used for the MUSE-Books forget set: a forget text's ending must be unlearned too).
     Chunk,
+    /// Keep only chunks of exactly `max_len` tokens (mt-unlearn's `tokenize_webtext.py` for the
+    /// KL/QKL pretraining text): no padding in the penalty's B×T divisor, and no over-weighting
+    /// of document endings. Texts shorter than `max_len` contribute nothing.
+    ChunkExact,
 }
 
 /// Tokenize one record. QA answers are cut at `max_len` total tokens; a prompt that leaves no room
-/// for any answer token is an error naming the record.
-pub fn tokenize(tok: &Tokenizer, rec: &Record, max_len: usize, overflow: Overflow) -> Result<Vec<Example>> {
+/// for any answer token is an error naming the record. Text chunks with fewer than two tokens (no
+/// target) are dropped.
+pub fn tokenize(tok: &Tokenizer, template: &Template, rec: &Record, max_len: usize, overflow: Overflow) -> Result<Vec<Example>> {
     match rec {
         Record::Qa { question, answer } => {
-            let mut ids = tok.encode(&qa_prompt(question), true)?;
-            let n_context = ids.len();
-            ids.extend(tok.encode(&qa_answer(answer), false)?);
-            ids.push(tok.eos_id()?);
+            let (mut ids, n_context) = template.qa_tokens(tok, question, answer)?;
             if n_context >= max_len {
                 return Err(crate::other!(
                     "a question is {n_context} tokens, which leaves no answer token within max_len {max_len}: {question:?}"
@@ -63,28 +62,26 @@ pub fn tokenize(tok: &Tokenizer, rec: &Record, max_len: usize, overflow: Overflo
             Ok(vec![Example { ids, n_context }])
         }
         Record::Text(text) => {
-            let ids = tok.encode(text, true)?;
-            if ids.len() < 2 {
-                return Ok(vec![]);
+            let mut chunks = tok.encode_chunks(text, max_len)?;
+            match overflow {
+                Overflow::Truncate => chunks.truncate(1),
+                Overflow::Chunk => {}
+                Overflow::ChunkExact => chunks.retain(|c| c.len() == max_len),
             }
-            Ok(match overflow {
-                Overflow::Truncate => vec![Example { ids: ids[..ids.len().min(max_len)].to_vec(), n_context: 1 }],
-                Overflow::Chunk => ids
-                    .chunks(max_len)
-                    .filter(|c| c.len() >= 2)
-                    .map(|c| Example { ids: c.to_vec(), n_context: 1 })
-                    .collect(),
-            })
+            Ok(chunks.into_iter().filter(|c| c.len() >= 2).map(|ids| Example { ids, n_context: 1 }).collect())
         }
     }
 }
 
 /// Tokenize a list of records (flattening chunks), failing with the index of a bad record.
-pub fn tokenize_all(tok: &Tokenizer, records: &[Record], max_len: usize, overflow: Overflow) -> Result<Vec<Example>> {
+pub fn tokenize_all(tok: &Tokenizer, template: &Template, records: &[Record], max_len: usize, overflow: Overflow) -> Result<Vec<Example>> {
     let mut out = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
-        let ex = tokenize(tok, r, max_len, overflow).map_err(|e| crate::other!("record {i}: {e}"))?;
+        let ex = tokenize(tok, template, r, max_len, overflow).map_err(|e| crate::other!("record {i}: {e}"))?;
         out.extend(ex);
+    }
+    if out.is_empty() && overflow == Overflow::ChunkExact && records.iter().any(|r| matches!(r, Record::Text(_))) {
+        return Err(crate::other!("no text reaches max_len {max_len} tokens, and `chunk-exact` keeps only full chunks"));
     }
     Ok(out)
 }

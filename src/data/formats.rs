@@ -2,13 +2,14 @@
 //! a JSON array; several JSON arrays, one per line (TOFU `full.json`, `retainNN.json`); JSON lines;
 //! elements that are strings (MUSE raw text) or objects with `question`/`answer`,
 //! `prompt`/`response` (TOFU `forgetXX.json`), `prompt`/`gt` (MUSE VerbMem) or `text`.
-//! A `.txt` file is plain text: documents separated by blank lines.
+//! A `.txt` file is plain text: documents separated by blank lines. A `.parquet` file (the
+//! benchmarks' Hugging Face layout) is read row by row, each row the object its JSON record is.
 
 use std::path::Path;
 
 use serde_json::Value;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 /// One training or scoring sample.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,7 +36,10 @@ pub fn read_json_values(path: &Path) -> Result<Vec<Value>> {
     if !path.exists() {
         return Err(Error::format(path, "file not found"));
     }
-    let text = std::fs::read_to_string(path).at(path)?;
+    if path.extension().is_some_and(|e| e == "parquet") {
+        return super::parquet::read_rows(path);
+    }
+    let text = crate::files::read_text(path)?;
     if text.trim().is_empty() {
         return Err(Error::format(path, "file is empty"));
     }
@@ -46,10 +50,10 @@ pub fn read_json_values(path: &Path) -> Result<Vec<Value>> {
             .filter(|d| !d.is_empty())
             .map(|d| Value::String(d.to_string()))
             .collect();
-        return Ok(docs);
+        return check_record_sizes(path, docs);
     }
     if let Ok(v) = serde_json::from_str::<Value>(&text) {
-        return Ok(flatten(v));
+        return check_record_sizes(path, flatten(v));
     }
     let mut out = vec![];
     for (lineno, line) in text.lines().enumerate() {
@@ -61,7 +65,30 @@ pub fn read_json_values(path: &Path) -> Result<Vec<Value>> {
         })?;
         out.extend(flatten(v));
     }
-    Ok(out)
+    check_record_sizes(path, out)
+}
+
+/// Longest text one record may hold. The longest record of the TOFU and MUSE files is 41 kB; a
+/// book-sized record is a file that was not split into documents, and tokenizing it at once costs
+/// hundreds of bytes per token.
+pub const MAX_RECORD_BYTES: usize = 8 << 20;
+
+fn check_record_sizes(path: &Path, values: Vec<Value>) -> Result<Vec<Value>> {
+    fn text_bytes(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.len(),
+            Value::Array(items) => items.iter().map(text_bytes).sum(),
+            Value::Object(o) => o.iter().map(|(k, v)| k.len() + text_bytes(v)).sum(),
+            _ => 0,
+        }
+    }
+    if let Some((i, n)) = values.iter().map(text_bytes).enumerate().find(|&(_, n)| n > MAX_RECORD_BYTES) {
+        return Err(Error::format(
+            path,
+            format!("record {i} holds {:.1} MB of text, above the limit of {} MiB per record; split it into several records", n as f64 / 1e6, MAX_RECORD_BYTES >> 20),
+        ));
+    }
+    Ok(values)
 }
 
 fn flatten(v: Value) -> Vec<Value> {

@@ -82,9 +82,15 @@ impl Loader {
         self.state
     }
 
-    pub fn restore(&mut self, state: LoaderState) {
+    /// Continue from a saved state; its position must lie within this loader's examples (it does
+    /// not when the data changed since the state was saved).
+    pub fn restore(&mut self, state: LoaderState) -> crate::Result<()> {
+        if state.pos > self.examples.len() {
+            return Err(crate::other!("saved position {} is beyond the {} examples of this data (did the data files change?)", state.pos, self.examples.len()));
+        }
         self.state = state;
         self.perm = self.permutation(state.epoch);
+        Ok(())
     }
 
     fn permutation(&self, epoch: u64) -> Vec<usize> {
@@ -146,7 +152,7 @@ pub fn local_batch(
     pad_id: i64,
     device: tch::Device,
 ) -> LocalBatch {
-    assert!(global.len() % world == 0, "global batch {} not divisible by world size {world}", global.len());
+    assert!(global.len().is_multiple_of(world), "global batch {} not divisible by world size {world}", global.len());
     let per = global.len() / world;
     let mine = &global[rank * per..(rank + 1) * per];
     let padded_len = global.iter().map(|&i| examples[i].ids.len()).max().unwrap_or(2).max(2);

@@ -22,8 +22,14 @@ impl Tokenizer {
         if !path.exists() {
             return Err(Error::format(dir, "no tokenizer.json in this directory"));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
+        let text = crate::files::read_text(&path)?;
+        // The tokenizers crate panics on a JSON syntax error inside `decoder`: check syntax first.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
+        let mut inner = text.parse::<tokenizers::Tokenizer>().map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
+        // transformers ignores a truncation or padding saved in tokenizer.json unless a call asks
+        // for one (`set_truncation_and_padding` clears them), so do we.
+        inner.with_truncation(None).map_err(|e| Error::format(&path, format!("cannot clear truncation: {e}")))?;
+        inner.with_padding(None);
         let n = inner.get_vocab_size(true) as i64;
         if n > cfg.vocab_size {
             return Err(Error::format(
@@ -53,6 +59,19 @@ impl Tokenizer {
         &self.path
     }
 
+    /// The id of a token given by its text (`<|eot_id|>`), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<i64> {
+        self.inner.token_to_id(token).map(i64::from)
+    }
+
+    /// The texts of the added tokens (specials such as `<|im_end|>`): the pieces that the
+    /// tokenizer matches whole in any text, before its model splits the rest.
+    pub fn added_tokens(&self) -> Vec<String> {
+        let mut out: Vec<(u32, String)> = self.inner.get_added_tokens_decoder().into_iter().map(|(id, t)| (id, t.content)).collect();
+        out.sort();
+        out.into_iter().map(|(_, t)| t).collect()
+    }
+
     /// Token ids of `text`; `special` adds the tokenizer's own specials (e.g. Llama's BOS),
     /// as `tokenizer(text)` does in transformers.
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<i64>> {
@@ -61,6 +80,24 @@ impl Tokenizer {
             .encode(text, special)
             .map_err(|e| Error::format(&self.path, format!("cannot encode text: {e}")))?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    /// transformers' `tokenizer(text, truncation=True, max_length=max_len,
+    /// return_overflowing_tokens=True)` (stride 0): the text's tokens cut into consecutive pieces
+    /// of `max_len` minus the specials the tokenizer adds, each piece then given those specials
+    /// (so a Llama-2 tokenizer puts BOS at the start of every chunk, SmolLM2's adds nothing).
+    /// Done with the tokenizers crate's own truncation and post-processor, as transformers does.
+    pub fn encode_chunks(&self, text: &str, max_len: usize) -> Result<Vec<Vec<i64>>> {
+        use tokenizers::PostProcessor;
+        let n_special = self.inner.get_post_processor().map_or(0, |p| p.added_tokens(false));
+        if max_len <= n_special {
+            return Err(Error::format(&self.path, format!("max_len {max_len} leaves no room next to the {n_special} special token(s) this tokenizer adds")));
+        }
+        let mut enc = self.inner.encode(text, false).map_err(|e| Error::format(&self.path, format!("cannot encode text: {e}")))?;
+        enc.truncate(max_len - n_special, 0, tokenizers::TruncationDirection::Right);
+        let enc = self.inner.post_process(enc, None, true).map_err(|e| Error::format(&self.path, format!("cannot add special tokens: {e}")))?;
+        let ids = |e: &tokenizers::Encoding| e.get_ids().iter().map(|&i| i as i64).collect::<Vec<_>>();
+        Ok(std::iter::once(ids(&enc)).chain(enc.get_overflowing().iter().map(ids)).collect())
     }
 
     pub fn decode(&self, ids: &[i64], skip_special: bool) -> Result<String> {

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 
 use super::shard::Batching;
+use crate::config::parse_choice;
+use crate::data::TemplateKind;
 
 /// `unlearn eval <benchmark>`: the shared options, then the benchmark's.
 #[derive(clap::Args, Debug)]
@@ -20,10 +22,15 @@ pub struct EvalCmd<A: clap::Args> {
 /// Options shared by every benchmark.
 #[derive(clap::Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// HF model directory to evaluate.
-    #[arg(long)]
+    /// HF model directory to evaluate, or a hub id `org/name` in the local Hugging Face cache.
+    #[arg(long, value_parser = crate::model::hub::model_arg)]
     pub model: PathBuf,
-    /// Output directory (report.json, report.md, samples.jsonl, metrics.svg); replaced when done.
+    /// Prompt template of QA prompts and answers: phi-qa, llama2-chat, llama3-chat, chatml or model
+    /// [default: data.template of the training run whose config.toml is next to --model, else phi-qa].
+    #[arg(long, value_parser = parse_choice::<TemplateKind>)]
+    pub template: Option<TemplateKind>,
+    /// Output directory (report.json, report.md, samples.jsonl, metrics.svg, record.json); replaced
+    /// when done.
     #[arg(long)]
     pub out: PathBuf,
     /// Label in tables and plots (default: the model directory's name).
@@ -55,6 +62,9 @@ pub struct CommonArgs {
     /// Rank group: auto (MPI under mpirun), none, mpi or nccl.
     #[arg(long, default_value = "auto")]
     pub dist: String,
+    /// Replace a non-empty --out that is not an earlier evaluation (its files are deleted).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 impl CommonArgs {

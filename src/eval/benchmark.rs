@@ -3,11 +3,11 @@
 //!
 //! Two steps, so that bad input stops a run before any model is loaded:
 //! 1. [`BenchmarkArgs::prepare`]: the benchmark's options (its command-line arguments) read and
-//!    check every file they name, knowing only the evaluated model's config and tokenizer; the
-//!    result is a [`Benchmark`] holding its data in memory.
+//!    check every file they name, knowing only the evaluated model's config, tokenizer and prompt
+//!    template; the result is a [`Benchmark`] holding its data in memory.
 //! 2. [`Benchmark::evaluate`]: evaluate a model already in memory, given as an [`EvalCtx`] (model,
-//!    tokenizer, rank group, batching). Every rank calls it together; the work is sharded as
-//!    `eval::shard` describes and every rank gets the whole [`Outcome`]. It can be called again
+//!    tokenizer, prompt template, rank group, batching). Every rank calls it together; the work is
+//!    sharded as `eval::shard` describes and every rank gets the whole [`Outcome`]. It can be called again
 //!    and again on the same `Benchmark` (a trainer evaluating every N steps).
 //!
 //! `unlearn eval <benchmark>` (`cli/eval.rs`) is the wrapper that loads models from directories,
@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use super::context::EvalCtx;
 use super::report::{Metric, Report, SampleRow, TruthStats};
-use crate::data::Tokenizer;
+use crate::data::{Template, Tokenizer};
 use crate::model::Config;
 use crate::Result;
 
@@ -29,12 +29,17 @@ use crate::Result;
 pub struct ModelFacts<'a> {
     pub config: &'a Config,
     pub tok: &'a Tokenizer,
+    /// The prompt format the evaluation uses.
+    pub template: &'a Template,
 }
 
 /// A benchmark's own options: the arguments of `unlearn eval <name>` after the common ones.
 pub trait BenchmarkArgs {
     /// The retain model the options name, if any (its tokenizer must be the evaluated model's).
     fn retain_model(&self) -> Option<&Path>;
+    /// Every file and directory the options read (the retain model included): `--out` may never
+    /// be, contain or lie inside one of them.
+    fn inputs(&self) -> Vec<PathBuf>;
     /// Read and check every input the options name (data files, earlier reports) before any
     /// model is loaded.
     fn prepare(&self, model: &ModelFacts) -> Result<Box<dyn Benchmark>>;
@@ -50,6 +55,9 @@ pub struct Description {
     pub data: PathBuf,
     /// Settings that change the numbers.
     pub limits: BTreeMap<String, Value>,
+    /// Files read besides `data` and the models, by role (hashed into record.json): MUSE's MMLU
+    /// directory, TOFU's `--retain-stats` report.
+    pub inputs: Vec<(&'static str, PathBuf)>,
 }
 
 /// A benchmark with its inputs read and checked.

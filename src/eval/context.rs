@@ -1,9 +1,9 @@
-//! What every evaluation part runs on: a model already in memory, its tokenizer, the rank group
-//! and how to batch. `unlearn eval` builds one from a model directory; a trainer can build one
+//! What every evaluation part runs on: a model already in memory, its tokenizer and prompt
+//! template, the rank group and how to batch. `unlearn eval` builds one from a model directory; a trainer can build one
 //! from the model it is training (see [`crate::eval::benchmark`]).
 
 use crate::data::batch::Example;
-use crate::data::Tokenizer;
+use crate::data::{Template, Tokenizer};
 use crate::dist::Collective;
 use crate::eval::generate::greedy_batch;
 use crate::eval::score::batch_logprobs;
@@ -14,6 +14,8 @@ use crate::Result;
 pub struct EvalCtx<'a> {
     pub model: &'a Llama,
     pub tok: &'a Tokenizer,
+    /// Prompt format of QA prompts and answers (the one the model was trained with).
+    pub template: &'a Template,
     pub comm: &'a dyn Collective,
     /// Batches of teacher-forced scoring (bounded by the `[rows, len, vocab]` logits).
     pub score_batching: Batching,
@@ -26,22 +28,25 @@ pub struct EvalCtx<'a> {
 }
 
 impl<'a> EvalCtx<'a> {
-    /// `config_eos`: the model config's EOS ids; the tokenizer's own EOS is added when it has one.
+    /// `config_eos`: the model config's EOS ids; the tokenizer's own EOS is added when it has one,
+    /// and so is the template's end-of-turn token (a chat answer ends there even when config.json
+    /// does not list it).
     pub fn new(
         model: &'a Llama,
         tok: &'a Tokenizer,
+        template: &'a Template,
         comm: &'a dyn Collective,
         config_eos: &[i64],
         score_batching: Batching,
         gen_batching: Batching,
     ) -> EvalCtx<'a> {
         let mut eos = config_eos.to_vec();
-        if let Ok(e) = tok.eos_id() {
+        for e in tok.eos_id().ok().into_iter().chain(template.stop_ids()) {
             if !eos.contains(&e) {
                 eos.push(e);
             }
         }
-        EvalCtx { model, tok, comm, score_batching, gen_batching, eos, pad_id: tok.pad_id() }
+        EvalCtx { model, tok, template, comm, score_batching, gen_batching, eos, pad_id: tok.pad_id() }
     }
 
     /// Greedy continuations of every prompt (at most `max_new_tokens`, stopping at any EOS),

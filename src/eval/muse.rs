@@ -6,7 +6,10 @@
 //!   `gt` tokenized with specials, cut to its first 128 tokens and decoded without specials;
 //!   ROUGE-L F1 (no stemmer), mean x100. open-unlearning: stemmer on, reference = the whole `gt`.
 //! - KnowMem: few-shot prompt from the `*_icl` pairs, greedy 32 new tokens, output cut at the
-//!   first of "\n\n", "\nQuestion", "Question:"; ROUGE-L F1 vs the answer, mean x100.
+//!   first of "\n\n", "\nQuestion", "Question:"; ROUGE-L F1 vs the answer, mean x100. With a
+//!   chat template (`--template`), the ICL pairs are earlier user/assistant turns and the question
+//!   the last user turn, rendered by the template (open-unlearning's way); VerbMem, PrivLeak and
+//!   MMLU are text continuations and keep their plain text under any template.
 //! - PrivLeak: Min-40% of the token log-probs of each full text (tokens 2..n), forget vs holdout
 //!   AUC (`muse_auc`), then (AUC - AUC_retrain) / AUC_retrain x100. open-unlearning:
 //!   Min-K count max(1, int(n k)) and texts cut after 2048 tokens.
@@ -60,11 +63,12 @@ pub struct MuseArgs {
     /// Reference (retrained model) AUC for PrivLeak.
     #[arg(long, conflicts_with = "retain_model")]
     pub retain_auc: Option<f64>,
-    /// Retained model whose forget-vs-holdout AUC, measured now, is the PrivLeak reference.
-    #[arg(long)]
+    /// Retained model whose forget-vs-holdout AUC, measured now, is the PrivLeak reference (a
+    /// directory, or a hub id `org/name` in the local Hugging Face cache).
+    #[arg(long, value_parser = crate::model::hub::model_arg)]
     pub retain_model: Option<PathBuf>,
     /// Use only the first N samples of every split.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::at_least_one)]
     pub max_samples: Option<usize>,
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens_verbmem: usize,
@@ -85,9 +89,13 @@ impl BenchmarkArgs for MuseArgs {
         self.retain_model.as_deref()
     }
 
+    fn inputs(&self) -> Vec<PathBuf> {
+        [Some(self.data.clone()), Some(self.mmlu_dir()), self.retain_model.clone()].into_iter().flatten().collect()
+    }
+
     fn prepare(&self, _model: &ModelFacts) -> Result<Box<dyn Benchmark>> {
         let opts = MuseOptions {
-            mmlu: self.mmlu.clone().unwrap_or_else(|| self.data.join("../mmlu_subsample")),
+            mmlu: self.mmlu_dir(),
             data: self.data.clone(),
             parts: self.parts.clone(),
             variant: self.variant,
@@ -115,6 +123,12 @@ impl BenchmarkArgs for MuseArgs {
     }
 }
 
+impl MuseArgs {
+    fn mmlu_dir(&self) -> PathBuf {
+        self.mmlu.clone().unwrap_or_else(|| self.data.join("../mmlu_subsample"))
+    }
+}
+
 /// A MUSE evaluation with its data read.
 pub struct Muse {
     pub opts: MuseOptions,
@@ -128,7 +142,8 @@ pub struct Muse {
 
 impl Benchmark for Muse {
     fn describe(&self) -> Description {
-        Description { name: "muse", variant: self.opts.variant.name(), data: self.opts.data.clone(), limits: self.opts.limits() }
+        let inputs = self.data.mmlu.is_some().then(|| ("mmlu", self.opts.mmlu.clone())).into_iter().collect();
+        Description { name: "muse", variant: self.opts.variant.name(), data: self.opts.data.clone(), limits: self.opts.limits(), inputs }
     }
     fn reference_model(&self) -> Option<&Path> {
         self.retain_model.as_deref()
@@ -367,6 +382,10 @@ pub fn load_data(o: &MuseOptions) -> Result<MuseData> {
             }
         }
     }
+    let found = data.verbmem.is_some() || data.knowmem_f.is_some() || data.knowmem_r.is_some() || data.privleak.is_some() || data.mmlu.is_some();
+    if !found {
+        return Err(Error::format(&o.data, format!("no MUSE part could be evaluated: {}", data.notes.join("; "))));
+    }
     Ok(data)
 }
 
@@ -390,13 +409,14 @@ fn finish_part(out: &mut Outcome, key: &str, metric: Metric, truncated: usize, o
     out.timings_s.insert(key.into(), started.elapsed().as_secs_f64());
 }
 
-/// Tokenize generation prompts with the tokenizer's specials, fitted to `--max-prompt-tokens`.
-fn prompt_ids(ctx: &EvalCtx, prompts: &[String], o: &MuseOptions) -> Result<(Vec<Vec<i64>>, usize)> {
+/// Tokenize generation prompts, fitted to `--max-prompt-tokens`: with the tokenizer's specials
+/// (`specials`), or, for prompts rendered by a chat template, as the template wrote them.
+fn prompt_ids(ctx: &EvalCtx, prompts: &[String], o: &MuseOptions, specials: bool) -> Result<(Vec<Vec<i64>>, usize)> {
     let lead = leading_specials(ctx.tok)?;
     let mut truncated = 0;
     let mut out = Vec::with_capacity(prompts.len());
     for p in prompts {
-        let mut ids = ctx.tok.encode(p, true)?;
+        let mut ids = ctx.tok.encode(p, specials)?;
         if let Some(max) = o.max_prompt_tokens {
             truncated += keep_last_tokens(&mut ids, max, lead) as usize;
         }
@@ -412,7 +432,7 @@ pub fn evaluate_parts(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference
     let stem_txt = if o.variant.stem() { "with" } else { "no" };
     if let Some(rows) = &data.verbmem {
         let t = Instant::now();
-        let (prompts, cut) = prompt_ids(ctx, &rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), o)?;
+        let (prompts, cut) = prompt_ids(ctx, &rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), o, true)?;
         let gens = ctx.generate(&prompts, o.max_new_tokens_verbmem, "verbmem")?;
         let mut f1s = vec![];
         for (i, ((prompt, gt), gen)) in rows.iter().zip(&gens).enumerate() {
@@ -454,9 +474,16 @@ pub fn evaluate_parts(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference
     for (key, set, split) in [("knowmem_f", &data.knowmem_f, "D_forget"), ("knowmem_r", &data.knowmem_r, "D_retain")] {
         let Some(set) = set else { continue };
         let t = Instant::now();
-        let prefix: String = set.icl.iter().map(|(q, a)| format!("Question: {q}\nAnswer: {a}\n\n")).collect();
-        let prompts: Vec<String> = set.qa.iter().map(|(q, _)| format!("{prefix}Question: {q}\nAnswer: ")).collect();
-        let (ids, cut) = prompt_ids(ctx, &prompts, o)?;
+        // A chat template puts the ICL pairs in earlier turns (as open-unlearning does); phi-qa keeps MUSE's text.
+        let chat = ctx.template.is_chat();
+        let prompts: Vec<String> = if chat {
+            set.qa.iter().map(|(q, _)| ctx.template.prompt_text(&set.icl, q)).collect::<Result<_>>()?
+        } else {
+            let prefix: String = set.icl.iter().map(|(q, a)| format!("Question: {q}\nAnswer: {a}\n\n")).collect();
+            set.qa.iter().map(|(q, _)| format!("{prefix}Question: {q}\nAnswer: ")).collect()
+        };
+        let shape = if chat { format!("{} chat prompt (ICL pairs as earlier turns)", ctx.template.name()) } else { "\"Question: ..\\nAnswer: ..\" prompt".into() };
+        let (ids, cut) = prompt_ids(ctx, &prompts, o, !chat)?;
         let gens = ctx.generate(&ids, o.max_new_tokens_knowmem, key)?;
         let mut f1s = vec![];
         for (i, (((_, answer), prompt), gen)) in set.qa.iter().zip(&prompts).zip(&gens).enumerate() {
@@ -478,7 +505,7 @@ pub fn evaluate_parts(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference
         let metric = Metric::new(
             python_mean(&f1s) * 100.0,
             format!(
-                "MUSE KnowMem on {split}: mean ROUGE-L F1 ({stem_txt} stemmer) vs the answer of the {}-token greedy output of a {}-shot \"Question: ..\\nAnswer: ..\" prompt, cut at the first of \"\\n\\n\", \"\\nQuestion\", \"Question:\", x100",
+                "MUSE KnowMem on {split}: mean ROUGE-L F1 ({stem_txt} stemmer) vs the answer of the {}-token greedy output of a {}-shot {shape}, cut at the first of \"\\n\\n\", \"\\nQuestion\", \"Question:\", x100",
                 o.max_new_tokens_knowmem,
                 set.icl.len()
             ),
@@ -535,7 +562,7 @@ pub fn evaluate_parts(ctx: &EvalCtx, data: &MuseData, o: &MuseOptions, reference
     if let Some((items, icl)) = &data.mmlu {
         let t = Instant::now();
         let prompts: Vec<String> = items.iter().map(|it| mmlu_prompt(icl, it)).collect();
-        let (ids, cut) = prompt_ids(ctx, &prompts, o)?;
+        let (ids, cut) = prompt_ids(ctx, &prompts, o, true)?;
         let gens = ctx.generate(&ids, o.max_new_tokens_mmlu, "mmlu")?;
         let mut correct = vec![];
         for (i, ((it, prompt), gen)) in items.iter().zip(&prompts).zip(&gens).enumerate() {

@@ -1,7 +1,8 @@
 //! Writing an evaluation to disk: `report.json`, `report.md`, `samples.jsonl` (one line per
-//! evaluated sample, enough to recompute every aggregate) and `metrics.svg`, into a temporary
-//! directory that replaces `--out` only when complete. This module sits above `report` (the
-//! report's types and Markdown) and `plots` (SVG), which never import it.
+//! evaluated sample, enough to recompute every aggregate), `metrics.svg` and, when given, the
+//! reproduction record `record.json`, into a temporary directory that replaces `--out` only when
+//! complete. This module sits above `report` (the report's types and Markdown) and `plots` (SVG),
+//! which never import it.
 
 use std::path::Path;
 
@@ -11,10 +12,11 @@ use super::plots::metrics_svg;
 use super::report::{render_comparison, render_single, Report, SampleRow};
 use crate::error::{IoContext, Result};
 use crate::model::weights::{publish_dir, temp_sibling, write_atomic};
+use crate::record::Record;
 
-/// Write report.json, report.md, samples.jsonl and metrics.svg into `out` (replacing it), all or
-/// nothing. `compare`: earlier reports to show next to this one (before/after).
-pub fn write_eval_outputs(out: &Path, report: &Report, samples: &[SampleRow], compare: &[Report]) -> Result<()> {
+/// Write report.json, report.md, samples.jsonl, metrics.svg and `record`'s record.json into `out`
+/// (replacing it), all or nothing. `compare`: earlier reports to show next to this one (before/after).
+pub fn write_eval_outputs(out: &Path, report: &Report, samples: &[SampleRow], compare: &[Report], record: Option<&Record>) -> Result<()> {
     let mut all: Vec<&Report> = compare.iter().collect();
     all.push(report);
     stage_dir(out, |tmp| {
@@ -23,6 +25,9 @@ pub fn write_eval_outputs(out: &Path, report: &Report, samples: &[SampleRow], co
         write_atomic(&tmp.join("samples.jsonl"), json_lines(samples).as_bytes())?;
         let md = if compare.is_empty() { render_single(report) } else { render_comparison(&all, &[]) };
         write_atomic(&tmp.join("report.md"), md.as_bytes())?;
+        if let Some(record) = record {
+            record.write(tmp)?;
+        }
         metrics_svg(&tmp.join("metrics.svg"), &all)
     })
 }

@@ -79,6 +79,9 @@ pub struct Report {
     pub reference: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub truth_stats: Option<TruthStats>,
+    /// Prompt template of QA prompts and answers: {"name", "detail", "source"} (absent: phi-qa).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<Value>,
     pub run: RunInfo,
 }
 
@@ -158,7 +161,7 @@ pub fn model_sha256(dir: &Path) -> Result<String> {
     let mut buf = vec![0u8; 1 << 20];
     for f in files {
         h.update(f.file_name().unwrap_or_default().to_string_lossy().as_bytes());
-        let mut file = std::fs::File::open(&f).at(&f)?;
+        let mut file = crate::files::open_regular(&f)?;
         loop {
             let n = file.read(&mut buf).at(&f)?;
             if n == 0 {

@@ -2,9 +2,10 @@
 //! (see `metrics::tofu`), on the four evaluation sets: the forget split's `_perturbed` file,
 //! `retain_perturbed`, `real_authors_perturbed` and `world_facts_perturbed`.
 //!
-//! Every probability is the length-normalized probability of an answer in our data pipeline's
-//! documented QA format (`data::batch::qa_prompt` with specials, then `qa_answer` + EOS as
-//! targets), the format training uses; mean NLL L over those target tokens, P = exp(-L).
+//! Every probability is the length-normalized probability of an answer in the run's prompt
+//! template (`data::template`: by default `"Question: {q}\nAnswer:"` with specials, then `" {a}"` +
+//! EOS as targets; a chat format's answer + end-of-turn token), the format training uses; mean NLL
+//! L over those target tokens, P = exp(-L).
 //! Generation for ROUGE starts from the same prompt (greedy, up to 200 new tokens, stop at EOS),
 //! decoded without specials and without `clean_up_tokenization` (the tokenizer configs of Llama-2
 //! and SmolLM2 turn it off); ROUGE-L recall with the Porter stemmer against the answer. The
@@ -27,8 +28,8 @@ use super::metrics::tofu::{
 use super::metrics::{mean, RougeScorer};
 use super::report::{Metric, Report, SampleRow, TruthStats};
 use super::text::decode;
-use crate::data::batch::{qa_prompt, tokenize, Example, Overflow};
-use crate::data::{Record, Tokenizer};
+use crate::data::batch::{tokenize, Example, Overflow};
+use crate::data::{Record, Template, Tokenizer};
 use crate::error::{Error, Result};
 
 /// `unlearn eval tofu` options.
@@ -40,14 +41,15 @@ pub struct TofuArgs {
     /// TOFU data directory.
     #[arg(long, default_value = "../shared/data/tofu")]
     pub data: PathBuf,
-    /// Retain model, evaluated now on the forget set, for Forget Quality.
-    #[arg(long, conflicts_with = "retain_stats")]
+    /// Retain model, evaluated now on the forget set, for Forget Quality (a directory, or a hub id
+    /// `org/name` in the local Hugging Face cache).
+    #[arg(long, conflicts_with = "retain_stats", value_parser = crate::model::hub::model_arg)]
     pub retain_model: Option<PathBuf>,
     /// report.json (or its directory) of an earlier `eval tofu` of the retain model.
     #[arg(long)]
     pub retain_stats: Option<PathBuf>,
     /// Use only the first N questions of every set.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::at_least_one)]
     pub max_samples: Option<usize>,
     /// Greedy answer length limit for ROUGE.
     #[arg(long, default_value_t = 200)]
@@ -59,22 +61,32 @@ impl BenchmarkArgs for TofuArgs {
         self.retain_model.as_deref()
     }
 
+    fn inputs(&self) -> Vec<PathBuf> {
+        [Some(self.data.clone()), self.retain_model.clone(), self.retain_stats.clone()].into_iter().flatten().collect()
+    }
+
     fn prepare(&self, model: &ModelFacts) -> Result<Box<dyn Benchmark>> {
-        let retain = self.retain_stats.as_deref().map(|p| retain_stats_from_report(p, &self.forget, model.tok)).transpose()?;
+        let retain = self.retain_stats.as_deref().map(|p| retain_stats_from_report(p, &self.forget, model.tok, model.template)).transpose()?;
         let opts = TofuOptions {
             max_samples: self.max_samples,
             max_new_tokens: self.max_new_tokens,
             max_len: model.config.max_position_embeddings.max(2) as usize,
         };
         let sets = load_sets(&self.data, &self.forget, self.max_samples)?;
-        Ok(Box::new(Tofu { forget: self.forget.clone(), data: self.data.clone(), opts, sets, retain, retain_model: self.retain_model.clone() }))
+        let retain_stats = self.retain_stats.clone();
+        Ok(Box::new(Tofu { forget: self.forget.clone(), data: self.data.clone(), opts, sets, retain, retain_stats, retain_model: self.retain_model.clone() }))
     }
 }
 
 /// Forget-set truth statistics of an earlier `eval tofu` report, checked against this run.
-fn retain_stats_from_report(path: &Path, forget: &str, tok: &Tokenizer) -> Result<RetainStats> {
+fn retain_stats_from_report(path: &Path, forget: &str, tok: &Tokenizer, template: &Template) -> Result<RetainStats> {
     let r = Report::load(path)?;
     let file = if path.is_dir() { path.join("report.json") } else { path.to_path_buf() };
+    // Reports from before templates existed were all phi-qa.
+    let theirs = r.template.as_ref().and_then(|t| t.get("name")).and_then(|n| n.as_str()).unwrap_or("phi-qa");
+    if theirs != template.name() {
+        return Err(Error::format(&file, format!("truth_stats were computed with the `{theirs}` prompt template, this evaluation uses `{}`", template.name())));
+    }
     let ts = r.truth_stats.ok_or_else(|| Error::format(&file, "has no `truth_stats` (it is not the report of an `unlearn eval tofu` run)"))?;
     if ts.split != forget {
         return Err(Error::format(&file, format!("truth_stats are for {}, but --forget is {forget}", ts.split)));
@@ -97,12 +109,15 @@ pub struct Tofu {
     pub sets: Vec<TofuSet>,
     /// Forget Quality's other side, when known (from a report, or measured on `retain_model`).
     pub retain: Option<RetainStats>,
+    /// The `--retain-stats` report `retain` was read from.
+    pub retain_stats: Option<PathBuf>,
     pub retain_model: Option<PathBuf>,
 }
 
 impl Benchmark for Tofu {
     fn describe(&self) -> Description {
-        Description { name: "tofu", variant: "tofu", data: self.data.clone(), limits: self.opts.limits() }
+        let inputs = self.retain_stats.iter().map(|p| ("retain_stats", p.clone())).collect();
+        Description { name: "tofu", variant: "tofu", data: self.data.clone(), limits: self.opts.limits(), inputs }
     }
     fn reference_model(&self) -> Option<&Path> {
         self.retain_model.as_deref()
@@ -221,7 +236,7 @@ pub fn set_losses(ctx: &EvalCtx, set: &TofuSet, max_len: usize) -> Result<SetLos
         answers.extend(it.perturbed.iter().enumerate().map(|(j, a)| (2 + j, a.as_str())));
         for (slot, a) in answers {
             let rec = Record::Qa { question: it.question.clone(), answer: a.to_string() };
-            let ex = tokenize(ctx.tok, &rec, max_len, Overflow::Truncate)
+            let ex = tokenize(ctx.tok, ctx.template, &rec, max_len, Overflow::Truncate)
                 .map_err(|e| Error::format(&set.file, format!("record {i}: {e}")))?
                 .remove(0);
             examples.push(ex);
@@ -254,7 +269,7 @@ pub fn truth_stats(losses: &SetLosses) -> Vec<f64> {
     base.iter().zip(&losses.perturbed).map(|(&b, p)| truth_stat(b, p)).collect()
 }
 
-pub const TRUTH_STAT_DEFINITION: &str = "legacy TOFU truth statistic per forget question: exp(mean_j L_pert_j - L_para) = 1/R, L = mean NLL of the answer (+EOS) tokens after \"Question: {q}\\nAnswer:\"";
+pub const TRUTH_STAT_DEFINITION: &str = "legacy TOFU truth statistic per forget question: exp(mean_j L_pert_j - L_para) = 1/R, L = mean NLL of the answer (+EOS or end-of-turn) tokens after the prompt of the report's `template`";
 
 #[derive(Debug, Clone)]
 pub struct TofuOptions {
@@ -291,7 +306,7 @@ pub fn evaluate_sets(ctx: &EvalCtx, sets: &[TofuSet], o: &TofuOptions, retain: O
         let t = Instant::now();
         let key = set.kind.key();
         let losses = set_losses(ctx, set, o.max_len)?;
-        let prompts: Vec<Vec<i64>> = set.items.iter().map(|it| ctx.tok.encode(&qa_prompt(&it.question), true)).collect::<Result<_>>()?;
+        let prompts: Vec<Vec<i64>> = set.items.iter().map(|it| ctx.template.prompt_ids(ctx.tok, &it.question)).collect::<Result<_>>()?;
         let gens = ctx.generate(&prompts, o.max_new_tokens, &format!("{key} gen"))?;
         let stats = truth_stats(&losses);
         let mut recalls = vec![];
@@ -309,7 +324,7 @@ pub fn evaluate_sets(ctx: &EvalCtx, sets: &[TofuSet], o: &TofuOptions, retain: O
             out.samples.push(SampleRow::new(
                 key,
                 i,
-                &qa_prompt(&it.question),
+                &ctx.template.prompt_text(&[], &it.question)?,
                 Some(&it.answer),
                 Some(&generation),
                 json!({

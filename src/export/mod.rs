@@ -5,8 +5,11 @@
 //! alone ([`llama::build_graph`]), then streams the weights from the memory-mapped checkpoint into
 //! `model.onnx` (inline) or `model.onnx.data` (external) one tensor at a time, inside a temporary
 //! directory that is renamed into place only when everything, `export.json` included, is written.
+//! The KV-cache graph is the default, as optimum's and onnxruntime-genai's loaders expect, and it
+//! comes with a `genai_config.json` ([`genai`]) so that onnxruntime-genai loads the directory as is.
 
 pub mod external;
+pub mod genai;
 pub mod graph;
 pub mod llama;
 pub mod manifest;
@@ -20,6 +23,7 @@ use std::path::{Path, PathBuf};
 use tch::Kind;
 
 pub use llama::{ExportDtype, GraphOptions};
+use genai::GENAI_CONFIG_FILE;
 use manifest::{hash_weight_files, rfc3339_utc, Manifest, MANIFEST_FILE};
 use proto::{ModelProto, OperatorSetIdProto, StringStringEntryProto};
 use writer::{write_model, WeightStorage, DATA_FILE, MAX_INLINE_BYTES, MODEL_FILE};
@@ -57,7 +61,7 @@ impl ExportOptions {
             model_dir: model_dir.to_path_buf(),
             out_dir: out_dir.to_path_buf(),
             dtype: ExportDtype::Fp32,
-            kv_cache: false,
+            kv_cache: true,
             opset: DEFAULT_OPSET,
             external_threshold_bytes: MAX_INLINE_BYTES,
         }
@@ -93,11 +97,14 @@ impl Drop for TempDir {
 
 /// Export `opts.model_dir` to `opts.out_dir` (created or replaced atomically).
 pub fn export(opts: &ExportOptions) -> Result<Manifest> {
+    export_with(opts, |_, _| Ok(()))
+}
+
+/// [`export`], with `extra` writing further files (the reproduction record) into the staging
+/// directory, given the manifest, before the directory is published: it appears complete or not at all.
+pub fn export_with(opts: &ExportOptions, extra: impl FnOnce(&Manifest, &Path) -> Result<()>) -> Result<Manifest> {
     check_options(opts)?;
-    let cfg_path = opts.model_dir.join("config.json");
-    if !cfg_path.exists() {
-        return Err(Error::format(&opts.model_dir, "no config.json in this directory (is it an HF model directory?)"));
-    }
+    let cfg_path = crate::model::config::config_path(&opts.model_dir)?;
     let cfg = Config::from_file(&cfg_path)?;
     let ckpt = Checkpoint::open(&opts.model_dir)?;
     // Every parameter is checked before anything is written, so a missing tensor is reported
@@ -111,6 +118,7 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
 
     let graph_opts = GraphOptions { dtype: opts.dtype, kv_cache: opts.kv_cache, opset: opts.opset };
     let (graph, weights) = llama::build_graph(&cfg, &graph_opts);
+    let genai_config = if opts.kv_cache { Some(genai::genai_config(&opts.model_dir, &cfg, &graph, MODEL_FILE)?) } else { None };
     let weight_bytes: u64 = weights.iter().map(|w| w.byte_len()).sum();
     let storage =
         if weight_bytes > opts.external_threshold_bytes { WeightStorage::External } else { WeightStorage::Inline };
@@ -163,6 +171,9 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
 
     std::fs::copy(&cfg_path, tmp.path.join("config.json")).at(&cfg_path)?;
     copy_tokenizer_files(&opts.model_dir, &tmp.path)?;
+    if let Some(genai_config) = &genai_config {
+        write_json(&tmp.path.join(GENAI_CONFIG_FILE), genai_config)?;
+    }
     let manifest = Manifest {
         format: "onnx".into(),
         model_file: MODEL_FILE.into(),
@@ -174,12 +185,14 @@ pub fn export(opts: &ExportOptions) -> Result<Manifest> {
         opset: opts.opset,
         ir_version,
         kv_cache: opts.kv_cache,
+        genai_config: genai_config.is_some().then(|| GENAI_CONFIG_FILE.to_string()),
         weight_bytes,
         tool: "unlearn".into(),
         tool_version: env!("CARGO_PKG_VERSION").into(),
         created: rfc3339_utc(std::time::SystemTime::now()),
     };
     write_json(&tmp.path.join(MANIFEST_FILE), &serde_json::to_value(&manifest).expect("manifest serializes"))?;
+    extra(&manifest, &tmp.path)?;
     publish_dir(&tmp.path, &opts.out_dir)?;
     tmp.keep = true;
     tracing::info!("wrote {}", opts.out_dir.join(MODEL_FILE).display());

@@ -296,6 +296,7 @@ fn architecture_diffs(onnx: &Config, model: &Config) -> Vec<String> {
             out.push(format!("{field}: ONNX {a}, model {b}"));
         }
     };
+    cmp("model_type", onnx.family.model_type().into(), model.family.model_type().into());
     cmp("vocab_size", onnx.vocab_size.to_string(), model.vocab_size.to_string());
     cmp("hidden_size", onnx.hidden_size.to_string(), model.hidden_size.to_string());
     cmp("intermediate_size", onnx.intermediate_size.to_string(), model.intermediate_size.to_string());
@@ -306,6 +307,12 @@ fn architecture_diffs(onnx: &Config, model: &Config) -> Vec<String> {
     cmp("rms_norm_eps", onnx.rms_norm_eps.to_string(), model.rms_norm_eps.to_string());
     cmp("rope_theta", onnx.rope_theta.to_string(), model.rope_theta.to_string());
     cmp("rope_scaling", format!("{:?}", onnx.rope_llama3), format!("{:?}", model.rope_llama3));
+    cmp("longrope", format!("{:?}", onnx.rope_longrope), format!("{:?}", model.rope_longrope));
+    cmp("rotary dims", onnx.rotary_dim().to_string(), model.rotary_dim().to_string());
+    let biases = |c: &Config| format!("qkv {}, o {}, mlp {}", c.qkv_bias, c.o_bias, c.mlp_bias);
+    cmp("biases", biases(onnx), biases(model));
+    let window = |c: &Config| format!("{:?} from layer {}", c.sliding_window, c.sliding_window_from_layer);
+    cmp("sliding_window", window(onnx), window(model));
     cmp("tie_word_embeddings", onnx.tie_word_embeddings.to_string(), model.tie_word_embeddings.to_string());
     out
 }

@@ -224,10 +224,7 @@ pub fn onnx_file(onnx: &Path) -> PathBuf {
 /// Run every check. Fails early, before any number is computed, when the graph cannot belong
 /// to the model.
 pub fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
-    let cfg_path = opts.model_dir.join("config.json");
-    if !cfg_path.exists() {
-        return Err(Error::format(&opts.model_dir, "no config.json in this directory (is it an HF model directory?)"));
-    }
+    let cfg_path = crate::model::config::config_path(&opts.model_dir)?;
     let cfg = Config::from_file(&cfg_path)?;
     let onnx_path = onnx_file(&opts.onnx);
     let mut dec = Decoder::open(&onnx_path, opts.threads)?;

@@ -1,6 +1,6 @@
-//! A llama-architecture GGUF → an HF model directory (`config.json`, f32 `model.safetensors`,
-//! `tokenizer.json`, `tokenizer_config.json`, `generation_config.json`) that [`crate::model::load_model`]
-//! and transformers load.
+//! A GGUF of architecture llama (Mistral GGUFs are llama too), qwen2, qwen3 or phi3 → an HF model
+//! directory (`config.json`, f32 `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`,
+//! `generation_config.json`) that [`crate::model::load_model`] and transformers load.
 //!
 //! Two things differ from the HF layout besides names and quantization:
 //! - GGUF lists dims fastest first, so a `[in, out]` GGUF tensor is the HF `[out, in]` matrix with
@@ -8,7 +8,8 @@
 //! - llama.cpp's converter permutes the rows of `q_proj` and `k_proj` within each head, from HF's
 //!   rotate-half RoPE pairs `(i, i + e/2)` to the interleaved pairs `(2i, 2i + 1)` its kernels
 //!   use. We undo it (per query head for q, per key/value head for k), as transformers' GGUF
-//!   loader does, because our Llama is rotate-half.
+//!   loader does, because our Llama is rotate-half. Qwen2, Qwen3 and Phi-3 are rotate-half in
+//!   llama.cpp too ("NEOX" RoPE), so their rows are stored as in HF.
 //!
 //! Everything is validated before the output is created, and tensors are dequantized and written
 //! one at a time into a temporary directory that appears under `out` only when complete.
@@ -22,21 +23,42 @@ use super::tokenizer::hf_tokenizer_from_gguf;
 use crate::error::{Error, IoContext, Result};
 use crate::model::llama::param_specs;
 use crate::model::weights::{write_json, HfWriter, DEFAULT_MAX_SHARD_BYTES};
-use crate::model::Config;
+use crate::model::{Config, Family};
 use crate::progress::Progress;
 
-/// Per-block HF tensor suffix → GGUF tensor suffix.
+/// Per-block HF tensor suffix → GGUF tensor suffix (llama.cpp stores Phi-3's fused gate_up
+/// projection as `ffn_up`).
 const BLOCK_NAMES: &[(&str, &str)] = &[
     ("input_layernorm.weight", "attn_norm.weight"),
     ("self_attn.q_proj.weight", "attn_q.weight"),
+    ("self_attn.q_proj.bias", "attn_q.bias"),
     ("self_attn.k_proj.weight", "attn_k.weight"),
+    ("self_attn.k_proj.bias", "attn_k.bias"),
     ("self_attn.v_proj.weight", "attn_v.weight"),
+    ("self_attn.v_proj.bias", "attn_v.bias"),
+    ("self_attn.qkv_proj.weight", "attn_qkv.weight"),
     ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("self_attn.o_proj.bias", "attn_output.bias"),
+    ("self_attn.q_norm.weight", "attn_q_norm.weight"),
+    ("self_attn.k_norm.weight", "attn_k_norm.weight"),
     ("post_attention_layernorm.weight", "ffn_norm.weight"),
     ("mlp.gate_proj.weight", "ffn_gate.weight"),
     ("mlp.up_proj.weight", "ffn_up.weight"),
+    ("mlp.gate_up_proj.weight", "ffn_up.weight"),
     ("mlp.down_proj.weight", "ffn_down.weight"),
 ];
+
+/// The HF family of a GGUF architecture, and whether llama.cpp's converter permuted its q/k rows
+/// to interleaved RoPE.
+fn family_of(arch: &str) -> Option<(Family, bool)> {
+    match arch {
+        "llama" => Some((Family::Llama, true)),
+        "qwen2" => Some((Family::Qwen2, false)),
+        "qwen3" => Some((Family::Qwen3, false)),
+        "phi3" => Some((Family::Phi3, false)),
+        _ => None,
+    }
+}
 
 /// The GGUF name of the HF tensor `hf` (`model.layers.3.self_attn.o_proj.weight` →
 /// `blk.3.attn_output.weight`).
@@ -52,14 +74,14 @@ pub fn gguf_tensor_name(hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{g}"))
 }
 
-/// The model shape from `llama.*` metadata. Only architecture `llama` is accepted.
+/// The model shape from `{arch}.*` metadata, for the architectures of [`family_of`].
 pub fn config_from_gguf(g: &GgufFile) -> Result<Config> {
     let path = g.path();
     let arch = g.get_str("general.architecture")?.ok_or_else(|| Error::format(path, "missing metadata `general.architecture`"))?;
-    if arch != "llama" {
-        return Err(Error::unsupported(path, format!("GGUF architecture `{arch}` (supported: llama)")));
-    }
-    let key = |k: &str| format!("llama.{k}");
+    let Some((family, _)) = family_of(arch) else {
+        return Err(Error::unsupported(path, format!("GGUF architecture `{arch}` (supported: llama, qwen2, qwen3, phi3)")));
+    };
+    let key = |k: &str| format!("{arch}.{k}");
     let positive = |k: &str| -> Result<i64> {
         let v = g.require_i64(&key(k))?;
         if v <= 0 {
@@ -68,22 +90,30 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<Config> {
         Ok(v)
     };
     if g.get_i64(&key("expert_count"))?.unwrap_or(0) > 0 {
-        return Err(Error::unsupported(path, "mixture-of-experts llama (`llama.expert_count` > 0)"));
+        return Err(Error::unsupported(path, format!("mixture-of-experts {arch} (`{}` > 0)", key("expert_count"))));
     }
     if let Some(scaling) = g.get_str(&key("rope.scaling.type"))? {
         if scaling != "none" {
-            return Err(Error::unsupported(path, format!("RoPE scaling `{scaling}` (`llama.rope.scaling.type`)")));
+            return Err(Error::unsupported(path, format!("RoPE scaling `{scaling}` (`{}`)", key("rope.scaling.type"))));
         }
+    }
+    // Phi-3.5's longrope factors travel as tensors; turning them back into config.json is not done.
+    if let Some(t) = g.tensors.iter().find(|t| t.name.starts_with("rope_factors")) {
+        return Err(Error::unsupported(path, format!("longrope factors (tensor `{}`) are not imported", t.name)));
     }
     let hidden_size = positive("embedding_length")?;
     let num_attention_heads = positive("attention.head_count")?;
     let num_key_value_heads = g.get_i64(&key("attention.head_count_kv"))?.unwrap_or(num_attention_heads);
     let head_dim = g.get_i64(&key("attention.key_length"))?.unwrap_or(hidden_size / num_attention_heads);
-    for k in ["attention.value_length", "rope.dimension_count"] {
-        if let Some(v) = g.get_i64(&key(k))? {
-            if v != head_dim {
-                return Err(Error::unsupported(path, format!("`{}` = {v} differs from the head dim {head_dim}", key(k))));
-            }
+    // Phi-3 may rotate only part of each head (`partial_rotary_factor`); the others rotate all.
+    let rotated = g.get_i64(&key("rope.dimension_count"))?.unwrap_or(head_dim);
+    let mut checks = vec![("attention.value_length", g.get_i64(&key("attention.value_length"))?)];
+    if family != Family::Phi3 {
+        checks.push(("rope.dimension_count", Some(rotated)));
+    }
+    for (k, v) in checks {
+        if let Some(v) = v.filter(|v| *v != head_dim) {
+            return Err(Error::unsupported(path, format!("`{}` = {v} differs from the head dim {head_dim}", key(k))));
         }
     }
     let embd = g.tensor("token_embd.weight").ok_or_else(|| Error::MissingTensor { path: path.into(), name: "token_embd.weight".into() })?;
@@ -94,8 +124,8 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<Config> {
     let bos_token_id = g.get_i64("tokenizer.ggml.bos_token_id")?;
     let eos_token_id = g.get_i64("tokenizer.ggml.eos_token_id")?;
     let pad_token_id = g.get_i64("tokenizer.ggml.padding_token_id")?;
-    let raw = serde_json::json!({
-        "model_type": "llama",
+    let mut raw = serde_json::json!({
+        "model_type": family.model_type(),
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
         "intermediate_size": positive("feed_forward_length")?,
@@ -104,7 +134,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<Config> {
         "num_key_value_heads": num_key_value_heads,
         "head_dim": head_dim,
         "rms_norm_eps": g.get_f64(&key("attention.layer_norm_rms_epsilon"))?
-            .ok_or_else(|| Error::format(path, "missing metadata `llama.attention.layer_norm_rms_epsilon`"))?,
+            .ok_or_else(|| Error::format(path, format!("missing metadata `{}`", key("attention.layer_norm_rms_epsilon"))))?,
         "rope_theta": g.get_f64(&key("rope.freq_base"))?.unwrap_or(10000.0),
         "max_position_embeddings": positive("context_length")?,
         "tie_word_embeddings": g.tensor("output.weight").is_none(),
@@ -112,6 +142,10 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<Config> {
         "eos_token_id": eos_token_id,
         "pad_token_id": pad_token_id,
     });
+    if family == Family::Phi3 {
+        raw["partial_rotary_factor"] = (rotated as f64 / head_dim as f64).into();
+        raw["sliding_window"] = g.get_i64(&key("attention.sliding_window"))?.into();
+    }
     // Config's own validation (GQA divisibility, even head dim) applies to the GGUF too.
     Config::from_json(&raw, path)
 }
@@ -163,7 +197,7 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportSummary> {
     let specs = param_specs(&cfg);
     let mut plan = Vec::with_capacity(specs.len());
     for spec in &specs {
-        let name = gguf_tensor_name(&spec.name).expect("every Llama parameter has a GGUF name");
+        let name = gguf_tensor_name(&spec.name).expect("every parameter of the layout has a GGUF name");
         let info = g.tensor(&name).ok_or_else(|| Error::MissingTensor { path: gguf.into(), name: name.clone() })?;
         if info.shape() != spec.shape {
             return Err(Error::ShapeMismatch { path: gguf.into(), name, expected: spec.shape.clone(), got: info.shape() });
@@ -172,7 +206,7 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportSummary> {
         plan.push((spec, info));
     }
     if let Some(extra) = g.tensors.iter().find(|t| !plan.iter().any(|(_, info)| info.name == t.name)) {
-        return Err(Error::unsupported(gguf, format!("tensor `{}`: no HF Llama counterpart", extra.name)));
+        return Err(Error::unsupported(gguf, format!("tensor `{}`: no HF counterpart", extra.name)));
     }
 
     let hf_config = cfg.to_hf_json();
@@ -189,13 +223,14 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportSummary> {
         }),
     )?;
 
+    let permuted = g.get_str("general.architecture")?.and_then(family_of).is_some_and(|(_, p)| p);
     let bar = Progress::new(plan.len() as u64, "import");
     for (spec, info) in &plan {
         let mut values = g.dequantize(info)?;
         let cols = info.dims[0] as usize;
-        if spec.name.ends_with("q_proj.weight") {
+        if permuted && spec.name.ends_with("q_proj.weight") {
             values = unpermute_rope_rows(&values, cfg.num_attention_heads as usize, cols);
-        } else if spec.name.ends_with("k_proj.weight") {
+        } else if permuted && spec.name.ends_with("k_proj.weight") {
             values = unpermute_rope_rows(&values, cfg.num_key_value_heads as usize, cols);
         }
         let t = Tensor::from_slice(&values).view(spec.shape.as_slice());

@@ -10,7 +10,6 @@
 //! open, so a truncated or corrupt file fails with a message naming the file, never a panic.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
@@ -171,7 +170,7 @@ impl TensorInfo {
     fn n_bytes(&self) -> Option<u64> {
         let (block_elems, block_bytes) = self.ggml_type.block()?;
         let ne0 = *self.dims.first().unwrap_or(&1);
-        if ne0 % block_elems != 0 {
+        if !ne0.is_multiple_of(block_elems) {
             return None;
         }
         self.n_elements().checked_div(block_elems)?.checked_mul(block_bytes)
@@ -277,7 +276,7 @@ impl GgufFile {
     /// Map and parse `path`, checking magic, version, and that every tensor's data lies inside
     /// the file.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).at(path)?;
+        let file = crate::files::open_regular(path)?;
         // SAFETY: read-only map, never written through; a concurrent truncation by another
         // process is outside what we can defend against.
         let mmap = unsafe { Mmap::map(&file) }.at(path)?;

@@ -53,7 +53,7 @@ impl AutoLr {
 
     /// Whether 1-based step `step` probes (GeN: `(t + 1) % lazy_freq == 0` for 0-based t).
     pub fn due(&self, step: u64) -> bool {
-        step % self.period == 0
+        step.is_multiple_of(self.period)
     }
 
     /// Update the rate from the probe losses at `w + ηd`, `w` and `w − ηd`.

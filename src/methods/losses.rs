@@ -29,8 +29,14 @@ pub fn nlul(logits_btv: &Tensor, input_ids: &Tensor, target_mask: &Tensor, tol: 
 
 /// [`nlul`] from the target log-probs, for callers that already have them (no second softmax).
 pub fn nlul_from_logprobs(lp: &Tensor, target_mask: &Tensor, tol: f64, n_targets: f64) -> Tensor {
-    let p = lp.detach().exp();
-    let w = (&p / (p.ones_like() * (1.0 + tol) - &p)).detach();
+    let lp_d = lp.detach();
+    // The weight exists only on targets: off-target lp is 0, i.e. p = 1, where tol = 0 would give
+    // 1/0 and then ∞·0 = NaN. 1 − p is −expm1(lp), exact near p = 1 where 1 − exp(lp) cancels; it
+    // and 1 + tol − p is floored at 2⁻²⁴, the resolution of an fp32 log-prob near 0 (never binding
+    // for tol ≥ 2⁻²⁴), so that a target whose log-prob rounds to 0 keeps a finite weight at tol = 0
+    // (its logit gradient w·(1_y − softmax) then stays below 1 in size, like the true loss's).
+    let denom = (-lp_d.expm1() + tol).clamp_min(f64::from(f32::EPSILON) / 2.0);
+    let w = (lp_d.exp() / denom).where_self(&target_mask.gt(0.0), &lp_d.zeros_like());
     (w * lp * target_mask).sum(Kind::Float) / n_targets
 }
 

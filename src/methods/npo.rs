@@ -38,7 +38,7 @@ impl NpoSettings {
         Ok(NpoSettings {
             npo_beta: s.float("npo_beta", 0.1, Bound::Positive)?,
             npo_variant: s.choice("npo_variant", default_variant)?,
-            reference_model: s.path("reference_model")?,
+            reference_model: s.model_dir("reference_model")?,
         })
     }
 

@@ -1,108 +1,46 @@
-//! Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, ...) in tch, written to compute exactly what
-//! transformers' `modeling_llama.py` computes: RMSNorm normalised in fp32 then cast back before the
-//! weight multiply, rotate-half RoPE (pairs (i, i+d/2)) with optional `llama3` frequency rescaling,
-//! grouped-query attention, SwiGLU MLP, optional tied embeddings.
+//! Decoder of the Llama family and its relatives (Llama 2/3, SmolLM2, TinyLlama, Mistral,
+//! Qwen2/2.5, Qwen3, Phi-3/3.5) in tch, written to compute exactly what transformers'
+//! `modeling_{llama,mistral,qwen2,qwen3,phi3}.py` compute: RMSNorm normalised in fp32 then cast
+//! back before the weight multiply, rotate-half RoPE (pairs (i, i+d/2)) with optional `llama3`
+//! or `longrope` frequencies and partial rotation, grouped-query attention with an optional
+//! sliding window, SwiGLU MLP, optional tied embeddings. The families differ only in the parts
+//! the config's flags switch on (see `config.rs`): q/k/v/o and MLP biases, per-head q/k RMSNorm,
+//! fused `qkv_proj`/`gate_up_proj`.
 //!
 //! Shape legend: b = batch, s = query length, t = key length (past + s), d = hidden size,
-//! h = query heads, g = key/value heads, e = head dim, v = vocab.
+//! h = query heads, g = key/value heads, e = head dim, r = rotated dims, v = vocab.
 //!
 //! The model knows nothing of ranks, shards or methods. Its weights are plain tensors that the
 //! trainer may replace by views into flat buffers ([`Llama::visit_params_mut`]); the forward is
 //! exposed per layer ([`Llama::embed`], [`Llama::layer_forward`], [`Llama::head`]) so that the
-//! trainer can recompute layers in backward, which tch has no checkpointing for.
+//! trainer can recompute layers in backward, which tch has no checkpointing for. Which weights
+//! exist is [`Layout`]'s business; this file only asks for them by [`Slot`].
 
 use tch::{Kind, Tensor};
 
 use super::config::Config;
+pub use super::layout::{param_specs, ParamRole, ParamSpec};
+use super::layout::{Layout, Slot, SLOTS};
 
-/// What a parameter is for; the frozen set of the mean-teacher recipe is "everything but Matrix".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ParamRole {
-    Embedding,
-    Head,
-    Norm,
-    Matrix,
-}
-
-/// Name (the HF tensor name), shape and role of one parameter.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ParamSpec {
-    pub name: String,
-    pub shape: Vec<i64>,
-    pub role: ParamRole,
-    /// Transformer block index, `None` for embeddings, final norm and head.
-    pub layer: Option<usize>,
-}
-
-impl ParamSpec {
-    pub fn numel(&self) -> i64 {
-        self.shape.iter().product()
-    }
-}
-
-/// All parameters of a model with this config, in HF order (embeddings, blocks, norm, head).
-/// With tied embeddings there is no `lm_head.weight`.
-pub fn param_specs(cfg: &Config) -> Vec<ParamSpec> {
-    let (d, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let q_out = cfg.num_attention_heads * cfg.head_dim;
-    let kv_out = cfg.num_key_value_heads * cfg.head_dim;
-    let spec = |name: String, shape: Vec<i64>, role, layer| ParamSpec { name, shape, role, layer };
-    let mut out = vec![spec("model.embed_tokens.weight".into(), vec![v, d], ParamRole::Embedding, None)];
-    for l in 0..cfg.num_hidden_layers as usize {
-        let p = format!("model.layers.{l}");
-        out.push(spec(format!("{p}.input_layernorm.weight"), vec![d], ParamRole::Norm, Some(l)));
-        for (n, shape) in [
-            ("self_attn.q_proj", vec![q_out, d]),
-            ("self_attn.k_proj", vec![kv_out, d]),
-            ("self_attn.v_proj", vec![kv_out, d]),
-            ("self_attn.o_proj", vec![d, q_out]),
-        ] {
-            out.push(spec(format!("{p}.{n}.weight"), shape, ParamRole::Matrix, Some(l)));
-        }
-        out.push(spec(format!("{p}.post_attention_layernorm.weight"), vec![d], ParamRole::Norm, Some(l)));
-        for (n, shape) in [("mlp.gate_proj", vec![i, d]), ("mlp.up_proj", vec![i, d]), ("mlp.down_proj", vec![d, i])] {
-            out.push(spec(format!("{p}.{n}.weight"), shape, ParamRole::Matrix, Some(l)));
-        }
-    }
-    out.push(spec("model.norm.weight".into(), vec![d], ParamRole::Norm, None));
-    if !cfg.tie_word_embeddings {
-        out.push(spec("lm_head.weight".into(), vec![v, d], ParamRole::Head, None));
-    }
-    out
-}
-
-struct Attention {
-    q_proj: Tensor,
-    k_proj: Tensor,
-    v_proj: Tensor,
-    o_proj: Tensor,
-}
-
-struct Mlp {
-    gate_proj: Tensor,
-    up_proj: Tensor,
-    down_proj: Tensor,
-}
-
-struct Block {
-    input_layernorm: Tensor,
-    self_attn: Attention,
-    post_attention_layernorm: Tensor,
-    mlp: Mlp,
-}
-
-/// Per-batch attention inputs shared by every layer: rotary tables and the key mask.
+/// Per-batch attention inputs shared by every layer: rotary tables and the key masks.
 pub struct AttnCtx {
-    cos_bse: Tensor,
-    sin_bse: Tensor,
+    cos_bsr: Tensor,
+    sin_bsr: Tensor,
     /// Boolean `[b, 1, s, t]`, true where a query may attend a key; `None` = plain causal.
     mask_b1st: Option<Tensor>,
+    /// The same for layers with a sliding window, when the window hides some key of this batch.
+    window_mask_b1st: Option<Tensor>,
 }
 
-/// Keys and values of the tokens seen so far, per layer: `[b, g, t, e]`.
+/// Keys and values of the tokens seen so far, per layer: `[b, g, t, e]`; and the token ids and
+/// positions they came from, `[b, t]`, so that a model with longrope can recompute them all when
+/// a forward switches to the long factors (transformers' Phi-3 generation drops its cache there).
 #[derive(Default)]
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
+    seen: Option<(Tensor, Tensor)>,
+    /// The keys were rotated with longrope's long factors.
+    long_rope: bool,
 }
 
 impl KvCache {
@@ -118,7 +56,7 @@ impl KvCache {
     }
     /// Keep only the batch rows in `idx` (used when finished sequences leave a generation batch).
     pub fn select_rows(&mut self, idx: &Tensor) {
-        for (k, v) in self.layers.iter_mut() {
+        for (k, v) in self.layers.iter_mut().chain(self.seen.as_mut()) {
             *k = k.index_select(0, idx);
             *v = v.index_select(0, idx);
         }
@@ -127,67 +65,60 @@ impl KvCache {
 
 pub struct Llama {
     cfg: Config,
-    embed_tokens: Tensor,
-    layers: Vec<Block>,
-    norm: Tensor,
-    lm_head: Option<Tensor>,
+    layout: Layout,
+    /// Index of each slot in a block's tensors or in `outer`.
+    pos: [Option<usize>; SLOTS],
+    /// Embeddings, final norm and head (`layout.before ++ layout.after`).
+    outer: Vec<Tensor>,
+    /// Each block's tensors, in `layout.block` order.
+    layers: Vec<Vec<Tensor>>,
     inv_freq: Tensor,
+    /// Longrope's set for forwards that reach past the original context.
+    long_inv_freq: Option<Tensor>,
 }
 
 impl Llama {
-    /// Build the model from named tensors. `get(name, shape)` must return the tensor for each
-    /// [`ParamSpec`] (the weights module checks names and shapes against the file).
+    /// Build the model from named tensors. `get(spec)` must return the tensor for each
+    /// [`ParamSpec`], and is called in [`param_specs`] order (the weights module checks names
+    /// and shapes against the file).
     pub fn new(
         cfg: &Config,
         mut get: impl FnMut(&ParamSpec) -> crate::Result<Tensor>,
     ) -> crate::Result<Self> {
-        let specs = param_specs(cfg);
-        let mut tensors = Vec::with_capacity(specs.len());
-        for s in &specs {
+        let layout = Layout::new(cfg);
+        let mut tensors = Vec::with_capacity(layout.before.len() + layout.layers * layout.block.len() + layout.after.len());
+        for s in &layout.specs() {
             tensors.push(get(s)?);
         }
         let mut it = tensors.into_iter();
-        let mut next = || it.next().expect("param_specs and Llama::new agree on the parameter list");
-        let embed_tokens = next();
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers as usize);
-        for _ in 0..cfg.num_hidden_layers {
-            let input_layernorm = next();
-            let self_attn = Attention { q_proj: next(), k_proj: next(), v_proj: next(), o_proj: next() };
-            let post_attention_layernorm = next();
-            let mlp = Mlp { gate_proj: next(), up_proj: next(), down_proj: next() };
-            layers.push(Block { input_layernorm, self_attn, post_attention_layernorm, mlp });
-        }
-        let norm = next();
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(next()) };
-        let inv_freq = rope_inv_freq(cfg, embed_tokens.device());
-        Ok(Llama { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, inv_freq })
+        let mut take = |n: usize| -> Vec<Tensor> { it.by_ref().take(n).collect() };
+        let mut outer = take(layout.before.len());
+        let layers: Vec<Vec<Tensor>> = (0..layout.layers).map(|_| take(layout.block.len())).collect();
+        outer.extend(take(layout.after.len()));
+        let device = outer[0].device();
+        Ok(Llama {
+            cfg: cfg.clone(),
+            pos: layout.positions(),
+            layout,
+            outer,
+            layers,
+            inv_freq: rope_inv_freq(cfg, device),
+            long_inv_freq: rope_inv_freq_long(cfg, device),
+        })
     }
 
     /// A second model sharing every weight tensor with this one (no copy). The trainer rebinds
     /// its trainable weights to the teacher's buffers; frozen weights stay shared.
     pub fn shallow_copy(&self) -> Llama {
-        let sc = |t: &Tensor| t.shallow_clone();
+        let sc = |ts: &[Tensor]| ts.iter().map(Tensor::shallow_clone).collect::<Vec<_>>();
         Llama {
             cfg: self.cfg.clone(),
-            embed_tokens: sc(&self.embed_tokens),
-            layers: self
-                .layers
-                .iter()
-                .map(|b| Block {
-                    input_layernorm: sc(&b.input_layernorm),
-                    self_attn: Attention {
-                        q_proj: sc(&b.self_attn.q_proj),
-                        k_proj: sc(&b.self_attn.k_proj),
-                        v_proj: sc(&b.self_attn.v_proj),
-                        o_proj: sc(&b.self_attn.o_proj),
-                    },
-                    post_attention_layernorm: sc(&b.post_attention_layernorm),
-                    mlp: Mlp { gate_proj: sc(&b.mlp.gate_proj), up_proj: sc(&b.mlp.up_proj), down_proj: sc(&b.mlp.down_proj) },
-                })
-                .collect(),
-            norm: sc(&self.norm),
-            lm_head: self.lm_head.as_ref().map(sc),
-            inv_freq: sc(&self.inv_freq),
+            layout: self.layout.clone(),
+            pos: self.pos,
+            outer: sc(&self.outer),
+            layers: self.layers.iter().map(|b| sc(b)).collect(),
+            inv_freq: self.inv_freq.shallow_clone(),
+            long_inv_freq: self.long_inv_freq.as_ref().map(Tensor::shallow_clone),
         }
     }
 
@@ -196,24 +127,40 @@ impl Llama {
     }
 
     pub fn device(&self) -> tch::Device {
-        self.embed_tokens.device()
+        self.outer[0].device()
     }
 
     pub fn kind(&self) -> Kind {
-        self.embed_tokens.kind()
+        self.outer[0].kind()
+    }
+
+    /// Block weight `slot` of layer `l`; the layout guarantees it exists for this config.
+    fn w(&self, l: usize, slot: Slot) -> &Tensor {
+        let i = self.pos[slot as usize].unwrap_or_else(|| panic!("{slot:?} is not in this model's layout"));
+        &self.layers[l][i]
+    }
+
+    /// Block weight `slot` of layer `l`, if the config has it (biases, q/k norms).
+    fn opt(&self, l: usize, slot: Slot) -> Option<&Tensor> {
+        self.pos[slot as usize].map(|i| &self.layers[l][i])
+    }
+
+    fn outer(&self, slot: Slot) -> Option<&Tensor> {
+        self.pos[slot as usize].map(|i| &self.outer[i])
     }
 
     /// Visit every parameter mutably, in [`param_specs`] order. Used to rebind weights to flat
     /// buffers or to copy in new values.
     pub fn visit_params_mut(&mut self, mut f: impl FnMut(&str, &mut Tensor)) {
-        // Order of param_specs: embeddings, blocks, final norm, head.
-        f("model.embed_tokens.weight", &mut self.embed_tokens);
+        let n_before = self.layout.before.len();
+        for (d, t) in self.layout.before.iter().zip(&mut self.outer[..n_before]) {
+            f(&d.name, t);
+        }
         for l in 0..self.layers.len() {
             self.visit_layer_params_mut(Some(l), &mut f);
         }
-        f("model.norm.weight", &mut self.norm);
-        if let Some(h) = self.lm_head.as_mut() {
-            f("lm_head.weight", h);
+        for (d, t) in self.layout.after.iter().zip(&mut self.outer[n_before..]) {
+            f(&d.name, t);
         }
     }
 
@@ -222,23 +169,13 @@ impl Llama {
     pub fn visit_layer_params_mut(&mut self, layer: Option<usize>, mut f: impl FnMut(&str, &mut Tensor)) {
         match layer {
             Some(l) => {
-                let p = format!("model.layers.{l}");
-                let b = &mut self.layers[l];
-                f(&format!("{p}.input_layernorm.weight"), &mut b.input_layernorm);
-                f(&format!("{p}.self_attn.q_proj.weight"), &mut b.self_attn.q_proj);
-                f(&format!("{p}.self_attn.k_proj.weight"), &mut b.self_attn.k_proj);
-                f(&format!("{p}.self_attn.v_proj.weight"), &mut b.self_attn.v_proj);
-                f(&format!("{p}.self_attn.o_proj.weight"), &mut b.self_attn.o_proj);
-                f(&format!("{p}.post_attention_layernorm.weight"), &mut b.post_attention_layernorm);
-                f(&format!("{p}.mlp.gate_proj.weight"), &mut b.mlp.gate_proj);
-                f(&format!("{p}.mlp.up_proj.weight"), &mut b.mlp.up_proj);
-                f(&format!("{p}.mlp.down_proj.weight"), &mut b.mlp.down_proj);
+                for (d, t) in self.layout.block.iter().zip(&mut self.layers[l]) {
+                    f(&Layout::block_name(l, d), t);
+                }
             }
             None => {
-                f("model.embed_tokens.weight", &mut self.embed_tokens);
-                f("model.norm.weight", &mut self.norm);
-                if let Some(h) = self.lm_head.as_mut() {
-                    f("lm_head.weight", h);
+                for (d, t) in self.layout.before.iter().chain(&self.layout.after).zip(&mut self.outer) {
+                    f(&d.name, t);
                 }
             }
         }
@@ -293,6 +230,22 @@ impl Llama {
     /// Final hidden states (before the last norm) of an incremental forward.
     fn hidden_cached(&self, input_ids: &Tensor, attention_mask: &Tensor, position_ids: &Tensor, cache: &mut KvCache) -> Tensor {
         let (b, s) = (input_ids.size()[0], input_ids.size()[1]);
+        let long_rope = self.long_rope(position_ids);
+        if !cache.is_empty() && long_rope != cache.long_rope {
+            // Keys rotated with the other longrope factors cannot be mixed with these: start over
+            // from every token seen, as transformers' Phi-3 `prepare_inputs_for_generation` does.
+            let (ids, pos) = cache.seen.take().expect("a filled cache knows its tokens");
+            *cache = KvCache::new();
+            let all_ids = Tensor::cat(&[&ids, input_ids], 1);
+            let all_pos = Tensor::cat(&[&pos, position_ids], 1);
+            let x = self.hidden_cached(&all_ids, attention_mask, &all_pos, cache);
+            return x.narrow(1, all_ids.size()[1] - s, s);
+        }
+        cache.long_rope = long_rope;
+        cache.seen = Some(match cache.seen.take() {
+            None => (input_ids.shallow_clone(), position_ids.shallow_clone()),
+            Some((ids, pos)) => (Tensor::cat(&[&ids, input_ids], 1), Tensor::cat(&[&pos, position_ids], 1)),
+        });
         let ctx = self.attn_ctx(s, cache.len(), Some(attention_mask), Some(position_ids), b);
         let mut x = self.embed(input_ids);
         let fresh = cache.layers.is_empty();
@@ -315,16 +268,18 @@ impl Llama {
 
     /// Token embedding lookup, `[b, s]` → `[b, s, d]`.
     pub fn embed(&self, input_ids: &Tensor) -> Tensor {
-        Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false)
+        Tensor::embedding(self.outer(Slot::Embed).expect("every model has embeddings"), input_ids, -1, false, false)
     }
 
     /// Final norm and LM head, `[b, s, d]` → `[b, s, v]`.
     pub fn head(&self, x_bsd: &Tensor) -> Tensor {
-        let h = rms_norm(x_bsd, &self.norm, self.cfg.rms_norm_eps);
-        h.linear(self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None::<Tensor>)
+        let norm = self.outer(Slot::FinalNorm).expect("every model has a final norm");
+        let h = rms_norm(x_bsd, norm, self.cfg.rms_norm_eps);
+        let head = self.outer(Slot::Head).or(self.outer(Slot::Embed)).expect("every model has embeddings");
+        h.linear(head, None::<Tensor>)
     }
 
-    /// Rotary tables and attention mask for `s` new positions after `past` cached ones.
+    /// Rotary tables and attention masks for `s` new positions after `past` cached ones.
     pub fn attn_ctx(
         &self,
         s: i64,
@@ -338,23 +293,37 @@ impl Llama {
             Some(p) => p.shallow_clone(),
             None => Tensor::arange_start(past, past + s, (Kind::Int64, dev)).unsqueeze(0).expand([batch, s], false),
         };
-        // freqs[b, s, j] = pos * inv_freq[j], in fp32 as transformers does (autocast off).
-        let freqs = pos_bs.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
-        let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        let kind = self.kind();
-        // An explicit mask only when needed: padding present, or cached keys before the queries.
-        // Otherwise SDPA runs its fused causal path.
-        let has_padding = attention_mask.is_some_and(|m| m.min().int64_value(&[]) == 0);
-        let mask_b1st = if has_padding || past > 0 {
-            let full = match attention_mask {
-                Some(m) => m.shallow_clone(),
-                None => Tensor::ones([batch, past + s], (Kind::Int64, dev)),
-            };
-            Some(causal_padding_mask(&full, s))
-        } else {
-            None
+        let inv_freq = match &self.long_inv_freq {
+            Some(long) if self.long_rope(&pos_bs) => long,
+            _ => &self.inv_freq,
         };
-        AttnCtx { cos_bse: emb.cos().to_kind(kind), sin_bse: emb.sin().to_kind(kind), mask_b1st }
+        // freqs[b, s, j] = pos * inv_freq[j], in fp32 as transformers does (autocast off).
+        let freqs = pos_bs.to_kind(Kind::Float).unsqueeze(-1) * inv_freq.view([1, 1, -1]);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let (mut cos, mut sin) = (emb.cos(), emb.sin());
+        if let Some(r) = &self.cfg.rope_longrope {
+            cos *= r.attention_factor;
+            sin *= r.attention_factor;
+        }
+        let kind = self.kind();
+        // An explicit mask only when needed: padding present, cached keys before the queries, or
+        // a sliding window that hides some key. Otherwise SDPA runs its fused causal path.
+        let t = past + s;
+        let window = self.cfg.sliding_window.filter(|w| t > *w);
+        let has_padding = attention_mask.is_some_and(|m| m.min().int64_value(&[]) == 0);
+        let full = || match attention_mask {
+            Some(m) => m.shallow_clone(),
+            None => Tensor::ones([batch, t], (Kind::Int64, dev)),
+        };
+        let mask_b1st = (has_padding || past > 0).then(|| causal_padding_mask(&full(), s));
+        let window_mask_b1st = window.map(|w| causal_window_mask(&full(), s, Some(w)));
+        AttnCtx { cos_bsr: cos.to_kind(kind), sin_bsr: sin.to_kind(kind), mask_b1st, window_mask_b1st }
+    }
+
+    /// Longrope switches every position of a forward to the long factors once any position
+    /// reaches past the original context (transformers' `dynamic_rope_update`).
+    fn long_rope(&self, pos_bs: &Tensor) -> bool {
+        self.cfg.rope_longrope.as_ref().is_some_and(|r| pos_bs.max().int64_value(&[]) + 1 > r.original_max_position_embeddings)
     }
 
     /// One transformer block, `[b, s, d]` → `[b, s, d]` (no cache).
@@ -370,50 +339,89 @@ impl Llama {
         ctx: &AttnCtx,
         past: Option<&(Tensor, Tensor)>,
     ) -> (Tensor, Tensor, Tensor) {
-        let blk = &self.layers[l];
-        let h = rms_norm(x_bsd, &blk.input_layernorm, self.cfg.rms_norm_eps);
-        let (attn, k, v) = self.attention(&blk.self_attn, &h, ctx, past);
+        let eps = self.cfg.rms_norm_eps;
+        let h = rms_norm(x_bsd, self.w(l, Slot::InputNorm), eps);
+        let (attn, k, v) = self.attention(l, &h, ctx, past);
         let x = x_bsd + attn;
-        let h = rms_norm(&x, &blk.post_attention_layernorm, self.cfg.rms_norm_eps);
-        let mlp = &blk.mlp;
-        let gated = h.linear(&mlp.gate_proj, None::<Tensor>).silu() * h.linear(&mlp.up_proj, None::<Tensor>);
-        (&x + gated.linear(&mlp.down_proj, None::<Tensor>), k, v)
+        let h = rms_norm(&x, self.w(l, Slot::PostNorm), eps);
+        let (gate, up) = if self.cfg.fused_projections {
+            let i = self.cfg.intermediate_size;
+            let gate_up = h.linear(self.w(l, Slot::GateUp), None::<Tensor>);
+            (gate_up.narrow(-1, 0, i), gate_up.narrow(-1, i, i))
+        } else {
+            (self.linear(l, &h, Slot::Gate, Slot::GateBias), self.linear(l, &h, Slot::Up, Slot::UpBias))
+        };
+        let gated = gate.silu() * up;
+        (&x + self.linear(l, &gated, Slot::Down, Slot::DownBias), k, v)
+    }
+
+    /// `x · Wᵀ (+ b)` with layer `l`'s weight and, if the config has it, bias.
+    fn linear(&self, l: usize, x: &Tensor, weight: Slot, bias: Slot) -> Tensor {
+        x.linear(self.w(l, weight), self.opt(l, bias))
+    }
+
+    /// Queries `[b, s, h·e]`, keys and values `[b, s, g·e]`, from one fused or three projections.
+    fn project_qkv(&self, l: usize, x_bsd: &Tensor) -> (Tensor, Tensor, Tensor) {
+        if !self.cfg.fused_projections {
+            return (
+                self.linear(l, x_bsd, Slot::Q, Slot::QBias),
+                self.linear(l, x_bsd, Slot::K, Slot::KBias),
+                self.linear(l, x_bsd, Slot::V, Slot::VBias),
+            );
+        }
+        let (q, kv) = (self.cfg.num_attention_heads * self.cfg.head_dim, self.cfg.num_key_value_heads * self.cfg.head_dim);
+        let qkv = x_bsd.linear(self.w(l, Slot::Qkv), None::<Tensor>);
+        (qkv.narrow(-1, 0, q), qkv.narrow(-1, q, kv), qkv.narrow(-1, q + kv, kv))
     }
 
     fn attention(
         &self,
-        w: &Attention,
+        l: usize,
         x_bsd: &Tensor,
         ctx: &AttnCtx,
         past: Option<&(Tensor, Tensor)>,
     ) -> (Tensor, Tensor, Tensor) {
         let (b, s) = (x_bsd.size()[0], x_bsd.size()[1]);
         let (h, g, e) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let q_bhse = x_bsd.linear(&w.q_proj, None::<Tensor>).view([b, s, h, e]).transpose(1, 2);
-        let k_bgse = x_bsd.linear(&w.k_proj, None::<Tensor>).view([b, s, g, e]).transpose(1, 2);
-        let v_bgse = x_bsd.linear(&w.v_proj, None::<Tensor>).view([b, s, g, e]).transpose(1, 2);
-        let cos = ctx.cos_bse.unsqueeze(1);
-        let sin = ctx.sin_bse.unsqueeze(1);
-        let q_bhse = &q_bhse * &cos + rotate_half(&q_bhse) * &sin;
-        let k_bgse = &k_bgse * &cos + rotate_half(&k_bgse) * &sin;
+        let (q, k, v) = self.project_qkv(l, x_bsd);
+        let (mut q_bshe, mut k_bsge) = (q.view([b, s, h, e]), k.view([b, s, g, e]));
+        if self.cfg.qk_norm {
+            q_bshe = rms_norm(&q_bshe, self.w(l, Slot::QNorm), self.cfg.rms_norm_eps);
+            k_bsge = rms_norm(&k_bsge, self.w(l, Slot::KNorm), self.cfg.rms_norm_eps);
+        }
+        let q_bhse = q_bshe.transpose(1, 2);
+        let k_bgse = k_bsge.transpose(1, 2);
+        let v_bgse = v.view([b, s, g, e]).transpose(1, 2);
+        let cos = ctx.cos_bsr.unsqueeze(1);
+        let sin = ctx.sin_bsr.unsqueeze(1);
+        let q_bhse = apply_rope(&q_bhse, &cos, &sin);
+        let k_bgse = apply_rope(&k_bgse, &cos, &sin);
         let (k_bgte, v_bgte) = match past {
             None => (k_bgse, v_bgse),
             Some((pk, pv)) => (Tensor::cat(&[pk, &k_bgse], 2), Tensor::cat(&[pv, &v_bgse], 2)),
         };
+        let mask = match (self.cfg.layer_window(l), &ctx.window_mask_b1st) {
+            (Some(_), Some(m)) => Some(m),
+            _ => ctx.mask_b1st.as_ref(),
+        };
         let scale = (e as f64).powf(-0.5);
-        let o_bhse = Tensor::scaled_dot_product_attention(
-            &q_bhse,
-            &k_bgte,
-            &v_bgte,
-            ctx.mask_b1st.as_ref(),
-            0.0,
-            ctx.mask_b1st.is_none(),
-            Some(scale),
-            g != h,
-        );
+        let o_bhse =
+            Tensor::scaled_dot_product_attention(&q_bhse, &k_bgte, &v_bgte, mask, 0.0, mask.is_none(), Some(scale), g != h);
         let o_bsd = o_bhse.transpose(1, 2).reshape([b, s, h * e]);
-        (o_bsd.linear(&w.o_proj, None::<Tensor>), k_bgte, v_bgte)
+        (self.linear(l, &o_bsd, Slot::O, Slot::OBias), k_bgte, v_bgte)
     }
+}
+
+/// `x·cos + rotate_half(x)·sin` on the leading r dims of each head (all of them unless the config
+/// rotates only part, as Phi-3's `partial_rotary_factor` does); the rest pass unchanged.
+fn apply_rope(x: &Tensor, cos_b1sr: &Tensor, sin_b1sr: &Tensor) -> Tensor {
+    let (e, r) = (x.size()[3], cos_b1sr.size()[3]);
+    if r == e {
+        return x * cos_b1sr + rotate_half(x) * sin_b1sr;
+    }
+    let rot = x.narrow(-1, 0, r);
+    let rotated = &rot * cos_b1sr + rotate_half(&rot) * sin_b1sr;
+    Tensor::cat(&[&rotated, &x.narrow(-1, r, e - r)], -1)
 }
 
 /// RMSNorm as transformers computes it: normalise in fp32, cast back, then scale.
@@ -431,11 +439,11 @@ fn rotate_half(x: &Tensor) -> Tensor {
     Tensor::cat(&[&x2.neg(), &x1], -1)
 }
 
-/// `inv_freq[j] = 1 / theta^(2j/e)` in fp32, with the `llama3` long-context rescaling if configured.
+/// `inv_freq[j] = 1 / theta^(2j/r)` in fp32 over the r rotated dims, with the `llama3`
+/// long-context rescaling or longrope's short factors if configured.
 pub fn rope_inv_freq(cfg: &Config, device: tch::Device) -> Tensor {
-    let e = cfg.head_dim;
-    let exponent = Tensor::arange_start_step(0, e, 2, (Kind::Int64, device)).to_kind(Kind::Float) / (e as f64);
-    let inv_freq = Tensor::from(cfg.rope_theta as f32).to_device(device).pow(&exponent).reciprocal();
+    let short = cfg.rope_longrope.as_ref().map(|r| r.short_factor.as_slice());
+    let inv_freq = base_inv_freq(cfg, short, device);
     let Some(r) = cfg.rope_llama3 else { return inv_freq };
     let low_wavelen = r.original_max_position_embeddings / r.low_freq_factor;
     let high_wavelen = r.original_max_position_embeddings / r.high_freq_factor;
@@ -449,18 +457,46 @@ pub fn rope_inv_freq(cfg: &Config, device: tch::Device) -> Tensor {
     smoothed.where_self(&is_medium, &scaled)
 }
 
+/// Longrope's frequencies for forwards past the original context (`None` without longrope).
+pub fn rope_inv_freq_long(cfg: &Config, device: tch::Device) -> Option<Tensor> {
+    cfg.rope_longrope.as_ref().map(|r| base_inv_freq(cfg, Some(&r.long_factor), device))
+}
+
+/// `1 / (factor_j · theta^(2j/r))`, as transformers' default and longrope initialisers compute it.
+fn base_inv_freq(cfg: &Config, factors: Option<&[f64]>, device: tch::Device) -> Tensor {
+    let r = cfg.rotary_dim();
+    let exponent = Tensor::arange_start_step(0, r, 2, (Kind::Int64, device)).to_kind(Kind::Float) / (r as f64);
+    let powers = Tensor::from(cfg.rope_theta as f32).to_device(device).pow(&exponent);
+    match factors {
+        None => powers.reciprocal(),
+        Some(f) => {
+            let f32s: Vec<f32> = f.iter().map(|&x| x as f32).collect();
+            (Tensor::from_slice(&f32s).to_device(device) * powers).reciprocal()
+        }
+    }
+}
+
 /// Boolean `[b, 1, s, t]` mask for the last `s` of `t` positions: causal, padding keys hidden.
 /// A query always sees itself, so rows of padding queries are never empty (no NaN from softmax);
 /// their outputs are garbage by construction and are masked out of every loss.
 pub fn causal_padding_mask(attention_mask_bt: &Tensor, s: i64) -> Tensor {
+    causal_window_mask(attention_mask_bt, s, None)
+}
+
+/// [`causal_padding_mask`], and with a `window` also hiding keys `window` or more positions
+/// (cache slots) behind the query, as transformers' `sliding_window_overlay` does.
+pub fn causal_window_mask(attention_mask_bt: &Tensor, s: i64, window: Option<i64>) -> Tensor {
     let (b, t) = (attention_mask_bt.size()[0], attention_mask_bt.size()[1]);
     let dev = attention_mask_bt.device();
     let q_pos = Tensor::arange_start(t - s, t, (Kind::Int64, dev)).view([s, 1]);
     let k_pos = Tensor::arange(t, (Kind::Int64, dev)).view([1, t]);
-    let causal_st = k_pos.le_tensor(&q_pos);
+    let mut visible_st = k_pos.le_tensor(&q_pos);
+    if let Some(w) = window {
+        visible_st = visible_st.logical_and(&k_pos.gt_tensor(&(&q_pos - w)));
+    }
     let diag_st = k_pos.eq_tensor(&q_pos);
     let keys_b11t = attention_mask_bt.ne(0).view([b, 1, 1, t]);
-    (causal_st.view([1, 1, s, t]).logical_and(&keys_b11t)).logical_or(&diag_st.view([1, 1, s, t]))
+    (visible_st.view([1, 1, s, t]).logical_and(&keys_b11t)).logical_or(&diag_st.view([1, 1, s, t]))
 }
 
 /// Positions for a left- or right-padded batch: running count of real tokens, 1 at padding

@@ -1,10 +1,13 @@
-//! The model: Llama-family decoder, its HF config and its weights on disk.
+//! The model: Llama-family decoder (Mistral, Qwen2/3 and Phi-3 as variants), its HF config, its
+//! parameter layout and its weights on disk.
 
 pub mod config;
+pub mod hub;
+pub mod layout;
 pub mod llama;
 pub mod weights;
 
-pub use config::Config;
+pub use config::{Config, Family};
 pub use llama::{param_specs, KvCache, Llama, ParamRole, ParamSpec};
 pub use weights::{load_model, LoadedModel};
 

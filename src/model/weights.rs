@@ -48,36 +48,22 @@ impl Checkpoint {
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let files: Vec<PathBuf> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).at(&index_path)?;
-            let v: Value = serde_json::from_str(&text)
-                .map_err(|e| Error::format(&index_path, format!("not valid JSON: {e}")))?;
-            let map = v
-                .get("weight_map")
-                .and_then(Value::as_object)
-                .ok_or_else(|| Error::format(&index_path, "missing object `weight_map`"))?;
-            let mut files: Vec<PathBuf> = map
-                .values()
-                .map(|f| f.as_str().map(|s| dir.join(s)))
-                .collect::<Option<_>>()
-                .ok_or_else(|| Error::format(&index_path, "`weight_map` values must be file names"))?;
-            files.sort();
-            files.dedup();
-            files
+            shard_files(dir, &index_path)?
         } else if single.exists() {
             vec![single]
         } else {
-            return Err(Error::format(
-                dir,
-                "no model.safetensors or model.safetensors.index.json in this directory",
-            ));
+            return Err(no_safetensors(dir));
         };
         let mut shards = Vec::with_capacity(files.len());
         let mut index = BTreeMap::new();
         for (i, path) in files.into_iter().enumerate() {
-            let file = File::open(&path).at(&path)?;
+            let file = crate::files::open_regular(&path)?;
             // SAFETY: the file is opened read-only and we never write through the map; a
             // concurrent truncation by another process is outside what we can defend against.
             let mmap = unsafe { Mmap::map(&file) }.at(&path)?;
+            // The safetensors parser checks the header length and every tensor's byte range
+            // against the file's size before anything is read, so a header claiming a huge
+            // tensor is refused here without allocating it.
             let st = SafeTensors::deserialize(&mmap)
                 .map_err(|e| Error::format(&path, format!("not a valid safetensors file ({e}); truncated or corrupt?")))?;
             for name in st.names() {
@@ -145,6 +131,50 @@ impl Checkpoint {
     }
 }
 
+/// The distinct shard files a `model.safetensors.index.json` names, each inside `dir`.
+fn shard_files(dir: &Path, index_path: &Path) -> Result<Vec<PathBuf>> {
+    let text = crate::files::read_text(index_path)?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(index_path, format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::format(index_path, "missing object `weight_map`"))?;
+    let mut files = map
+        .iter()
+        .map(|(tensor, f)| match f.as_str() {
+            Some(name) => crate::files::inside(dir, name, index_path),
+            None => Err(Error::format(index_path, format!("`weight_map`: the entry of `{tensor}` must be a file name, found {f}"))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// Why a directory has no weights we can read: none at all, or only PyTorch pickles.
+fn no_safetensors(dir: &Path) -> Error {
+    let pickles: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| [".bin", ".pt", ".pth", ".ckpt"].iter().any(|ext| n.ends_with(ext)) || n == "pytorch_model.bin.index.json")
+        .collect();
+    if let Some(first) = pickles.iter().min() {
+        return Error::unsupported(
+            dir,
+            format!(
+                "weights: {first} is a PyTorch pickle and there are no safetensors files. Loading a pickle can execute \
+                 arbitrary code, so unlearn never reads one. Convert it once, where you trust the file: \
+                 python -c \"from transformers import AutoModelForCausalLM as M; \
+                 M.from_pretrained('{d}').save_pretrained('{d}-safetensors')\" (safetensors is the default format)",
+                d = dir.display()
+            ),
+        );
+    }
+    Error::format(dir, "no model.safetensors or model.safetensors.index.json in this directory")
+}
+
 /// A loaded HF model directory.
 pub struct LoadedModel {
     pub model: Llama,
@@ -156,11 +186,8 @@ pub struct LoadedModel {
 
 /// Load `dir` (config.json + safetensors) onto `device` in `kind` (fp32 or bf16).
 pub fn load_model(dir: &Path, kind: Kind, device: Device) -> Result<LoadedModel> {
-    let cfg_path = dir.join("config.json");
-    if !cfg_path.exists() {
-        return Err(Error::format(dir, "no config.json in this directory (is it an HF model directory?)"));
-    }
-    let text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
+    let cfg_path = super::config::config_path(dir)?;
+    let text = crate::files::read_text(&cfg_path)?;
     let raw_config: Value =
         serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?;
     let config = Config::from_json(&raw_config, &cfg_path)?;
@@ -178,6 +205,11 @@ pub fn load_model(dir: &Path, kind: Kind, device: Device) -> Result<LoadedModel>
         Ok(t.to_kind(kind).to_device(device))
     })?;
     Ok(LoadedModel { model, config, raw_config, dir: dir.to_path_buf() })
+}
+
+/// The first parameter holding a NaN or an infinity, to name when a model's outputs are not finite.
+pub fn first_non_finite(model: &mut Llama) -> Option<String> {
+    tch::no_grad(|| model.named_params().into_iter().find(|(_, t)| t.isfinite().all().int64_value(&[]) == 0).map(|(n, _)| n))
 }
 
 fn safetensors_dtype(kind: Kind) -> Result<(&'static str, usize)> {
@@ -385,7 +417,7 @@ impl SafetensorsFile {
             header.insert("__metadata__".into(), m);
         }
         let mut text = serde_json::to_string(&Value::Object(header)).expect("header serializes");
-        while text.len() % 8 != 0 {
+        while !text.len().is_multiple_of(8) {
             text.push(' ');
         }
         let mut w = BufWriter::with_capacity(1 << 22, File::create(path).at(path)?);

@@ -28,6 +28,10 @@ pub struct Widths {
     /// Norm weights are trainable (`model.trainable = "all"`): autograd then also keeps the
     /// normalised activations that multiply them.
     pub norms_trainable: bool,
+    /// Per-head q/k RMSNorm (Qwen3).
+    pub qk_norm: bool,
+    /// Fused `qkv_proj` / `gate_up_proj` (Phi-3): q, k, v and gate, up are views of one output.
+    pub fused: bool,
 }
 
 impl Widths {
@@ -41,6 +45,8 @@ impl Widths {
             vocab: cfg.vocab_size as f64,
             c: compute_bytes,
             norms_trainable,
+            qk_norm: cfg.qk_norm,
+            fused: cfg.fused_projections,
         }
     }
 
@@ -61,8 +67,13 @@ impl Widths {
         // SDPA's fp32 log-sum-exp per head.
         let attn = c * (self.q + 2.0 * self.kv) + c * self.q + 4.0 * self.heads;
         // SwiGLU: gate (silu's input), silu(gate) and up (the product's inputs), gate·up (down_proj's input).
+        // Fused, gate and up are views of one gate_up output: the same bytes.
         let mlp = 4.0 * c * i;
-        norm1_in + norm2_in + normed + h1_h2 + attn + mlp
+        // q/k norms save their fp32 inputs (and the normalised q, k when their weights train).
+        let qk = if self.qk_norm { (4.0 + if self.norms_trainable { c } else { 0.0 }) * (self.q + self.kv) } else { 0.0 };
+        // SDPA saves v, a view of the fused qkv output, which keeps all of it alive.
+        let fused_v = if self.fused { c * (self.q + self.kv) } else { 0.0 };
+        norm1_in + norm2_in + normed + h1_h2 + attn + mlp + qk + fused_v
     }
 
     /// Bytes per token that backward creates inside one block at its widest point, above what
@@ -71,8 +82,15 @@ impl Widths {
     /// hidden-width gradient. Measured on the CPU in fp32 with the layer-wise executor
     /// (/proc/self/clear_refs peak reset around one block's VJP): 16.6 kB/token at d = 1024,
     /// i = 2752 and 10.8 kB/token at d = 512, i = 1376; this count (26.1 and 13.1 kB) stays above.
+    ///
+    /// Fused projections (not measured; counted from autograd): each slice's gradient is a
+    /// zero-padded tensor of the whole fused width, two of which are alive while they are summed
+    /// (4·c·i at gate_up, 2·c·(q + 2·kv) at qkv; the larger counts).
     pub fn block_backward_temps(&self) -> f64 {
         let (d, i, c) = (self.hidden, self.intermediate, self.c);
+        if self.fused {
+            return (4.0 * c * i).max(2.0 * c * (self.q + 2.0 * self.kv)) + c * d;
+        }
         2.0 * c * i + c * d
     }
 

@@ -6,7 +6,8 @@ use crate::dist::zero::FlatLayout;
 use crate::model::ParamSpec;
 use crate::Result;
 
-/// The parameters that train under `model.trainable`, in the model's order.
+/// The parameters that train under `model.trainable`, in the model's order, chosen by the roles
+/// the model's parameter layout (`model::layout`) gives them.
 pub fn trainable_specs(specs: &[ParamSpec], trainable: Trainable) -> Vec<&ParamSpec> {
     specs.iter().filter(|s| trainable.includes(s.role)).collect()
 }
@@ -29,7 +30,7 @@ pub fn flat_layout(trainable: &[&ParamSpec], zero: u8, world: usize, bucket_mb: 
 
 /// Each rank takes an equal contiguous slice of every global micro-batch.
 pub fn check_batch_split(batch_size: usize, world: usize, file: &str) -> Result<()> {
-    if batch_size % world != 0 {
+    if !batch_size.is_multiple_of(world) {
         return Err(crate::Error::config(file, "train.batch_size", format!("{batch_size} is not divisible by the number of ranks ({world})")));
     }
     Ok(())

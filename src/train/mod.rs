@@ -35,7 +35,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::{DataSource, ReduceMode, RunConfig};
 use crate::data::loader::{local_batch, LocalBatch, Loader};
-use crate::data::{read_records, tokenize_all, Example, Record, Tokenizer};
+use crate::data::{read_records, tokenize_all, Example, Record, Template, Tokenizer};
 use crate::dist::count::{Counted, OpCount, Tally};
 use crate::dist::zero::FlatLayout;
 use crate::dist::{Collective, Comm};
@@ -154,8 +154,10 @@ impl Trainer {
             tracing::info!("dist.zero = 3 gathers weights per layer, so layers are recomputed in backward");
         }
 
+        // Tokenizer and prompt template first: a bad template stops the run before the weights load.
+        let tok = Tokenizer::from_model_dir(&cfg.model.path, &crate::model::Config::from_model_dir(&cfg.model.path)?)?;
+        let template = Template::load(cfg.data.template, &cfg.model.path, &tok)?;
         let mut loaded = load_model(&cfg.model.path, kind, device)?;
-        let tok = Tokenizer::from_model_dir(&cfg.model.path, &loaded.config)?;
         let specs = param_specs(&loaded.config);
         let layout = layout::flat_layout(&layout::trainable_specs(&specs, cfg.model.trainable), zero, world, cfg.dist.bucket_mb);
         let shard_rank = if layout.shards == 1 { 0 } else { rank };
@@ -188,7 +190,7 @@ impl Trainer {
         let mut objectives = vec![];
         let mut accs = vec![];
         for obj in spec.objectives() {
-            let examples = load_examples(&cfg.data.source(obj, cfg.train.max_len), &tok)?;
+            let examples = load_examples(&cfg.data.source(obj, cfg.train.max_len), &tok, &template)?;
             let loader = Loader::new(examples, cfg.data.sampling, cfg.train.seed, stream(obj));
             let (acc, weight) = match spec.gradients {
                 Gradients::Separate => (accs.len(), 1.0),
@@ -475,7 +477,7 @@ impl Trainer {
         self.method.after_step(&self.master, &dir)?;
         self.sync_replicas()?;
         self.step = step;
-        if self.cfg.dist.verify_every > 0 && step % self.cfg.dist.verify_every == 0 {
+        if self.cfg.dist.verify_every > 0 && step.is_multiple_of(self.cfg.dist.verify_every) {
             self.fault_injection_perturb(step);
             self.verify_replicas()?;
         }
@@ -574,7 +576,7 @@ fn reduce_at(cfg: &RunConfig, model: &crate::model::Config, world: usize, device
 }
 
 /// Read, limit and tokenize the records of one objective's data files.
-fn load_examples(src: &DataSource, tok: &Tokenizer) -> Result<Vec<Example>> {
+fn load_examples(src: &DataSource, tok: &Tokenizer, template: &Template) -> Result<Vec<Example>> {
     let mut records: Vec<Record> = vec![];
     for p in src.paths {
         records.extend(read_records(p)?);
@@ -583,7 +585,7 @@ fn load_examples(src: &DataSource, tok: &Tokenizer) -> Result<Vec<Example>> {
         records.truncate(n);
     }
     let first = src.paths[0].display();
-    let ex = tokenize_all(tok, &records, src.max_len, src.overflow).map_err(|e| crate::other!("{first}: {e}"))?;
+    let ex = tokenize_all(tok, template, &records, src.max_len, src.overflow).map_err(|e| crate::other!("{first}: {e}"))?;
     if ex.is_empty() {
         return Err(crate::other!("{first}: no usable examples after tokenization"));
     }

@@ -2,10 +2,12 @@
 the `gguf` package to read and dequantize), gguf-py's GGUFWriter to craft small GGUF files, and an
 emulation of llama.cpp's pre-tokenizer.
 
-  make-gguf  --out FILE [--arch llama] [--vocab small|FILE.gguf] [--pre NAME] [--bad-type Q5_K]
-             [--seed N]
-             A tiny random llama (2 layers, GQA 4/2 heads, untied head) converted the way llama.cpp's
-             converter does it (q/k rows permuted to interleaved RoPE), with mixed tensor types:
+  make-gguf  --out FILE [--arch llama|qwen2|qwen3|phi3|OTHER] [--vocab small|FILE.gguf] [--pre NAME]
+             [--bad-type Q5_K] [--seed N]
+             A tiny random model of the architecture (2 layers, GQA 4/2 heads, untied head; qwen2 with
+             q/k/v biases, qwen3 with q/k norms and head_dim 128, phi3 with fused qkv and gate_up; an
+             OTHER architecture gets llama's tensors) converted the way llama.cpp's converter does it
+             (llama's q/k rows permuted to interleaved RoPE), with mixed tensor types:
              layer 0 quantized (Q4_0, Q4_1, BF16, Q8_0, F16), layer 1 F32. Also writes FILE.orig.safetensors
              (the HF weights before conversion). --bad-type stores blk.0.ffn_down.weight as that type.
              Prints {"f32_tensors": [HF names stored as F32]}.
@@ -74,31 +76,41 @@ def cmd_make_gguf(a):
     import gguf
     from gguf import GGMLQuantizationType as Q
     from safetensors.numpy import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     voc = small_vocab() if a.vocab == "small" else vocab_from_gguf(a.vocab)
     if a.pre:
         voc["pre"] = a.pre
     n_vocab = len(voc["tokens"])
     hidden, inter, heads, kv, layers = 64, 256, 4, 2, 2
-    cfg = LlamaConfig(vocab_size=n_vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=512,
-                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    family = a.arch if a.arch in ("llama", "qwen2", "qwen3", "phi3") else "llama"
+    # Qwen3's head_dim is not hidden/heads; transformers' GGUF loader ignores key_length and takes
+    # Qwen3Config's default 128 (what every released Qwen3 has), so the reference can only read that.
+    head_dim = 128 if family == "qwen3" else hidden // heads
+    extra = {"head_dim": head_dim} if family == "qwen3" else {}
+    if family != "llama":
+        extra["pad_token_id"] = None  # Phi3Config's default is outside a tiny vocabulary
+    cfg = AutoConfig.for_model(family, vocab_size=n_vocab, hidden_size=hidden, intermediate_size=inter,
+                               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                               max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
+                               tie_word_embeddings=False, **extra)
     torch.manual_seed(a.seed)
-    model = LlamaForCausalLM(cfg)
+    model = AutoModelForCausalLM._model_mapping[type(cfg)](cfg)
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     rng = np.random.default_rng(a.seed)
     for k in sd:
-        if k.endswith("norm.weight"):  # make norms matter
+        if k.endswith("norm.weight") or k.endswith(".bias"):  # make norms and biases matter
             sd[k] = (sd[k] + 0.1 * rng.standard_normal(sd[k].shape)).astype(np.float32)
     save_file(sd, a.out + ".orig.safetensors")
 
+    # llama.cpp's names (gguf-py's tensor map); Phi-3's fused gate_up is stored as ffn_up.
     block = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.qkv_proj": "attn_qkv",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
              "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
+             "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     layer0_types = {"attn_q": Q.Q4_0, "attn_k": Q.Q4_1, "attn_v": Q.BF16, "attn_output": Q.Q8_0,
-                    "ffn_gate": Q.F16, "ffn_up": Q.Q4_1, "ffn_down": Q.Q8_0}
+                    "attn_qkv": Q.Q8_0, "ffn_gate": Q.F16, "ffn_up": Q.Q4_1, "ffn_down": Q.Q8_0}
 
     w = gguf.GGUFWriter(a.out, a.arch)
     arch = a.arch
@@ -110,7 +122,10 @@ def cmd_make_gguf(a):
     w.add_head_count_kv(kv)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(hidden // heads)
+    w.add_rope_dimension_count(head_dim)
+    if family == "qwen3":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_vocab_size(n_vocab)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(voc["pre"])
@@ -144,15 +159,17 @@ def cmd_make_gguf(a):
 
     put("token_embd.weight", "model.embed_tokens.weight", sd["model.embed_tokens.weight"], Q.Q8_0)
     for i in range(layers):
-        for hf, gg in block.items():
-            name = f"model.layers.{i}.{hf}.weight"
+        prefix = f"model.layers.{i}."
+        for name in [k for k in sd if k.startswith(prefix)]:
+            module, kind = name[len(prefix):].rsplit(".", 1)
+            gg = block[module]
             arr = sd[name]
-            if gg == "attn_q":
+            if family == "llama" and gg == "attn_q":
                 arr = llamacpp_permute(arr, heads)
-            elif gg == "attn_k":
+            elif family == "llama" and gg == "attn_k":
                 arr = llamacpp_permute(arr, kv)
             qtype = Q.F32 if arr.ndim == 1 or i == 1 else layer0_types[gg]
-            put(f"blk.{i}.{gg}.weight", name, arr, qtype)
+            put(f"blk.{i}.{gg}.{kind}", name, arr, qtype)
     put("output_norm.weight", "model.norm.weight", sd["model.norm.weight"], Q.F32)
     put("output.weight", "lm_head.weight", sd["lm_head.weight"], Q.F16)
     w.write_header_to_file()
@@ -186,8 +203,13 @@ def cmd_weights(a):
     cfg_keys = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings",
                 "bos_token_id", "eos_token_id", "pad_token_id"]
-    cfg_diff = {k: [our_cfg.get(k), getattr(ref.config, k, None)] for k in cfg_keys
-                if our_cfg.get(k) != getattr(ref.config, k, None)}
+    def ref_value(k):
+        # Qwen2Config has no head_dim attribute: its attention uses hidden / heads.
+        if k == "head_dim" and getattr(ref.config, k, None) is None:
+            return ref.config.hidden_size // ref.config.num_attention_heads
+        return getattr(ref.config, k, None)
+
+    cfg_diff = {k: [our_cfg.get(k), ref_value(k)] for k in cfg_keys if our_cfg.get(k) != ref_value(k)}
     theta = ref.config.rope_parameters["rope_theta"] if getattr(ref.config, "rope_parameters", None) else ref.config.rope_theta
     for k, ours_v, theirs_v in [("rope_theta", our_cfg["rope_theta"], theta),
                                 ("rms_norm_eps", our_cfg["rms_norm_eps"], ref.config.rms_norm_eps)]:

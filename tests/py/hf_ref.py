@@ -3,14 +3,16 @@
 Every subcommand reads and writes files, so the Rust side never depends on Python objects:
 
   make-model  --out DIR --config JSON [--seed N] [--tokenizer bytebpe|sentencepiece] [--dtype fp32|bf16] [--texts FILE]
-              A random LlamaForCausalLM saved with save_pretrained, plus a tokenizer.json trained on TOFU text
-              (or on the JSON array of strings in FILE, where the shared data is not at hand).
+              A random causal LM saved with save_pretrained (LlamaForCausalLM, or the family named by a
+              "model_type" key in JSON: mistral, qwen2, qwen3, phi3), plus a tokenizer.json trained on TOFU
+              text (or on the JSON array of strings in FILE, where the shared data is not at hand).
   logits      --model DIR --inputs IN.safetensors --out OUT.safetensors [--dtype fp32|bf16]
               HF logits for input_ids / attention_mask / (position_ids) in IN.
   tokenize    --model DIR --texts JSON --out OUT.json   token ids (tokenizer(text)) for each text.
   load-check  --model DIR                               loads with AutoModelForCausalLM and prints a summary.
-  count-params (--config JSON | --model DIR)           parameter counts of a LlamaForCausalLM built on the meta
-              device from a LlamaConfig (or of DIR's safetensors): {"total", "matrices"} (matrices: *proj.weight).
+  count-params (--config JSON | --model DIR)           parameter counts of a causal LM built on the meta
+              device from its config (LlamaConfig unless JSON has "model_type"), or of DIR's safetensors:
+              {"total", "matrices"} (matrices: *proj.weight, fused projections included; biases and norms not).
   score       --model DIR --data FILE --out OUT.jsonl [--max-len N] [--limit N]
               per-sample answer NLL, formatted exactly as unlearn's data pipeline documents.
 """
@@ -77,25 +79,39 @@ def make_tokenizer(kind, out_dir, vocab_size, texts=None):
     return tok.get_vocab_size(), ids
 
 
-def cmd_make_model(a):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def config_for(model_type, **kw):
+    from transformers import AutoConfig
 
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def model_for(cfg):
+    """The family's ForCausalLM class called directly, as LlamaForCausalLM(cfg) always was."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM._model_mapping[type(cfg)](cfg)
+
+
+def cmd_make_model(a):
     os.makedirs(a.out, exist_ok=True)
     extra = json.loads(a.config)
+    model_type = extra.pop("model_type", "llama")
     tok_vocab, ids = make_tokenizer(a.tokenizer, a.out, extra.pop("tokenizer_vocab", 320), a.texts)
     base = dict(vocab_size=max(tok_vocab, extra.get("vocab_size", 0)), hidden_size=64, intermediate_size=96,
                 initializer_range=0.08,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
                 bos_token_id=ids["bos"], eos_token_id=ids["eos"])
+    if model_type != "llama":
+        base["pad_token_id"] = None  # Phi3Config's default (32000) is outside a tiny vocabulary
     base.update(extra)
     torch.manual_seed(a.seed)
-    cfg = LlamaConfig(**base)
-    model = LlamaForCausalLM(cfg)
-    # Random init of HF Llama uses std 0.02 and unit norms; perturb norms so they matter in tests.
+    cfg = config_for(model_type, **base)
+    model = model_for(cfg)
+    # Random init uses unit norms and zero biases; perturb both so they matter in tests.
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):
+            if n.endswith("norm.weight") or n.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(a.out, safe_serialization=True)
     print(json.dumps({"vocab_size": cfg.vocab_size, "tokenizer_vocab": tok_vocab}))
@@ -221,10 +237,9 @@ def cmd_count_params(a):
                         counts[k] = st.get_slice(k).get_shape()
         numel = {k: int(torch.tensor(v).prod().item()) if v else 1 for k, v in counts.items()}
     else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
+        kw = json.loads(a.config)
         with torch.device("meta"):
-            model = LlamaForCausalLM(LlamaConfig(**json.loads(a.config)))
+            model = model_for(config_for(kw.pop("model_type", "llama"), **kw))
         numel = {n: p.numel() for n, p in model.named_parameters()}
     total = sum(numel.values())
     matrices = sum(v for k, v in numel.items() if k.endswith("proj.weight"))
