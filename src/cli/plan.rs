@@ -143,7 +143,7 @@ pub struct PlanArgs {
 /// The step-time model's compute side from the flags (see [`PlanArgs::peak_tflops`]).
 fn compute_side(args: &PlanArgs, device: Device, dtype: Dtype) -> Result<Compute> {
     for (flag, v) in [("--peak-tflops", args.peak_tflops), ("--mfu", args.mfu)] {
-        if v.is_some_and(|v| !(v > 0.0) || !v.is_finite()) {
+        if v.is_some_and(|v| !v.is_finite() || v <= 0.0) {
             return Err(crate::other!("{flag} must be a positive number"));
         }
     }

@@ -63,7 +63,7 @@ impl Delay {
 
     fn before_reduction(&mut self) {
         let Some(d) = self.each else { return };
-        let on = self.run.is_none_or(|n| (self.count / n.max(1)) % 2 == 0);
+        let on = self.run.is_none_or(|n| (self.count / n.max(1)).is_multiple_of(2));
         self.count += 1;
         if on {
             std::thread::sleep(d);
