@@ -1,15 +1,24 @@
 //! MPI backend (rsmpi) on CPU tensors: the backend the multi-rank tests use, and the bootstrap
 //! channel of the NCCL backend.
 //!
-//! One communication thread owns every MPI call of the process: it initialises MPI, runs the
-//! collectives in the order the trainer issues them, and finalises MPI when the backend is
-//! dropped. Blocking collectives send it a job and wait for the answer; the `start_*` collectives
-//! return at once with a handle, so a bucket's gradient reduction runs while backward computes
-//! the next layer (Open MPI's non-blocking collectives would only progress inside MPI calls, which
-//! a rank busy in libtorch never makes). MPI is initialised with `MPI_THREAD_MULTIPLE` when the
-//! library offers it (Open MPI does), which also keeps the emergency `MPI_Abort` of another thread
-//! and benches/reduce.rs's direct calls within the standard; any level works in practice since
-//! only this thread calls MPI in a run.
+//! MPI itself belongs to `dist::world`: it is initialised there, on the main thread, with
+//! `MPI_THREAD_MULTIPLE` requested, finalized there after success only, and aborted there after a
+//! failure (see that module for why no drop may end it). This backend adds one communication
+//! thread per `Mpi`, which makes every collective call: it runs them in the order the trainer
+//! issues them. Blocking collectives send it a job and wait for the answer; the `start_*`
+//! collectives return at once with a handle, so a bucket's gradient reduction runs while backward
+//! computes the next layer (Open MPI's non-blocking collectives would only progress inside MPI
+//! calls, which a rank busy in libtorch never makes). `MPI_THREAD_MULTIPLE` is what lets this
+//! thread call MPI while main initialised it, main call `MPI_Abort` while this thread is blocked
+//! in a collective, and benches/reduce.rs make its direct calls.
+//!
+//! The watchdog sees the caller's side: every wait for a job's answer (a blocking collective, or
+//! the `wait` of a started one's handle) is registered with the operation's name and size while it
+//! lasts, on the caller's thread, under whatever the trainer registered around it.
+//!
+//! Dropping an `Mpi` closes its queue and hands the thread to `dist::world`, which joins it before
+//! `MPI_Finalize` (the thread frees its user operation on the way out); it never waits for the
+//! thread itself, which on an error path may sit in a collective that a peer will never join.
 //!
 //! Dtypes: fp32 moves as MPI_FLOAT; bf16 moves as 16-bit words (half the bytes), reduced by a
 //! user-defined operation that adds in fp32 and rounds to bf16 at every step, as NCCL's bf16 sum
@@ -22,11 +31,11 @@ use std::time::Duration;
 
 use half::bf16;
 use mpi::collective::{SystemOperation, UnsafeUserOperation};
-use mpi::environment::Threading;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use tch::{Device, Kind, Tensor};
 
+use super::watchdog;
 use super::{f32_slice, f32_slice_mut, Collective, Handle, InFlight};
 use crate::Result;
 
@@ -90,12 +99,18 @@ unsafe extern "C" fn bf16_sum(invec: *mut c_void, inoutvec: *mut c_void, len: *m
     }
 }
 
-/// A job's answer, once it has run on the communication thread.
-struct Reply<T>(Receiver<std::thread::Result<T>>);
+/// A job's answer, once it has run on the communication thread, and what the job is (for the
+/// watchdog's report: "mpi all_reduce_f64 of 7 elements").
+struct Reply<T> {
+    rx: Receiver<std::thread::Result<T>>,
+    what: String,
+}
 
 impl<T> Reply<T> {
+    /// Wait for the answer: the time a caller waits for a collective, watched and counted.
     fn get(self) -> Result<T> {
-        match super::blocked(|| self.0.recv()) {
+        let _g = watchdog::enter(self.what);
+        match super::blocked(|| self.rx.recv()) {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(panic)) => Err(crate::Error::Dist(format!("MPI communication thread: {}", panic_text(&panic)))),
             Err(_) => Err(crate::Error::Dist("the MPI communication thread has stopped".into())),
@@ -119,7 +134,7 @@ impl InFlight for Pending {
             return true;
         }
         let Some(r) = &self.reply else { return true };
-        match r.0.try_recv() {
+        match r.rx.try_recv() {
             Ok(v) => {
                 self.done = Some(v.map_err(|p| crate::Error::Dist(format!("MPI communication thread: {}", panic_text(&p)))));
                 true
@@ -140,44 +155,38 @@ impl InFlight for Pending {
 }
 
 impl Mpi {
+    /// Join the job's MPI world (initialising MPI on this thread, the main one, on first use) and
+    /// start the communication thread.
     pub fn init() -> Result<Self> {
+        let world = super::world::mpi_world()?;
+        let (rank, size) = (world.rank() as usize, world.size() as usize);
         let delay = Delay::from_env();
         let (jobs, queue) = channel::<Job>();
-        let (ready_tx, ready) = channel::<std::result::Result<(usize, usize, Threading), String>>();
+        let (ready_tx, ready) = channel::<()>();
         let thread = std::thread::Builder::new()
             .name("mpi-comm".into())
             .spawn(move || {
-                let Some((universe, level)) = mpi::initialize_with_threading(Threading::Multiple) else {
-                    let _ = ready_tx.send(Err("MPI was already initialised".into()));
-                    return;
-                };
-                let world = universe.world();
+                // A handle on MPI_COMM_WORLD (no MPI call); MPI is initialised by now.
+                let world = SimpleCommunicator::world();
                 // SAFETY: bf16_sum reads and writes exactly `len` 16-bit words of each buffer.
                 let bf16_sum = unsafe { UnsafeUserOperation::commutative(bf16_sum) };
-                let _ = ready_tx.send(Ok((world.rank() as usize, world.size() as usize, level)));
+                let _ = ready_tx.send(());
                 let mut ctx = Ctx { world, scratch_f32: vec![], scratch_u16: vec![], bf16_sum, delay };
                 while let Ok(job) = queue.recv() {
                     job(&mut ctx);
                 }
-                drop(ctx); // communicator and operation before MPI_Finalize (the universe)
-                drop(universe);
+                // The operation is freed here, before `dist::world` finalizes (it joins this thread first).
             })
             .map_err(|e| crate::Error::Dist(format!("cannot start the MPI communication thread: {e}")))?;
-        let (rank, world, level) = ready
-            .recv()
-            .map_err(|_| crate::Error::Dist("the MPI communication thread stopped during MPI_Init".into()))?
-            .map_err(|e| crate::other!("{e}"))?;
-        if level != Threading::Multiple {
-            tracing::debug!("MPI provides thread level {level:?}; all MPI calls are made by one thread, which that level allows");
-        }
-        Ok(Mpi { rank, world, jobs: Some(jobs), thread: Some(thread) })
+        ready.recv().map_err(|_| crate::Error::Dist("the MPI communication thread stopped while starting".into()))?;
+        Ok(Mpi { rank, world: size, jobs: Some(jobs), thread: Some(thread) })
     }
 
-    /// Queue `f` on the communication thread; its answer arrives on the returned reply.
-    fn submit<T: Send + 'static>(&self, f: impl FnOnce(&mut Ctx) -> T + Send + 'static) -> Result<Reply<T>> {
+    /// Queue `f`, the collective `op` on `elems` elements, on the communication thread; its answer
+    /// arrives on the returned reply.
+    fn submit<T: Send + 'static>(&self, op: &str, elems: usize, f: impl FnOnce(&mut Ctx) -> T + Send + 'static) -> Result<Reply<T>> {
         let (tx, rx) = channel();
         let job: Job = Box::new(move |ctx| {
-            // A collective in flight on this thread: the place for a watchdog guard around it.
             let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(ctx))));
         });
         self.jobs
@@ -185,15 +194,16 @@ impl Mpi {
             .expect("jobs channel open until drop")
             .send(job)
             .map_err(|_| crate::Error::Dist("the MPI communication thread has stopped".into()))?;
-        Ok(Reply(rx))
+        let what = if elems == 0 { format!("mpi {op}") } else { format!("mpi {op} of {elems} elements") };
+        Ok(Reply { rx, what })
     }
 
-    fn run<T: Send + 'static>(&self, f: impl FnOnce(&mut Ctx) -> T + Send + 'static) -> Result<T> {
-        self.submit(f)?.get()
+    fn run<T: Send + 'static>(&self, op: &str, elems: usize, f: impl FnOnce(&mut Ctx) -> T + Send + 'static) -> Result<T> {
+        self.submit(op, elems, f)?.get()
     }
 
-    fn start(&self, f: impl FnOnce(&mut Ctx) + Send + 'static) -> Result<Handle> {
-        Ok(Box::new(Pending { reply: Some(self.submit(f)?), done: None }))
+    fn start(&self, op: &str, elems: usize, f: impl FnOnce(&mut Ctx) + Send + 'static) -> Result<Handle> {
+        Ok(Box::new(Pending { reply: Some(self.submit(op, elems, f)?), done: None }))
     }
 }
 
@@ -402,7 +412,7 @@ impl Collective for Mpi {
 
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
         let t = t.shallow_clone();
-        self.run(move |ctx| {
+        self.run(&format!("broadcast from rank {root}"), t.numel(), move |ctx| {
             let mut t = t;
             let mut wire = Wire::of(&t);
             let root = ctx.world.process_at_rank(root as i32);
@@ -419,7 +429,7 @@ impl Collective for Mpi {
 
     fn all_reduce_f64(&self, v: &mut [f64]) -> Result<()> {
         let send = v.to_vec();
-        let out = self.run(move |ctx| {
+        let out = self.run("all_reduce_f64", v.len(), move |ctx| {
             let mut recv = vec![0f64; send.len()];
             ctx.world.all_reduce_into(&send[..], &mut recv[..], SystemOperation::sum());
             recv
@@ -430,7 +440,7 @@ impl Collective for Mpi {
 
     fn all_reduce_max_f64(&self, v: &mut [f64]) -> Result<()> {
         let send = v.to_vec();
-        let out = self.run(move |ctx| {
+        let out = self.run("all_reduce_max_f64", v.len(), move |ctx| {
             let mut recv = vec![0f64; send.len()];
             ctx.world.all_reduce_into(&send[..], &mut recv[..], SystemOperation::max());
             recv
@@ -441,7 +451,7 @@ impl Collective for Mpi {
 
     fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()> {
         let mine = std::mem::take(bytes);
-        *bytes = self.run(move |ctx| {
+        *bytes = self.run(&format!("broadcast_bytes from rank {root}"), mine.len(), move |ctx| {
             let mut buf = mine;
             let root_proc = ctx.world.process_at_rank(root as i32);
             let mut len = buf.len() as u64;
@@ -454,15 +464,15 @@ impl Collective for Mpi {
     }
 
     fn barrier(&self) -> Result<()> {
-        self.run(|ctx| ctx.world.barrier())
+        self.run("barrier", 0, |ctx| ctx.world.barrier())
     }
 
     fn abort(&self, code: i32) -> ! {
-        super::abort_world(code)
+        super::world::abort_world(code)
     }
 
     fn start_all_reduce(&self, t: Tensor) -> Result<Handle> {
-        self.start(move |ctx| {
+        self.start("all_reduce_sum", t.numel(), move |ctx| {
             let mut t = t;
             all_reduce_on(ctx, &mut t);
         })
@@ -470,7 +480,7 @@ impl Collective for Mpi {
 
     fn start_reduce_scatter(&self, full: Tensor, shard: Tensor) -> Result<Handle> {
         check_sizes("reduce_scatter", &full, &shard, self.world)?;
-        self.start(move |ctx| {
+        self.start("reduce_scatter_sum", full.numel(), move |ctx| {
             let mut shard = shard;
             reduce_scatter_on(ctx, &full, &mut shard);
         })
@@ -478,7 +488,7 @@ impl Collective for Mpi {
 
     fn start_all_gather(&self, shard: Tensor, full: Tensor) -> Result<Handle> {
         check_sizes("all_gather", &full, &shard, self.world)?;
-        self.start(move |ctx| {
+        self.start("all_gather", full.numel(), move |ctx| {
             let mut full = full;
             all_gather_on(ctx, &shard, &mut full);
         })
@@ -487,10 +497,11 @@ impl Collective for Mpi {
 
 impl Drop for Mpi {
     fn drop(&mut self) {
-        // Closing the queue lets the thread finish its jobs and finalise MPI.
+        // Closing the queue lets the thread finish its jobs and end; `dist::world` joins it
+        // before finalizing (after success), or never (the world is aborted after a failure).
         drop(self.jobs.take());
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            super::world::hold_thread(t);
         }
     }
 }

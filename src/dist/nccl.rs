@@ -21,6 +21,11 @@
 //!
 //! The communicator id is made by rank 0 and broadcast over MPI; host-side scalars (norms, loss
 //! sums) and barriers also go through MPI, or nowhere at world size 1.
+//!
+//! A collective returns once enqueued; it is in flight for the watchdog until a CUDA event
+//! recorded after it completes, and the watchdog also polls `ncclCommGetAsyncError`. The
+//! communicator lives until the process ends (`dist::world`): destroyed after success, aborted
+//! after a failure, never destroyed by a drop while a peer may still wait on it.
 
 use std::ffi::c_void;
 
@@ -28,8 +33,9 @@ use cudarc::driver::{result as dr, sys as ds};
 use cudarc::nccl::{result as nr, sys as ns};
 use tch::{Kind, Tensor};
 
+use super::cuda::Completion;
 use super::local::Local;
-use super::{Collective, Handle, InFlight};
+use super::{watchdog, Collective, Handle, InFlight};
 use crate::Result;
 
 pub struct Nccl {
@@ -57,38 +63,47 @@ struct OnStream {
     keep: Vec<Tensor>,
 }
 
+impl OnStream {
+    /// Order the compute stream after the collective (on the device: the host does not wait),
+    /// then release the tensors: any reuse of their memory is ordered after the collective.
+    fn order_after(&mut self) -> Result<()> {
+        // SAFETY: the event is alive until drop.
+        let r = unsafe { dr::stream::wait_event(compute_stream(), self.done, ds::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) };
+        self.keep.clear();
+        r.map_err(|e| cuda_err("stream wait", e))
+    }
+}
+
 impl InFlight for OnStream {
     fn is_done(&mut self) -> bool {
         // SAFETY: the event is ours and alive until drop.
         unsafe { dr::event::query(self.done) }.is_ok()
     }
-    fn wait(self: Box<Self>) -> Result<()> {
-        // SAFETY: the event is alive; later compute-stream work now runs after the collective.
-        unsafe { dr::stream::wait_event(compute_stream(), self.done, ds::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
-            .map_err(|e| cuda_err("stream wait", e))?;
-        // The tensors may now be freed: any reuse of their memory is ordered after the collective.
-        let mut this = self;
-        this.keep.clear();
-        Ok(())
+    fn wait(mut self: Box<Self>) -> Result<()> {
+        self.order_after()
     }
 }
 
 impl Drop for OnStream {
     fn drop(&mut self) {
         if !self.keep.is_empty() {
-            // Dropped without `wait` (an error path): keep the memory safe by blocking until the
-            // collective has finished before the tensors go back to the allocator.
-            // SAFETY: the event is alive.
-            let _ = unsafe { dr::event::synchronize(self.done) };
-            self.keep.clear();
+            // Dropped without `wait` (an error path): order the compute stream after it as `wait`
+            // does rather than block the host on it, since a failing rank must reach its abort
+            // even when the collective waits for a peer that never joins (the watchdog still
+            // tracks it).
+            let _ = self.order_after();
         }
         // SAFETY: destroying a possibly pending event is allowed; resources go when it completes.
         let _ = unsafe { dr::event::destroy(self.done) };
     }
 }
 
-fn nccl_err(what: &str, e: impl std::fmt::Debug) -> crate::Error {
-    crate::Error::Dist(format!("NCCL {what}: {e:?}"))
+/// A failed NCCL call; a remote error (a peer's failure reaching this rank) is a peer failure.
+fn nccl_err(what: &str, e: nr::NcclError) -> crate::Error {
+    match e.0 {
+        ns::ncclResult_t::ncclRemoteError => crate::Error::Peer(format!("NCCL {what}: {e:?}")),
+        _ => crate::Error::Dist(format!("NCCL {what}: {e:?}")),
+    }
 }
 
 fn dtype(kind: Kind) -> Result<ns::ncclDataType_t> {
@@ -130,20 +145,36 @@ impl Nccl {
         for (c, b) in id.internal.iter_mut().zip(id_bytes) {
             *c = b as std::os::raw::c_char;
         }
-        // A tch allocation makes the device (and the runtime's primary context) current.
+        // The rank's device was made current when it was resolved (`dist::rank_device`); a tch
+        // allocation there creates the runtime's state before NCCL looks for it.
         let _warm = Tensor::zeros([1], (Kind::Float, device));
         let mut comm: ns::ncclComm_t = std::ptr::null_mut();
         // SAFETY: `comm` is a valid out-pointer; the id is identical on every rank.
         unsafe { nr::comm_init_rank(&mut comm, world as i32, id, rank as i32) }.map_err(|e| nccl_err("comm_init_rank", e))?;
+        super::world::hold_nccl(comm);
+        // SAFETY: a live communicator.
+        let on = unsafe { nr::comm_cu_device(comm) }.map_err(|e| nccl_err("comm_cu_device", e))?;
+        if let tch::Device::Cuda(want) = device {
+            if on as usize != want {
+                return Err(crate::Error::Dist(format!(
+                    "rank {rank}: the NCCL communicator is on cuda:{on} but this rank computes on cuda:{want}; \
+                     give each rank its own GPU (launch/mpirun.sh sets CUDA_VISIBLE_DEVICES from the local rank)"
+                )));
+            }
+        }
+        watch_async_errors(comm);
         let version = nr::get_nccl_version().unwrap_or(0);
         tracing::info!("NCCL {version}: rank {rank} of {world} on {device:?}");
         let stream = dr::stream::create(dr::stream::StreamKind::NonBlocking).map_err(|e| cuda_err("stream create", e))?;
         Ok(Nccl { comm, rank, world, stream, host })
     }
 
-    /// Enqueue `launch` on the communication stream after everything the compute stream has
-    /// been given so far; the handle keeps `keep` alive until the compute stream waits for it.
-    fn enqueue(&self, what: &str, keep: Vec<Tensor>, launch: impl FnOnce(ns::cudaStream_t) -> Result<()>) -> Result<Handle> {
+    /// Enqueue `launch`, the collective `what` on `elems` elements, on the communication stream
+    /// after everything the compute stream has been given so far; the handle keeps `keep` alive
+    /// until the compute stream waits for it. The collective is in flight for the watchdog from
+    /// here until the GPU has run it (the host never waits for it: the compute stream does).
+    fn enqueue(&self, what: &str, elems: usize, keep: Vec<Tensor>, launch: impl FnOnce(ns::cudaStream_t) -> Result<()>) -> Result<Handle> {
+        let _g = watchdog::enter(format!("nccl {what} of {elems} elements (enqueue)"));
         let flags = ds::CUevent_flags::CU_EVENT_DISABLE_TIMING;
         let ready = dr::event::create(flags).map_err(|e| cuda_err("event create", e))?;
         // SAFETY: fresh event and our own stream; the event is destroyed once the wait is queued
@@ -154,12 +185,31 @@ impl Nccl {
             let _ = dr::event::destroy(ready);
             queued.map_err(|e| cuda_err("event record/wait", e))?;
         }
-        launch(self.stream as ns::cudaStream_t).map_err(|e| crate::Error::Dist(format!("{what}: {e}")))?;
+        launch(self.stream as ns::cudaStream_t)?;
         let done = dr::event::create(flags).map_err(|e| cuda_err("event create", e))?;
         // SAFETY: fresh event recorded on our stream after the collective.
         unsafe { dr::event::record(done, self.stream) }.map_err(|e| cuda_err("event record", e))?;
+        let completion = Completion::record(self.stream)?;
+        watchdog::until(format!("nccl {what} of {elems} elements"), move || completion.poll());
         Ok(Box::new(OnStream { done, keep }))
     }
+}
+
+/// Let the watchdog poll the communicator's asynchronous error (a peer's failure, a network
+/// error): NCCL reports them there, not through the calls, which return once enqueued.
+fn watch_async_errors(comm: ns::ncclComm_t) {
+    let addr = comm as usize;
+    watchdog::health_check(move || {
+        let mut state = ns::ncclResult_t::ncclSuccess;
+        // SAFETY: the communicator is held until the process ends (dist::world); the query is
+        // thread-safe.
+        let rc = unsafe { ns::ncclCommGetAsyncError(addr as ns::ncclComm_t, &mut state) };
+        match (rc, state) {
+            (ns::ncclResult_t::ncclSuccess, ns::ncclResult_t::ncclSuccess | ns::ncclResult_t::ncclInProgress) => None,
+            (ns::ncclResult_t::ncclSuccess, e) => Some(format!("NCCL reports {e:?} on the communicator")),
+            (e, _) => Some(format!("ncclCommGetAsyncError failed: {e:?}")),
+        }
+    });
 }
 
 #[cfg(feature = "mpi")]
@@ -199,7 +249,7 @@ impl Collective for Nccl {
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
         check(t, "broadcast")?;
         let (ptr, n, dt, comm) = (t.data_ptr(), t.numel(), dtype(t.kind())?, self.comm);
-        self.enqueue("NCCL broadcast", vec![t.shallow_clone()], |stream| {
+        self.enqueue("broadcast", n, vec![t.shallow_clone()], |stream| {
             // SAFETY: in-place broadcast on a contiguous device buffer kept alive by the handle.
             unsafe { nr::broadcast(ptr as *const c_void, ptr, n, dt, root as i32, comm, stream) }.map_err(|e| nccl_err("broadcast", e))?;
             Ok(())
@@ -219,17 +269,14 @@ impl Collective for Nccl {
         self.host.barrier()
     }
     fn abort(&self, code: i32) -> ! {
-        // SAFETY: aborting our own communicator; peers blocked in NCCL kernels are released.
-        unsafe {
-            let _ = nr::comm_abort(self.comm);
-        }
-        self.host.abort(code)
+        // dist::world aborts every held communicator (this one included), then MPI.
+        super::world::abort_world(code)
     }
 
     fn start_all_reduce(&self, t: Tensor) -> Result<Handle> {
         check(&t, "all_reduce")?;
         let (ptr, n, dt, comm) = (t.data_ptr(), t.numel(), dtype(t.kind())?, self.comm);
-        self.enqueue("NCCL all_reduce", vec![t], |stream| {
+        self.enqueue("all_reduce", n, vec![t], |stream| {
             // SAFETY: in-place all-reduce on a contiguous device buffer kept alive by the handle.
             unsafe { nr::all_reduce(ptr as *const c_void, ptr, n, dt, ns::ncclRedOp_t::ncclSum, comm, stream) }
                 .map_err(|e| nccl_err("all_reduce", e))?;
@@ -244,7 +291,7 @@ impl Collective for Nccl {
             return Err(crate::Error::Dist("NCCL reduce_scatter: buffer sizes or kinds disagree".into()));
         }
         let (send, recv, n, dt, comm) = (full.data_ptr(), shard.data_ptr(), shard.numel(), dtype(full.kind())?, self.comm);
-        self.enqueue("NCCL reduce_scatter", vec![full, shard], |stream| {
+        self.enqueue("reduce_scatter", n * self.world, vec![full, shard], |stream| {
             // SAFETY: sizes checked above; both buffers kept alive by the handle.
             unsafe { nr::reduce_scatter(send as *const c_void, recv, n, dt, ns::ncclRedOp_t::ncclSum, comm, stream) }
                 .map_err(|e| nccl_err("reduce_scatter", e))?;
@@ -259,7 +306,7 @@ impl Collective for Nccl {
             return Err(crate::Error::Dist("NCCL all_gather: buffer sizes or kinds disagree".into()));
         }
         let (send, recv, n, dt, comm) = (shard.data_ptr(), full.data_ptr(), shard.numel(), dtype(full.kind())?, self.comm);
-        self.enqueue("NCCL all_gather", vec![shard, full], |stream| {
+        self.enqueue("all_gather", n * self.world, vec![shard, full], |stream| {
             // SAFETY: sizes checked above; both buffers kept alive by the handle.
             unsafe { nr::all_gather(send as *const c_void, recv, n, dt, comm, stream) }.map_err(|e| nccl_err("all_gather", e))?;
             Ok(())
@@ -269,10 +316,11 @@ impl Collective for Nccl {
 
 impl Drop for Nccl {
     fn drop(&mut self) {
-        // SAFETY: our stream and communicator; whatever is still queued finishes before both go.
+        // Not the communicator: `dist::world` destroys it after success and aborts it after a
+        // failure. Nor a wait for the stream: on an error path it may hold a collective a peer
+        // never joins. A stream destroyed with work pending is released once that work is done.
+        // SAFETY: our stream, used by nothing after this.
         unsafe {
-            let _ = dr::stream::synchronize(self.stream);
-            let _ = nr::comm_destroy(self.comm);
             let _ = dr::stream::destroy(self.stream);
         }
     }

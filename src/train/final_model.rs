@@ -5,6 +5,8 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 
 use super::{params, Trainer};
+use crate::dist::watchdog;
+use crate::fault::{self, Fault};
 use crate::model::param_specs;
 use crate::Result;
 
@@ -12,6 +14,7 @@ impl Trainer {
     /// Write the current student as an HF model directory (rank 0 writes; every rank takes part
     /// in the per-bucket gathers, so no rank ever holds the fp32 model twice).
     pub fn save_final(&mut self, out: &Path) -> Result<()> {
+        watchdog::set_phase("writing the final model");
         let cfg = self.student.model.config().clone();
         let specs = param_specs(&cfg);
         let index = params::param_index(&self.layout);
@@ -23,7 +26,10 @@ impl Trainer {
         let frozen: std::collections::HashMap<String, Tensor> =
             self.student.model.named_params().into_iter().filter(|(n, _)| !index.contains_key(n)).collect();
         let mut cached: Option<(usize, Tensor)> = None;
-        for s in &specs {
+        for (i, s) in specs.iter().enumerate() {
+            if i == specs.len() / 2 {
+                fault::check(Fault::FinalModel, self.step, "writing the final model")?;
+            }
             let t = match index.get(&s.name) {
                 None => frozen[&s.name].shallow_clone(),
                 Some(&i) => {
@@ -31,6 +37,7 @@ impl Trainer {
                     if cached.as_ref().map(|c| c.0) != Some(p.bucket) {
                         let bk = &self.layout.buckets[p.bucket];
                         let mut buf = Tensor::zeros([bk.padded], (Kind::Float, self.device));
+                        let _g = watchdog::enter(format!("all_gather bucket {} of the final model", p.bucket));
                         self.layout.gather_buckets(&*self.comm, &self.master, &mut buf, &[p.bucket], bk.offset)?;
                         cached = Some((p.bucket, buf));
                     }
@@ -46,7 +53,7 @@ impl Trainer {
         if let Some(w) = writer {
             w.finish(Some(&self.cfg.model.path))?;
         }
+        let _g = watchdog::enter("barrier after rank 0 wrote the final model");
         self.comm.barrier()
     }
-
 }

@@ -15,11 +15,15 @@
 //!    precision); the optimizer updates this rank's fp32 master shard; the method's after-step hook
 //!    runs (teacher EMA);
 //! 6. shards are all-gathered back into the compute-dtype replicas (student, teacher).
+//!
+//! A step whose loss or gradient norm is not finite on any rank is skipped on every rank (no
+//! update of weights, optimizer, teacher or AutoLR), up to `train.max_skipped_steps` in a row.
 
 pub mod backward;
 mod final_model;
 pub mod layout;
 mod net;
+pub mod out_dir;
 pub mod params;
 mod passes;
 pub mod sink;
@@ -38,7 +42,8 @@ use crate::data::loader::{local_batch, LocalBatch, Loader};
 use crate::data::{read_records, tokenize_all, Example, Record, Template, Tokenizer};
 use crate::dist::count::{Counted, OpCount, Tally};
 use crate::dist::zero::FlatLayout;
-use crate::dist::{Collective, Comm};
+use crate::dist::{watchdog, Collective, Comm};
+use crate::fault::{self, Fault};
 use crate::methods::{self, Aux, GradStats, Gradients, Grads, Method, Objective, Reduced, Spec};
 use crate::model::{load_model, param_specs};
 use crate::optim::{self, Optimizer, Schedule};
@@ -84,6 +89,12 @@ pub struct StepLog {
     /// (`UNLEARN_COUNT_COLLECTIVES=1`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub collectives: Option<std::collections::BTreeMap<&'static str, OpCount>>,
+    /// A non-finite loss or gradient norm: no update was applied.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+    /// Some rank was asked to stop (a signal) before this step's agreement: every rank sees it.
+    #[serde(skip)]
+    pub stop_requested: bool,
 }
 
 /// One objective's data, the accumulator its gradients go to, and the weight its loss is scaled
@@ -132,6 +143,8 @@ pub struct Trainer {
     pad_id: i64,
     raw_config: Value,
     step: u64,
+    /// Consecutive steps skipped for non-finite values.
+    skipped_in_a_row: u64,
 }
 
 impl Trainer {
@@ -204,6 +217,7 @@ impl Trainer {
         // Per-objective local norms only where the reduced ones do not exist.
         let estimate = matches!(spec.gradients, Gradients::WeightedSum { .. }) && objectives.len() > 1;
         let local_sq = objectives.iter().map(|_| estimate.then(|| Tensor::zeros([], (Kind::Double, device)))).collect();
+        check_same_data(&*comm, cfg, &objectives)?;
         if rank == 0 {
             let n = |o: Objective| objectives.iter().find(|s| s.obj == o).map_or(0, |s| s.loader.len());
             tracing::info!(
@@ -242,6 +256,7 @@ impl Trainer {
             objectives,
             layer_wise,
             step: 0,
+            skipped_in_a_row: 0,
         };
         trainer.prepare_method()?;
         Ok(trainer)
@@ -302,10 +317,17 @@ impl Trainer {
         }
         let accum = self.cfg.train.grad_accum as f64;
         let weight = self.objectives[k].weight;
+        let step = self.step + 1;
+        fault::check(Fault::Backward, step, "forward/backward")?;
+        let poison = fault::active(Fault::NonFinite, step);
         let mut value = 0.0;
         let method = &mut self.method;
         let mut loss_fn = |logits: &Tensor| -> Result<Tensor> {
-            let out = method.loss(obj, logits, batch, &aux)?;
+            let mut out = method.loss(obj, logits, batch, &aux)?;
+            if poison {
+                out.loss *= f64::NAN;
+                out.value = f64::NAN;
+            }
             value = out.value;
             let loss = out.loss / accum;
             // The weighted sum is accumulated by scaling each loss before backward.
@@ -340,6 +362,7 @@ impl Trainer {
         let t0 = Instant::now();
         crate::dist::take_blocked_seconds();
         let step = self.step + 1;
+        watchdog::set_step(step);
         let objectives = self.spec.objectives();
         for acc in &mut self.accs {
             acc.zero_();
@@ -368,11 +391,17 @@ impl Trainer {
         let (comm, layout, dtype) = (&*self.comm, &self.layout, self.reduce_dtype);
         let shards: Vec<Tensor> = self.accs.iter_mut().map(|a| a.finish(layout, comm, dtype)).collect::<Result<_>>()?;
 
-        // One all-reduce for every scalar of the step: the logged losses (per-rank shares of global
-        // means), the local squared norms, and the shard-local sums of the reduced gradients'
-        // squares. Under one shard every rank holds the whole reduced gradient: rank 0's sums
-        // stand for all. A non-finite value on any rank becomes non-finite on all, so every rank
-        // stops together.
+        let uses = |o: Objective| objectives.contains(&o);
+        for o in objectives.iter().filter(|o| !losses[**o as usize].is_finite()) {
+            // Every rank logs its warnings (the log prefixes the rank), so this names the rank at fault.
+            tracing::warn!("step {step}: this rank's {} loss is {}", o.name(), losses[*o as usize]);
+        }
+        // The step's agreement, one all-reduce for every scalar of the step: the logged losses
+        // (per-rank shares of global means), this rank's stop request (a signal), the local
+        // squared norms, and the shard-local sums of the reduced gradients' squares. Under one
+        // shard every rank holds the whole reduced gradient: rank 0's sums stand for all. A
+        // non-finite value on any rank stays non-finite in the sum and a stop request on any
+        // rank is seen by all, so every rank skips or stops in this same step.
         let dot = crate::dist::zero::dot;
         let owner = layout.shards > 1 || self.comm.rank() == 0;
         let mine = |v: f64| if owner { v } else { 0.0 };
@@ -394,20 +423,16 @@ impl Trainer {
             }
             Gradients::WeightedSum { .. } => vec![dot(&shards[0], &shards[0])],
         };
-        let mut scalars: Vec<f64> = losses.iter().chain(&local).copied().chain(grad_sq.iter().map(|&v| mine(v))).collect();
-        self.comm.all_reduce_f64(&mut scalars)?;
-        let losses = [scalars[0], scalars[1]];
-        let local = [scalars[2], scalars[3]];
-        let sq = &scalars[4..];
-        let uses = |o: Objective| objectives.contains(&o);
-        for o in [Objective::Forget, Objective::Retain] {
-            if uses(o) && !losses[o as usize].is_finite() {
-                return Err(crate::Error::NonFinite { step, msg: format!("{} loss is {}", o.name(), losses[o as usize]) });
-            }
+        let stop = crate::signals::requested().map_or(0.0, |_| 1.0);
+        let mut scalars: Vec<f64> = [losses[0], losses[1], stop].iter().chain(&local).copied().chain(grad_sq.iter().map(|&v| mine(v))).collect();
+        fault::hang_if(Fault::Hang, step);
+        {
+            let _g = watchdog::enter("the step's losses and stop requests");
+            self.comm.all_reduce_f64(&mut scalars)?;
         }
-        if sq.iter().any(|v| !v.is_finite()) {
-            return Err(crate::Error::NonFinite { step, msg: format!("gradient norms are not finite ({sq:?})") });
-        }
+        let (losses, stop_requested) = ([scalars[0], scalars[1]], scalars[2] > 0.0);
+        let local = [scalars[3], scalars[4]];
+        let sq = &scalars[5..];
 
         let mut log = StepLog {
             step,
@@ -425,7 +450,21 @@ impl Trainer {
             comm_wait_s: 0.0,
             autolr: None,
             collectives: None,
+            skipped: false,
+            stop_requested,
         };
+        if let Some(o) = objectives.iter().find(|o| !losses[**o as usize].is_finite()) {
+            return self.skip_step(log, format!("the {} loss is {}", o.name(), losses[*o as usize]), tokens, t0);
+        }
+        if sq.iter().any(|v| !v.is_finite()) {
+            let norms = match self.spec.gradients {
+                Gradients::Separate => format!("‖g_F‖² {}, ‖g_R‖² {}, ⟨g_F, g_R⟩ {}", sq[0], sq[1], sq[2]),
+                Gradients::WeightedSum { .. } => format!("‖g‖² {}", sq[0]),
+            };
+            return self.skip_step(log, format!("the gradient norms are not finite ({norms})"), tokens, t0);
+        }
+        self.skipped_in_a_row = 0;
+
         let reduced = match self.spec.gradients {
             Gradients::Separate => {
                 let stats = GradStats { sq_forget: sq[0], sq_retain: sq[1], dot: sq[2] };
@@ -481,14 +520,49 @@ impl Trainer {
             self.fault_injection_perturb(step);
             self.verify_replicas()?;
         }
-        let elapsed = t0.elapsed().as_secs_f64();
         log.lr = lr;
         log.clip = dir.clip;
+        Ok(self.close_log(log, tokens, t0))
+    }
+
+    /// The step's timing and communication figures, filled in as it ends.
+    fn close_log(&self, mut log: StepLog, tokens: i64, t0: Instant) -> StepLog {
+        let elapsed = t0.elapsed().as_secs_f64();
         log.tokens_per_s = tokens as f64 / elapsed.max(1e-9);
         log.elapsed_s = elapsed;
         log.comm_wait_s = crate::dist::take_blocked_seconds();
         log.collectives = self.tally.as_ref().map(|t| t.take());
-        Ok(log)
+        log
+    }
+
+    /// A step whose loss or gradient norm is not finite (on every rank alike): nothing is updated
+    /// (weights, optimizer, teacher, AutoLR), the data it drew stays consumed, and the step counts.
+    /// Too many in a row stop the run, before anything of them reaches a checkpoint.
+    fn skip_step(&mut self, mut log: StepLog, why: String, tokens: i64, t0: Instant) -> Result<StepLog> {
+        let step = log.step;
+        self.skipped_in_a_row += 1;
+        let max = self.cfg.train.max_skipped_steps;
+        if self.skipped_in_a_row > max {
+            return Err(crate::Error::NonFinite {
+                step,
+                msg: format!(
+                    "{why}; {} step(s) in a row were not finite (train.max_skipped_steps = {max}), so the run stops; \
+                     no update of these steps was applied, so the latest checkpoint holds the last good state",
+                    self.skipped_in_a_row
+                ),
+            });
+        }
+        if self.is_main() {
+            tracing::warn!("step {step}: {why}; step skipped without an update ({} in a row, at most {max})", self.skipped_in_a_row);
+        }
+        self.step = step;
+        log.lr = match self.method.autolr() {
+            Some(a) => a.lr,
+            None => self.schedule.lr(step),
+        };
+        log.clip = 0.0;
+        log.skipped = true;
+        Ok(self.close_log(log, tokens, t0))
     }
 
     /// GeN probe (see methods::autolr): three forwards on a fresh retain batch around the
@@ -590,6 +664,50 @@ fn load_examples(src: &DataSource, tok: &Tokenizer, template: &Template) -> Resu
         return Err(crate::other!("{first}: no usable examples after tokenization"));
     }
     Ok(ex)
+}
+
+/// Every rank must train on the same data: a rank given other files (another node's copy, a path
+/// through a variable set differently) would silently train another model. The examples as read
+/// and tokenized are hashed and compared across ranks once, at start-up (one small all-reduce).
+fn check_same_data(comm: &dyn Collective, cfg: &RunConfig, objectives: &[ObjectiveState]) -> Result<()> {
+    use std::hash::{Hash, Hasher};
+    if comm.world() == 1 {
+        return Ok(());
+    }
+    let hashes: Vec<u64> = objectives
+        .iter()
+        .map(|st| {
+            // SipHash with fixed keys: the same on every rank of one binary.
+            let mut h = std::hash::DefaultHasher::new();
+            for ex in st.loader.examples() {
+                ex.ids.hash(&mut h);
+                ex.n_context.hash(&mut h);
+            }
+            h.finish()
+        })
+        .collect();
+    // Max of (hi, lo, -hi, -lo) over ranks: max == -min for both halves iff every rank agrees
+    // (32-bit halves are exact in f64).
+    let mut v: Vec<f64> = hashes.iter().flat_map(|h| [(h >> 32) as f64, (h & 0xffff_ffff) as f64]).collect();
+    v.extend(v.clone().iter().map(|x| -x));
+    comm.all_reduce_max_f64(&mut v)?;
+    let half = v.len() / 2;
+    for (i, st) in objectives.iter().enumerate() {
+        if v[2 * i] != -v[half + 2 * i] || v[2 * i + 1] != -v[half + 2 * i + 1] {
+            let key = match st.obj {
+                Objective::Forget => "data.forget",
+                Objective::Retain => "data.retain",
+            };
+            let files = cfg.data.source(st.obj, cfg.train.max_len).paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+            return Err(crate::input!(
+                "{key} ({files}) differs between ranks ({} examples on this rank, content hash {:016x}); every rank must read the same \
+                 files (a shared filesystem, or identical copies on every node)",
+                st.loader.len(),
+                hashes[i]
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Append one JSON line to metrics.jsonl (rank 0).
