@@ -169,6 +169,16 @@ impl Nccl {
         Ok(Nccl { comm, rank, world, stream, host })
     }
 
+    /// Both buffers on the GPU, `full` holding world × `shard`'s elements, of one kind.
+    fn check_sharded(&self, what: &str, full: &Tensor, shard: &Tensor) -> Result<()> {
+        check(full, what)?;
+        check(shard, what)?;
+        if full.numel() != shard.numel() * self.world || full.kind() != shard.kind() {
+            return Err(crate::Error::Dist(format!("NCCL {what}: buffer sizes or kinds disagree")));
+        }
+        Ok(())
+    }
+
     /// Enqueue `launch`, the collective `what` on `elems` elements, on the communication stream
     /// after everything the compute stream has been given so far; the handle keeps `keep` alive
     /// until the compute stream waits for it. The collective is in flight for the watchdog from
@@ -285,11 +295,7 @@ impl Collective for Nccl {
     }
 
     fn start_reduce_scatter(&self, full: Tensor, shard: Tensor) -> Result<Handle> {
-        check(&full, "reduce_scatter")?;
-        check(&shard, "reduce_scatter")?;
-        if full.numel() != shard.numel() * self.world || full.kind() != shard.kind() {
-            return Err(crate::Error::Dist("NCCL reduce_scatter: buffer sizes or kinds disagree".into()));
-        }
+        self.check_sharded("reduce_scatter", &full, &shard)?;
         let (send, recv, n, dt, comm) = (full.data_ptr(), shard.data_ptr(), shard.numel(), dtype(full.kind())?, self.comm);
         self.enqueue("reduce_scatter", n * self.world, vec![full, shard], |stream| {
             // SAFETY: sizes checked above; both buffers kept alive by the handle.
@@ -300,11 +306,7 @@ impl Collective for Nccl {
     }
 
     fn start_all_gather(&self, shard: Tensor, full: Tensor) -> Result<Handle> {
-        check(&full, "all_gather")?;
-        check(&shard, "all_gather")?;
-        if full.numel() != shard.numel() * self.world || full.kind() != shard.kind() {
-            return Err(crate::Error::Dist("NCCL all_gather: buffer sizes or kinds disagree".into()));
-        }
+        self.check_sharded("all_gather", &full, &shard)?;
         let (send, recv, n, dt, comm) = (shard.data_ptr(), full.data_ptr(), shard.numel(), dtype(full.kind())?, self.comm);
         self.enqueue("all_gather", n * self.world, vec![shard, full], |stream| {
             // SAFETY: sizes checked above; both buffers kept alive by the handle.
