@@ -144,4 +144,7 @@ fn main() {
         }
         println!("vs plain: time of the one-buffer MPI call of the same kind / time of the bucketed path (< 1: slower)");
     }
+    drop(comm);
+    // MPI belongs to unlearn::dist::world, which finalizes it (after the communication thread ends).
+    unlearn::dist::finalize();
 }

@@ -10,10 +10,16 @@
 # 2. a tiny random Llama (tests/py/hf_ref.py make-model, tokenizer trained on generated text);
 # 3. `unlearn comm-check --backend nccl --device cuda`: every collective through NCCL at world
 #    size 1, results checked exactly;
+#    comm-check includes collectives started while compute kernels run and waited for at the end
+#    (the communication stream ordered by CUDA events, buffers kept alive by the handles);
 # 4. one step of every method with `dist.backend = "nccl"` on CUDA and the same step on the CPU
 #    (`dist.backend = "none"`), both fp32; the final weights compared (tests/py/weights_diff.py):
-#    max relative weight difference and relative difference of the two updates;
-# 5. a summary; exit status 1 if anything failed or an update differs by more than GPU_CHECK_TOL
+#    max relative weight difference and relative difference of the two updates; plus mean
+#    teacher under ZeRO-3 with its teacher gathered per layer (layers prefetched one ahead);
+# 5. NGDiff in bf16 on CUDA with an AutoLR probe every step: the probes run in fp32 on the master
+#    weights, so the three probe losses must be finite and resolve the probe step (L(w+ηd) and
+#    L(w-ηd) differ; on the bf16 replica a 1e-5 step is below the weights' resolution);
+# 6. a summary; exit status 1 if anything failed or an update differs by more than GPU_CHECK_TOL
 #    (default 1e-3 relative: fp32 CUDA and CPU kernels sum in different orders, nothing more).
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -94,17 +100,22 @@ method_toml() {
     graddiff) printf 'name = "graddiff"\nretain_weight = 1.0' ;;
     npo) printf 'name = "npo"\nretain_weight = 1.0' ;;
     ngdiff) printf 'name = "ngdiff"\nautolr = true\nautolr_period = 1' ;;
-    mean-teacher) printf 'name = "mean-teacher"\ndelta = 0.05\nclip = 0.5' ;;
+    mean-teacher | mean-teacher-zero3-gather) printf 'name = "mean-teacher"\ndelta = 0.05\nclip = 0.5' ;;
+  esac
+}
+dist_toml() {
+  case $1 in
+    mean-teacher-zero3-gather) printf 'zero = 3\nteacher = "gather"' ;;
   esac
 }
 optim_toml() {
   case $1 in
-    mean-teacher) printf 'name = "sgd"\nlr = 0.1\nmomentum = 0.9' ;;
+    mean-teacher | mean-teacher-zero3-gather) printf 'name = "sgd"\nlr = 0.1\nmomentum = 0.9' ;;
     *) printf 'name = "adamw"\nlr = 0.002' ;;
   esac
 }
 results=()
-for m in finetune ga graddiff npo ngdiff mean-teacher; do
+for m in finetune ga graddiff npo ngdiff mean-teacher mean-teacher-zero3-gather; do
   cat > "$WORK/$m.toml" <<EOF
 [model]
 path = "$WORK/model"
@@ -121,6 +132,8 @@ steps = 1
 batch_size = 4
 max_len = 64
 out_dir = "$WORK/unused"
+[dist]
+$(dist_toml $m)
 EOF
   ok=1
   for side in gpu cpu; do
@@ -144,6 +157,24 @@ EOF
   line=$(printf "%-13s $GPU_SIDE($GPU_BACKEND) vs cpu: max rel weight diff %.2e, update rel diff %.2e (update norm %.2e)  %s" "$m" "$max_rel" "$update_rel" "$update_norm" "$verdict")
   if [ "$verdict" = ok ]; then note "$line"; else fail "$line"; fi
 done
+
+# 5. AutoLR probes in fp32 while the student computes in bf16.
+if [ "$GPU_SIDE" = cuda ]; then
+  rm -rf "$WORK/run-autolr-bf16"
+  if "$BIN" run --config "$WORK/ngdiff.toml" --set model.device='"cuda"' --set model.dtype='"bf16"' --set dist.backend='"nccl"' \
+    --set optim.lr=1e-5 --set train.steps=2 --set train.out_dir="\"$WORK/run-autolr-bf16\"" > "$WORK/run-autolr-bf16.log" 2>&1; then
+    probe=$("$PY" -c '
+import json, math, sys
+fits = [json.loads(l).get("autolr") for l in open(sys.argv[1])]
+f = [x for x in fits if x][0]
+ok = all(math.isfinite(f[k]) for k in ("l_minus", "l_zero", "l_plus")) and f["l_minus"] != f["l_plus"]
+print(("ok" if ok else "FAIL") + " L(w+ηd)=%.9g L(w)=%.9g L(w-ηd)=%.9g outcome %s" % (f["l_minus"], f["l_zero"], f["l_plus"], f["outcome"]))
+' "$WORK/run-autolr-bf16/metrics.jsonl")
+    case $probe in ok*) note "ngdiff bf16, AutoLR probes in fp32 at lr 1e-5: $probe" ;; *) fail "ngdiff bf16 AutoLR probes: $probe" ;; esac
+  else
+    fail "ngdiff bf16 with AutoLR: run failed: $(tail -n1 "$WORK/run-autolr-bf16.log")"
+  fi
+fi
 
 echo
 echo "gpu_check summary ($WORK):"

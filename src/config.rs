@@ -134,6 +134,12 @@ pub struct DistCfg {
     pub bucket_mb: f64,
     pub teacher: TeacherMode,
     pub verify_every: u64,
+    /// When gradients are reduced: once per optimizer step, or every micro-batch (ZeRO-2/3).
+    pub reduce: ReduceMode,
+    /// The dtype gradients travel in when reduced over ranks (accumulation is fp32 either way).
+    pub reduce_dtype: Dtype,
+    /// Run collectives while backward computes (false: wait for each as soon as it is issued).
+    pub overlap: bool,
     /// Seconds a collective may take before the watchdog ends the job.
     pub timeout_s: f64,
 }
@@ -263,6 +269,18 @@ pub enum TeacherMode {
     Gather,
 }
 choice!(TeacherMode { "replica" => TeacherMode::Replica, "gather" => TeacherMode::Gather });
+
+/// When gradients are reduced over ranks (`dist.reduce`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceMode {
+    /// `step` when a full-length fp32 gradient buffer fits the memory plan, else `micro-batch`.
+    Auto,
+    /// Accumulate micro-batches locally in fp32 and reduce once per optimizer step.
+    Step,
+    /// Reduce-scatter every micro-batch into the shard (ZeRO-2/3: no full-length gradient buffer).
+    MicroBatch,
+}
+choice!(ReduceMode { "auto" => ReduceMode::Auto, "step" => ReduceMode::Step, "micro-batch" => ReduceMode::MicroBatch });
 
 impl RunConfig {
     /// Read a TOML file and apply `--set key=value` overrides.
@@ -399,10 +417,20 @@ impl RunConfig {
         }
         check_batch_bounds(&train, &train_cfg, data_cfg.retain_max_len)?;
 
-        dist.only(&["backend", "zero", "bucket_mb", "teacher", "verify_every", "timeout_s"])?;
+        dist.only(&["backend", "zero", "bucket_mb", "teacher", "verify_every", "timeout_s", "reduce", "reduce_dtype", "overlap"])?;
         let zero = dist.int("zero", 0, 0)?;
         if zero > 3 {
             return Err(dist.err("zero", format!("must be 0, 1, 2 or 3, got {zero}")));
+        }
+        let reduce = dist.choice("reduce", ReduceMode::Auto)?;
+        if reduce == ReduceMode::MicroBatch && zero < 2 {
+            return Err(dist.err(
+                "reduce",
+                format!(
+                    "\"micro-batch\" keeps only this rank's shard of the gradient, which needs dist.zero = 2 or 3 \
+                     (ZeRO-{zero} holds the full gradient anyway: use \"step\" or \"auto\")"
+                ),
+            ));
         }
         let dist_cfg = DistCfg {
             backend: dist.choice("backend", Backend::Auto)?,
@@ -410,6 +438,9 @@ impl RunConfig {
             bucket_mb: dist.float("bucket_mb", 25.0, Bound::Positive)?,
             teacher: dist.choice("teacher", TeacherMode::Replica)?,
             verify_every: dist.int("verify_every", 0, 0)?,
+            reduce,
+            reduce_dtype: dist.choice("reduce_dtype", Dtype::Fp32)?,
+            overlap: dist.boolean("overlap", true)?,
             timeout_s: dist.float("timeout_s", crate::dist::watchdog::DEFAULT_TIMEOUT_S, Bound::Positive)?,
         };
         Ok(RunConfig { model: model_cfg, data: data_cfg, method: method_cfg, optim: optim_cfg, train: train_cfg, dist: dist_cfg })

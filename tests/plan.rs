@@ -60,13 +60,15 @@ fn preset_counts_and_zero2_resident_state_match_transformers() {
         ("phi3.5-mini", PHI3_5_MINI),
     ] {
         let (total, matrices) = counts(&["--config", cfg]);
-        let p = plan(&["--preset", preset, "--world-size", "8", "--method", "mean-teacher", "--zero", "2", "--batch", "32", "--seq", "1024", "--recompute"]);
+        let args = ["--preset", preset, "--world-size", "8", "--method", "mean-teacher", "--zero", "2", "--batch", "32", "--seq", "1024", "--recompute"];
+        let p = plan(&[&args[..], &["--reduce", "micro-batch"]].concat());
         println!("{preset}: transformers {total} params, {matrices} in matrices; plan peak {:.2} GiB ({})", p["peak_bytes"].as_f64().unwrap() / 1073741824.0, p["peak_phase"]);
         assert_eq!(p["params"].as_i64(), Some(total), "{preset}: total parameters");
         assert_eq!(p["trainable_params"].as_i64(), Some(matrices), "{preset}: trainable (matrices)");
-        // What Trainer::new keeps at ZeRO-2, bf16, AdamW, mean teacher with a teacher replica:
-        // frozen and two compute replicas in bf16; master, two Adam moments, EMA and two
-        // gradient shards in fp32, each 1/8 of the trainable parameters (plus bucket padding).
+        // What Trainer::new keeps at ZeRO-2, bf16, AdamW, mean teacher with a teacher replica,
+        // gradients reduced every micro-batch: frozen and two compute replicas in bf16; master,
+        // two Adam moments, EMA and the one gradient shard (the weighted sum of both objectives)
+        // in fp32, each 1/8 of the trainable parameters (plus bucket padding).
         let (t, f, s) = (matrices as f64, (total - matrices) as f64, matrices as f64 / 8.0);
         let expect = [
             ("frozen weights", 2.0 * f),
@@ -75,12 +77,16 @@ fn preset_counts_and_zero2_resident_state_match_transformers() {
             ("fp32 master weights", 4.0 * s),
             ("AdamW state", 8.0 * s),
             ("EMA teacher shard", 4.0 * s),
-            ("gradient accumulators", 8.0 * s),
+            ("gradient accumulators", 4.0 * s),
         ];
         for (name, bytes) in expect {
             let got = resident(&p, name);
             assert!((got - bytes).abs() <= 1e-4 * bytes, "{preset}: {name}: plan {got}, expected {bytes}");
         }
+        // Reduced once per step: the full fp32 local sum and the reduced shard.
+        let q = plan(&[&args[..], &["--reduce", "step"]].concat());
+        let (got, want) = (resident(&q, "gradient accumulators"), 4.0 * t + 4.0 * s);
+        assert!((got - want).abs() <= 1e-4 * want, "{preset}: per-step accumulators: plan {got}, expected {want}");
     }
 }
 
@@ -143,4 +149,47 @@ fn bad_inputs_are_named() {
     assert!(err.contains("llama9-1t") && err.contains("llama2-7b"), "{err}");
     let err = plan_err(&["--model", "/nonexistent", "--world-size", "2", "--method", "ga"]);
     assert!(err.contains("/nonexistent"), "{err}");
+}
+
+/// The step-time model's FLOPs per token equal torch's FlopCounterMode on the same Llama (weight
+/// products exactly; attention at half the full s × s products, the causal kernel's work), and
+/// the command of issue 11 prints a predicted step time and the exposed communication.
+#[test]
+fn step_time_flops_match_torch_and_the_issue_command_prints_the_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = r#"{"vocab_size":320,"hidden_size":64,"intermediate_size":96,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2}"#;
+    let model = make_tiny_model(&tmp.path().join("m"), cfg, 3, "bytebpe");
+    let (batch, seq) = (2.0, 64.0);
+    let torch: Value = serde_json::from_str(&run_py("hf_ref.py", &["count-flops", "--config", cfg, "--batch", "2", "--seq", "64"])).unwrap();
+    let p = plan(&["--model", model.to_str().unwrap(), "--world-size", "1", "--method", "finetune", "--device", "cpu", "--batch", "2", "--seq", "64"]);
+    let f = &p["step_time"]["flops"];
+    let ours = |k: &str| f[k].as_f64().unwrap() * batch * seq;
+    let t = |k: &str| torch[k].as_f64().unwrap();
+    let (fwd, bwd) = (ours("forward_per_token"), ours("backward_per_token"));
+    let (want_fwd, want_bwd) = (t("forward_mm") + t("forward_attention_full") / 2.0, t("backward_mm") + t("backward_attention_full") / 2.0);
+    println!("FLOPs of a 2 x 64 batch: forward ours {fwd} torch {want_fwd}; backward ours {bwd} torch {want_bwd}");
+    assert_eq!(fwd, want_fwd);
+    assert_eq!(bwd, want_bwd);
+
+    let (ok, out, err) = run_unlearn(&["plan", "--preset", "llama2-7b", "--world-size", "16", "--fabric", "ib-400g-x1", "--method", "mean-teacher"]);
+    assert!(ok, "{err}");
+    let step = out.lines().find(|l| l.contains("predicted step time")).unwrap_or_else(|| panic!("no predicted step time:\n{out}"));
+    let exposed = out.lines().find(|l| l.contains("exposed")).unwrap_or_else(|| panic!("no exposed communication:\n{out}"));
+    println!("{step}\n{exposed}");
+    assert!(out.contains("ib-400g-x1") && out.contains("2 node(s)"), "{out}");
+
+    // The promised bytes at 7B: mean teacher, grad_accum 5, ZeRO-2 on 16 ranks reduces its one
+    // fp32 buffer once per step; before, both objectives every micro-batch.
+    let j = plan(&[
+        "--preset", "llama2-7b", "--world-size", "16", "--fabric", "ib-400g-x1", "--method", "mean-teacher", "--zero", "2", "--batch", "16",
+        "--seq", "1024", "--grad-accum", "5", "--recompute", "--reduce", "step",
+    ]);
+    let flat = j["flat_elems"].as_f64().unwrap();
+    let bytes = |design: &str| -> f64 {
+        j["step_time"][design]["comm"].as_array().unwrap().iter().filter(|r| r["what"] == "gradient reduction").map(|r| r["bytes"].as_f64().unwrap()).sum()
+    };
+    assert_eq!(bytes("now"), 4.0 * flat);
+    assert_eq!(bytes("before"), 10.0 * 4.0 * flat);
+    let (now, before) = (&j["step_time"]["now"], &j["step_time"]["before"]);
+    assert!(now["exposed_s"].as_f64() < before["exposed_s"].as_f64());
 }

@@ -120,8 +120,48 @@ fn run_checks(comm: &dyn Collective, device: Device, n: i64) -> Result<Vec<Check
         comm.broadcast_bytes(&mut b, 0)?;
         Ok(if b == b"unlearn" { 0.0 } else { 1.0 })
     })?);
+    checks.push(timed("start_* in flight while compute runs (8 buckets)", || overlapped(comm, device, n))?);
     checks.extend(flat_layout_checks(comm, device)?);
     Ok(checks)
+}
+
+/// Collectives issued with `start_*` while compute goes on, as the trainer issues gradient
+/// buckets: each bucket is produced by a kernel just before its collective starts (an ordering
+/// error reads it unfinished), the buffer a finished bucket came from is overwritten by the next
+/// bucket's kernels (an error there corrupts a result still in flight), and everything is waited
+/// for at the end only. Exact integers, fp32.
+fn overlapped(comm: &dyn Collective, device: Device, n: i64) -> Result<f64> {
+    let (r, w) = (comm.rank() as i64, comm.world() as i64);
+    let tri = (w * (w + 1) / 2) as f64;
+    let n = (n / w).max(1) * w;
+    let base = (Tensor::arange(n, (Kind::Int64, device)).remainder(5) + 1).to_kind(Kind::Float);
+    let mut work = Tensor::zeros([n], (Kind::Float, device));
+    let mut pending = vec![];
+    let mut outputs = vec![];
+    for k in 0..8 {
+        // The bucket: (r+1)·(k+1)·base, written by kernels queued just before the collective.
+        let bucket = &base * ((r + 1) * (k + 1)) as f64;
+        work.copy_(&(&bucket * 3.0)); // compute queued behind the collective's input
+        let shard = Tensor::zeros([n / w], (Kind::Float, device));
+        if k % 2 == 0 {
+            pending.push(comm.start_all_reduce(bucket.shallow_clone())?);
+            outputs.push((k, bucket, None));
+        } else {
+            pending.push(comm.start_reduce_scatter(bucket, shard.shallow_clone())?);
+            outputs.push((k, shard, Some(r)));
+        }
+    }
+    crate::dist::wait_all(pending)?;
+    let mut err = 0f64;
+    for (k, out, part) in outputs {
+        let want = &base * (tri * (k + 1) as f64);
+        let want = match part {
+            Some(r) => want.narrow(0, r * (n / w), n / w),
+            None => want,
+        };
+        err = err.max(max_err(&out, &want));
+    }
+    Ok(err)
 }
 
 /// The ZeRO paths: shard round trip, bucketed gather, reduce-scatter and all-reduce, on the flat

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 
 use toml::Table;
 
-use crate::config::{apply_overrides, parse_choice, Choice, DeviceChoice, Dtype, OptimName, RunConfig, TeacherMode, Trainable};
+use crate::config::{apply_overrides, parse_choice, Choice, DeviceChoice, Dtype, OptimName, ReduceMode, RunConfig, TeacherMode, Trainable};
 use crate::model::Config;
+use crate::plan::time::{self, Compute, Fabric};
 use crate::plan::{estimate, rss, Device, PlanInput, CUDA_NON_TENSOR_GIB, GIB};
 use crate::Result;
 
@@ -100,9 +101,90 @@ pub struct PlanArgs {
     /// Device the ranks run on (model.device; `auto` in a config is planned as cuda) [default: cuda].
     #[arg(long, value_enum)]
     pub device: Option<Device>,
+    /// Micro-batches per optimizer step (train.grad_accum).
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// When gradients are reduced (dist.reduce): auto, step or micro-batch.
+    #[arg(long, value_parser = parse_choice::<ReduceMode>)]
+    pub reduce: Option<ReduceMode>,
+    /// The dtype gradients travel in (dist.reduce_dtype): fp32 or bf16.
+    #[arg(long, value_parser = parse_choice::<Dtype>)]
+    pub reduce_dtype: Option<Dtype>,
+    /// Interconnect of the step-time model: nvlink, ib-400g-x8, ib-400g-x1, ethernet-100g, or
+    /// host-shm (CPU ranks on one machine) [default: nvlink on one node, ib-400g-x8 across nodes,
+    /// host-shm on cpu].
+    #[arg(long)]
+    pub fabric: Option<String>,
+    /// Bus bandwidth across nodes in GB/s per node (instead of --fabric's).
+    #[arg(long)]
+    pub inter_gbps: Option<f64>,
+    /// Bus bandwidth within a node in GB/s (instead of --fabric's).
+    #[arg(long)]
+    pub intra_gbps: Option<f64>,
+    /// Latency per collective call in µs (instead of --fabric's).
+    #[arg(long)]
+    pub latency_us: Option<f64>,
+    /// Ranks (GPUs) per node.
+    #[arg(long, default_value_t = 8)]
+    pub ranks_per_node: usize,
+    /// Peak matrix FLOP/s of one rank's device in TFLOP/s [default: H100 SXM (989 bf16, 67 fp32)
+    /// on cuda; a measured fp32 matrix product on cpu].
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Share of the peak that compute reaches (model FLOPs utilisation) [default: 0.40 on cuda,
+    /// the measured CPU step's share on cpu].
+    #[arg(long)]
+    pub mfu: Option<f64>,
     /// Print the plan as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The step-time model's compute side from the flags (see [`PlanArgs::peak_tflops`]).
+fn compute_side(args: &PlanArgs, device: Device, dtype: Dtype) -> Result<Compute> {
+    for (flag, v) in [("--peak-tflops", args.peak_tflops), ("--mfu", args.mfu)] {
+        if v.is_some_and(|v| !v.is_finite() || v <= 0.0) {
+            return Err(crate::other!("{flag} must be a positive number"));
+        }
+    }
+    if args.mfu.is_some_and(|m| m > 1.0) {
+        return Err(crate::other!("--mfu is a share of the peak, at most 1"));
+    }
+    let mut c = match device {
+        Device::Cuda => Compute::h100(dtype, args.mfu.unwrap_or(0.40)),
+        Device::Cpu => time::cpu_compute(args.mfu),
+    };
+    if let Some(t) = args.peak_tflops {
+        c.peak_flops = t * 1e12;
+        c.words = format!("peak {t} TFLOP/s (given) at {:.0}% MFU", c.mfu * 100.0);
+    }
+    Ok(c)
+}
+
+/// The step-time model's fabric from the flags.
+fn fabric(args: &PlanArgs, device: Device, world: usize) -> Result<Fabric> {
+    for (flag, v) in [("--inter-gbps", args.inter_gbps), ("--intra-gbps", args.intra_gbps), ("--latency-us", args.latency_us)] {
+        if v.is_some_and(|v| v < 0.0 || !v.is_finite()) {
+            return Err(crate::other!("{flag} must be a non-negative number"));
+        }
+    }
+    let name = match (&args.fabric, device) {
+        (Some(n), _) => n.as_str(),
+        (None, Device::Cpu) => "host-shm",
+        (None, Device::Cuda) if world <= args.ranks_per_node => "nvlink",
+        (None, Device::Cuda) => "ib-400g-x8",
+    };
+    if name == "nvlink" && world > args.ranks_per_node {
+        return Err(crate::other!(
+            "--fabric nvlink is one node of {} ranks, but --world-size is {world}: name the fabric between nodes (ib-400g-x8, ib-400g-x1, ethernet-100g) or --inter-gbps",
+            args.ranks_per_node
+        ));
+    }
+    let mut f = Fabric::named(name, args.ranks_per_node)?;
+    if args.inter_gbps.is_some() || args.intra_gbps.is_some() || args.latency_us.is_some() {
+        f = Fabric::explicit(args.intra_gbps.unwrap_or(f.intra_gbs), args.inter_gbps.unwrap_or(f.inter_gbs), f.ranks_per_node, args.latency_us.unwrap_or(f.latency_us));
+    }
+    Ok(f)
 }
 
 fn toml_str(p: &Path) -> String {
@@ -177,6 +259,15 @@ pub fn run(args: &PlanArgs) -> Result<String> {
     if let Some(r) = args.recompute {
         set("train.recompute", r.to_string());
     }
+    if let Some(a) = args.grad_accum {
+        set("train.grad_accum", a.to_string());
+    }
+    if let Some(r) = args.reduce {
+        set("dist.reduce", toml_choice(r));
+    }
+    if let Some(d) = args.reduce_dtype {
+        set("dist.reduce_dtype", toml_choice(d));
+    }
     if let Some(s) = args.seq {
         set("train.max_len", s.to_string());
     }
@@ -238,7 +329,8 @@ pub fn run(args: &PlanArgs) -> Result<String> {
         Device::Cpu => rss::cpu_baseline(),
     };
     let input = PlanInput::from_run_config(&cfg, model, model_name, world, device, budget_gib, baseline)?;
-    let plan = estimate(&input);
+    let mut plan = estimate(&input);
+    plan.step_time = Some(time::step_time(&input, plan.reduce, compute_side(args, device, input.dtype)?, fabric(args, device, world)?));
     if args.json {
         let v = serde_json::to_value(&plan).map_err(|e| crate::other!("plan JSON: {e}"))?;
         return Ok(serde_json::to_string_pretty(&v).map_err(|e| crate::other!("plan JSON: {e}"))? + "\n");

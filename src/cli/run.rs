@@ -168,6 +168,12 @@ fn format_log(l: &crate::train::StepLog, total: u64) -> String {
     if let Some(v) = l.grad_norm_retain {
         s += &format!(" | |g_R| {v:.3e}");
     }
+    if let Some(v) = l.grad_norm {
+        s += &format!(" | |g| {v:.3e}");
+    }
+    if let (Some(f), Some(r)) = (l.grad_norm_forget_local, l.grad_norm_retain_local) {
+        s += &format!(" | |g_F|~{f:.2e} |g_R|~{r:.2e} (local)");
+    }
     s + &format!(" | lr {:.3e} | clip {:.3} | {:.0} tok/s", l.lr, l.clip, l.tokens_per_s)
 }
 

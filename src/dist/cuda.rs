@@ -25,8 +25,8 @@ pub fn select_device(index: usize) -> Result<()> {
     Ok(())
 }
 
-/// An event recorded on the legacy default stream (where the NCCL collectives and every tch
-/// kernel run) after an enqueued collective: complete when the collective is.
+/// An event recorded on the NCCL backend's communication stream after an enqueued collective:
+/// complete when the collective is. The watchdog owns it and polls it from its own thread.
 pub struct Completion {
     event: ds::CUevent,
     ctx: ds::CUcontext,
@@ -37,12 +37,12 @@ pub struct Completion {
 unsafe impl Send for Completion {}
 
 impl Completion {
-    /// Record the point the default stream has reached.
-    pub fn record() -> Result<Completion> {
+    /// Record the point `stream` has reached.
+    pub fn record(stream: ds::CUstream) -> Result<Completion> {
         let ctx = dr::ctx::get_current().map_err(|e| driver_err("cuCtxGetCurrent", e))?.ok_or_else(|| driver_err("cuCtxGetCurrent", "no current context"))?;
         let event = dr::event::create(ds::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| driver_err("cuEventCreate", e))?;
-        // SAFETY: a fresh event; the null stream is the legacy default stream.
-        unsafe { dr::event::record(event, std::ptr::null_mut()) }.map_err(|e| driver_err("cuEventRecord", e))?;
+        // SAFETY: a fresh event, recorded on a live stream of the current context.
+        unsafe { dr::event::record(event, stream) }.map_err(|e| driver_err("cuEventRecord", e))?;
         Ok(Completion { event, ctx })
     }
 
@@ -71,4 +71,13 @@ impl Drop for Completion {
             let _ = dr::event::destroy(self.event);
         }
     }
+}
+
+/// Total memory of the current device in bytes, when the driver library can be loaded.
+pub fn total_memory() -> Option<u64> {
+    // SAFETY: only probes for the driver library.
+    if !unsafe { ds::is_culib_present() } {
+        return None;
+    }
+    dr::mem_get_info().ok().map(|(_, total)| total as u64)
 }

@@ -6,6 +6,7 @@
 //! scalars (norms, losses, checksums). Gradients are SUM-reduced: every rank normalises its loss by
 //! the *global* token count of the micro-batch, so the sum is the single-process gradient.
 
+pub mod count;
 #[cfg(feature = "nccl")]
 mod cuda;
 pub mod gather;
@@ -57,6 +58,91 @@ pub trait Collective {
     fn take_collective_seconds(&self) -> Option<f64> {
         None
     }
+
+    // Collectives that run while the caller computes. Each takes (shallow clones of) its tensors
+    // and keeps them alive until the returned handle is waited on; until then the caller must
+    // neither read nor write their storage. Collectives run in the order they were issued, the
+    // blocking ones above included, so every rank must issue the same sequence. A backend without
+    // a communication thread or stream runs them at once (the defaults).
+
+    /// [`Collective::all_reduce_sum`] of `t`, in place.
+    fn start_all_reduce(&self, t: Tensor) -> Result<Handle> {
+        let mut t = t;
+        self.all_reduce_sum(&mut t)?;
+        Ok(Box::new(Done))
+    }
+    /// [`Collective::reduce_scatter_sum`] of `full` into `shard`.
+    fn start_reduce_scatter(&self, full: Tensor, shard: Tensor) -> Result<Handle> {
+        let mut shard = shard;
+        self.reduce_scatter_sum(&full, &mut shard)?;
+        Ok(Box::new(Done))
+    }
+    /// [`Collective::all_gather`] of `shard` into `full`.
+    fn start_all_gather(&self, shard: Tensor, full: Tensor) -> Result<Handle> {
+        let mut full = full;
+        self.all_gather(&shard, &mut full)?;
+        Ok(Box::new(Done))
+    }
+}
+
+/// A collective in flight (see [`Collective::start_all_reduce`]).
+pub trait InFlight {
+    /// Whether it has finished; never blocks.
+    fn is_done(&mut self) -> bool;
+    /// Return once its results may be read and its buffers reused: on the host for host
+    /// backends; for NCCL, once the compute stream is ordered after it (no host wait).
+    fn wait(self: Box<Self>) -> Result<()>;
+}
+
+pub type Handle = Box<dyn InFlight>;
+
+/// A collective that ran to completion when it was issued.
+pub struct Done;
+
+impl InFlight for Done {
+    fn is_done(&mut self) -> bool {
+        true
+    }
+    fn wait(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Wait for every handle, in order (the first error is returned after all have finished, so that
+/// no buffer is released while a collective still uses it).
+pub fn wait_all(handles: impl IntoIterator<Item = Handle>) -> Result<()> {
+    let mut first = Ok(());
+    for h in handles {
+        let r = h.wait();
+        if first.is_ok() {
+            first = r;
+        }
+    }
+    first
+}
+
+/// Nanoseconds this process's threads have spent blocked waiting for collectives (host
+/// backends), since the last [`take_blocked_seconds`].
+static BLOCKED_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Run `f`, a wait for a collective, and count the time it blocks.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+pub(crate) fn blocked<T>(f: impl FnOnce() -> T) -> T {
+    let t = std::time::Instant::now();
+    let out = f();
+    BLOCKED_NS.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+    out
+}
+
+/// Seconds spent blocked on collectives since the last call: the communication a step did not
+/// hide behind compute (the trainer logs it per step as `comm_wait_s`).
+pub fn take_blocked_seconds() -> f64 {
+    BLOCKED_NS.swap(0, std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
+}
+
+/// Payload bytes of a tensor, as collectives move and count them.
+pub fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.numel() * t.kind().elt_size_in_bytes()) as u64
 }
 
 /// Shared within one process (collectives are issued from the main thread only; every rank issues
@@ -199,6 +285,20 @@ pub fn rank_device(d: tch::Device) -> Result<tch::Device> {
         }
         other => Ok(other),
     }
+}
+
+/// Total memory of a CUDA device in bytes (None on the CPU, or when the driver cannot be asked).
+#[cfg(feature = "nccl")]
+pub fn device_memory_bytes(device: tch::Device) -> Option<u64> {
+    if !device.is_cuda() {
+        return None;
+    }
+    // The model is already on the device, so its primary context is current on this thread.
+    cuda::total_memory()
+}
+#[cfg(not(feature = "nccl"))]
+pub fn device_memory_bytes(_device: tch::Device) -> Option<u64> {
+    None
 }
 
 #[cfg(feature = "nccl")]

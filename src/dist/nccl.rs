@@ -2,9 +2,23 @@
 //! found at run time: `libnccl.so`, which launch/setup.sh links to the torch wheel's
 //! `libnccl.so.2`, so the process holds a single NCCL).
 //!
-//! Collectives are enqueued on the legacy default stream (`stream = null`), the stream every tch
-//! kernel runs on (tch exposes no stream API): NCCL kernels are thereby ordered after the kernels
-//! that produce their inputs and before those that consume their outputs, with no explicit sync.
+//! Every tch kernel runs on the legacy default stream (tch exposes no stream API), the *compute
+//! stream*. Every NCCL collective runs on one communication stream of this backend, created
+//! non-blocking so that it never synchronises implicitly with the compute stream, which lets a
+//! bucket's reduction run while backward computes the next layer. Ordering is explicit:
+//! * before a collective, an event recorded on the compute stream is waited for by the
+//!   communication stream, so NCCL reads its inputs only after the kernels that wrote them;
+//! * after it, an event recorded on the communication stream is what the handle's `wait` makes
+//!   the compute stream wait for (on the device: the host does not block), so later kernels read
+//!   the results only once NCCL has written them.
+//!
+//! The handle owns (shallow clones of) the collective's tensors until then: tch has no
+//! `record_stream`, so a tensor dropped earlier could have its memory handed by the caching
+//! allocator to a kernel on the compute stream while NCCL still uses it. Once the compute stream
+//! waits for the collective's event, any reuse of that memory is ordered after it. All
+//! collectives, the blocking ones too (`start_*` then `wait`), go through the one stream, so
+//! every rank runs them in the order they were issued, as NCCL requires.
+//!
 //! The communicator id is made by rank 0 and broadcast over MPI; host-side scalars (norms, loss
 //! sums) and barriers also go through MPI, or nowhere at world size 1.
 //!
@@ -15,21 +29,73 @@
 
 use std::ffi::c_void;
 
+use cudarc::driver::{result as dr, sys as ds};
 use cudarc::nccl::{result as nr, sys as ns};
 use tch::{Kind, Tensor};
 
 use super::cuda::Completion;
 use super::local::Local;
-use super::watchdog;
-use super::Collective;
+use super::{watchdog, Collective, Handle, InFlight};
 use crate::Result;
 
 pub struct Nccl {
     comm: ns::ncclComm_t,
     rank: usize,
     world: usize,
+    /// The communication stream (non-blocking with respect to the legacy default stream).
+    stream: ds::CUstream,
     /// Host channel: MPI when launched by mpirun, else the trivial world-size-1 group.
     host: Box<dyn Collective>,
+}
+
+fn cuda_err(what: &str, e: impl std::fmt::Debug) -> crate::Error {
+    crate::Error::Dist(format!("CUDA {what}: {e:?}"))
+}
+
+/// The compute stream: the legacy default stream tch runs every kernel on.
+fn compute_stream() -> ds::CUstream {
+    dr::stream::null()
+}
+
+/// A collective enqueued on the communication stream, with the tensors it reads and writes.
+struct OnStream {
+    done: ds::CUevent,
+    keep: Vec<Tensor>,
+}
+
+impl OnStream {
+    /// Order the compute stream after the collective (on the device: the host does not wait),
+    /// then release the tensors: any reuse of their memory is ordered after the collective.
+    fn order_after(&mut self) -> Result<()> {
+        // SAFETY: the event is alive until drop.
+        let r = unsafe { dr::stream::wait_event(compute_stream(), self.done, ds::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) };
+        self.keep.clear();
+        r.map_err(|e| cuda_err("stream wait", e))
+    }
+}
+
+impl InFlight for OnStream {
+    fn is_done(&mut self) -> bool {
+        // SAFETY: the event is ours and alive until drop.
+        unsafe { dr::event::query(self.done) }.is_ok()
+    }
+    fn wait(mut self: Box<Self>) -> Result<()> {
+        self.order_after()
+    }
+}
+
+impl Drop for OnStream {
+    fn drop(&mut self) {
+        if !self.keep.is_empty() {
+            // Dropped without `wait` (an error path): order the compute stream after it as `wait`
+            // does rather than block the host on it, since a failing rank must reach its abort
+            // even when the collective waits for a peer that never joins (the watchdog still
+            // tracks it).
+            let _ = self.order_after();
+        }
+        // SAFETY: destroying a possibly pending event is allowed; resources go when it completes.
+        let _ = unsafe { dr::event::destroy(self.done) };
+    }
 }
 
 /// A failed NCCL call; a remote error (a peer's failure reaching this rank) is a peer failure.
@@ -99,14 +165,43 @@ impl Nccl {
         watch_async_errors(comm);
         let version = nr::get_nccl_version().unwrap_or(0);
         tracing::info!("NCCL {version}: rank {rank} of {world} on {device:?}");
-        Ok(Nccl { comm, rank, world, host })
+        let stream = dr::stream::create(dr::stream::StreamKind::NonBlocking).map_err(|e| cuda_err("stream create", e))?;
+        Ok(Nccl { comm, rank, world, stream, host })
     }
 
-    /// After enqueueing `what`: in flight for the watchdog until the GPU has run it.
-    fn track(&self, what: &str, elems: usize) -> Result<()> {
-        let done = Completion::record()?;
-        watchdog::until(format!("nccl {what} of {elems} elements"), move || done.poll());
+    /// Both buffers on the GPU, `full` holding world × `shard`'s elements, of one kind.
+    fn check_sharded(&self, what: &str, full: &Tensor, shard: &Tensor) -> Result<()> {
+        check(full, what)?;
+        check(shard, what)?;
+        if full.numel() != shard.numel() * self.world || full.kind() != shard.kind() {
+            return Err(crate::Error::Dist(format!("NCCL {what}: buffer sizes or kinds disagree")));
+        }
         Ok(())
+    }
+
+    /// Enqueue `launch`, the collective `what` on `elems` elements, on the communication stream
+    /// after everything the compute stream has been given so far; the handle keeps `keep` alive
+    /// until the compute stream waits for it. The collective is in flight for the watchdog from
+    /// here until the GPU has run it (the host never waits for it: the compute stream does).
+    fn enqueue(&self, what: &str, elems: usize, keep: Vec<Tensor>, launch: impl FnOnce(ns::cudaStream_t) -> Result<()>) -> Result<Handle> {
+        let _g = watchdog::enter(format!("nccl {what} of {elems} elements (enqueue)"));
+        let flags = ds::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+        let ready = dr::event::create(flags).map_err(|e| cuda_err("event create", e))?;
+        // SAFETY: fresh event and our own stream; the event is destroyed once the wait is queued
+        // (destroying a pending event is allowed: it is released when it completes).
+        unsafe {
+            let queued = dr::event::record(ready, compute_stream())
+                .and_then(|_| dr::stream::wait_event(self.stream, ready, ds::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT));
+            let _ = dr::event::destroy(ready);
+            queued.map_err(|e| cuda_err("event record/wait", e))?;
+        }
+        launch(self.stream as ns::cudaStream_t)?;
+        let done = dr::event::create(flags).map_err(|e| cuda_err("event create", e))?;
+        // SAFETY: fresh event recorded on our stream after the collective.
+        unsafe { dr::event::record(done, self.stream) }.map_err(|e| cuda_err("event record", e))?;
+        let completion = Completion::record(self.stream)?;
+        watchdog::until(format!("nccl {what} of {elems} elements"), move || completion.poll());
+        Ok(Box::new(OnStream { done, keep }))
     }
 }
 
@@ -153,60 +248,23 @@ impl Collective for Nccl {
         "nccl"
     }
     fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()> {
-        check(t, "all_reduce")?;
-        let _g = watchdog::enter("nccl all_reduce (enqueue)");
-        let ptr = t.data_ptr();
-        // SAFETY: in-place all-reduce on a contiguous device buffer of numel elements.
-        unsafe {
-            nr::all_reduce(ptr as *const c_void, ptr, t.numel(), dtype(t.kind())?, ns::ncclRedOp_t::ncclSum, self.comm, std::ptr::null_mut())
-        }
-        .map_err(|e| nccl_err("all_reduce", e))?;
-        self.track("all_reduce", t.numel())
+        self.start_all_reduce(t.shallow_clone())?.wait()
     }
     fn reduce_scatter_sum(&self, full: &Tensor, shard: &mut Tensor) -> Result<()> {
-        check(full, "reduce_scatter")?;
-        check(shard, "reduce_scatter")?;
-        if full.numel() != shard.numel() * self.world || full.kind() != shard.kind() {
-            return Err(crate::Error::Dist("NCCL reduce_scatter: buffer sizes or kinds disagree".into()));
-        }
-        let _g = watchdog::enter("nccl reduce_scatter (enqueue)");
-        // SAFETY: sizes checked above.
-        unsafe {
-            nr::reduce_scatter(
-                full.data_ptr() as *const c_void,
-                shard.data_ptr(),
-                shard.numel(),
-                dtype(full.kind())?,
-                ns::ncclRedOp_t::ncclSum,
-                self.comm,
-                std::ptr::null_mut(),
-            )
-        }
-        .map_err(|e| nccl_err("reduce_scatter", e))?;
-        self.track("reduce_scatter", full.numel())
+        self.start_reduce_scatter(full.shallow_clone(), shard.shallow_clone())?.wait()
     }
     fn all_gather(&self, shard: &Tensor, full: &mut Tensor) -> Result<()> {
-        check(full, "all_gather")?;
-        check(shard, "all_gather")?;
-        if full.numel() != shard.numel() * self.world || full.kind() != shard.kind() {
-            return Err(crate::Error::Dist("NCCL all_gather: buffer sizes or kinds disagree".into()));
-        }
-        let _g = watchdog::enter("nccl all_gather (enqueue)");
-        // SAFETY: sizes checked above.
-        unsafe {
-            nr::all_gather(shard.data_ptr() as *const c_void, full.data_ptr(), shard.numel(), dtype(full.kind())?, self.comm, std::ptr::null_mut())
-        }
-        .map_err(|e| nccl_err("all_gather", e))?;
-        self.track("all_gather", full.numel())
+        self.start_all_gather(shard.shallow_clone(), full.shallow_clone())?.wait()
     }
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
         check(t, "broadcast")?;
-        let _g = watchdog::enter("nccl broadcast (enqueue)");
-        let ptr = t.data_ptr();
-        // SAFETY: in-place broadcast on a contiguous device buffer.
-        unsafe { nr::broadcast(ptr as *const c_void, ptr, t.numel(), dtype(t.kind())?, root as i32, self.comm, std::ptr::null_mut()) }
-            .map_err(|e| nccl_err("broadcast", e))?;
-        self.track("broadcast", t.numel())
+        let (ptr, n, dt, comm) = (t.data_ptr(), t.numel(), dtype(t.kind())?, self.comm);
+        self.enqueue("broadcast", n, vec![t.shallow_clone()], |stream| {
+            // SAFETY: in-place broadcast on a contiguous device buffer kept alive by the handle.
+            unsafe { nr::broadcast(ptr as *const c_void, ptr, n, dt, root as i32, comm, stream) }.map_err(|e| nccl_err("broadcast", e))?;
+            Ok(())
+        })?
+        .wait()
     }
     fn all_reduce_f64(&self, v: &mut [f64]) -> Result<()> {
         self.host.all_reduce_f64(v)
@@ -223,5 +281,49 @@ impl Collective for Nccl {
     fn abort(&self, code: i32) -> ! {
         // dist::world aborts every held communicator (this one included), then MPI.
         super::world::abort_world(code)
+    }
+
+    fn start_all_reduce(&self, t: Tensor) -> Result<Handle> {
+        check(&t, "all_reduce")?;
+        let (ptr, n, dt, comm) = (t.data_ptr(), t.numel(), dtype(t.kind())?, self.comm);
+        self.enqueue("all_reduce", n, vec![t], |stream| {
+            // SAFETY: in-place all-reduce on a contiguous device buffer kept alive by the handle.
+            unsafe { nr::all_reduce(ptr as *const c_void, ptr, n, dt, ns::ncclRedOp_t::ncclSum, comm, stream) }
+                .map_err(|e| nccl_err("all_reduce", e))?;
+            Ok(())
+        })
+    }
+
+    fn start_reduce_scatter(&self, full: Tensor, shard: Tensor) -> Result<Handle> {
+        self.check_sharded("reduce_scatter", &full, &shard)?;
+        let (send, recv, n, dt, comm) = (full.data_ptr(), shard.data_ptr(), shard.numel(), dtype(full.kind())?, self.comm);
+        self.enqueue("reduce_scatter", n * self.world, vec![full, shard], |stream| {
+            // SAFETY: sizes checked above; both buffers kept alive by the handle.
+            unsafe { nr::reduce_scatter(send as *const c_void, recv, n, dt, ns::ncclRedOp_t::ncclSum, comm, stream) }
+                .map_err(|e| nccl_err("reduce_scatter", e))?;
+            Ok(())
+        })
+    }
+
+    fn start_all_gather(&self, shard: Tensor, full: Tensor) -> Result<Handle> {
+        self.check_sharded("all_gather", &full, &shard)?;
+        let (send, recv, n, dt, comm) = (shard.data_ptr(), full.data_ptr(), shard.numel(), dtype(full.kind())?, self.comm);
+        self.enqueue("all_gather", n * self.world, vec![shard, full], |stream| {
+            // SAFETY: sizes checked above; both buffers kept alive by the handle.
+            unsafe { nr::all_gather(send as *const c_void, recv, n, dt, comm, stream) }.map_err(|e| nccl_err("all_gather", e))?;
+            Ok(())
+        })
+    }
+}
+
+impl Drop for Nccl {
+    fn drop(&mut self) {
+        // Not the communicator: `dist::world` destroys it after success and aborts it after a
+        // failure. Nor a wait for the stream: on an error path it may hold a collective a peer
+        // never joins. A stream destroyed with work pending is released once that work is done.
+        // SAFETY: our stream, used by nothing after this.
+        unsafe {
+            let _ = dr::stream::destroy(self.stream);
+        }
     }
 }

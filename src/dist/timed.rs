@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tch::Tensor;
 
-use super::{Collective, Comm};
+use super::{Collective, Comm, Handle};
 use crate::Result;
 
 pub struct Timed {
@@ -72,6 +72,17 @@ impl Collective for Timed {
     }
     fn abort(&self, code: i32) -> ! {
         self.inner.abort(code)
+    }
+    // Started collectives go straight through, so that timing does not take their overlap away;
+    // their waits are counted by `dist::blocked` (the trainer's `comm_wait_s`).
+    fn start_all_reduce(&self, t: Tensor) -> Result<Handle> {
+        self.inner.start_all_reduce(t)
+    }
+    fn start_reduce_scatter(&self, full: Tensor, shard: Tensor) -> Result<Handle> {
+        self.inner.start_reduce_scatter(full, shard)
+    }
+    fn start_all_gather(&self, shard: Tensor, full: Tensor) -> Result<Handle> {
+        self.inner.start_all_gather(shard, full)
     }
     fn take_collective_seconds(&self) -> Option<f64> {
         Some(self.spent.replace(0.0))

@@ -9,8 +9,14 @@
 //! and the NCCL communicators are kept here, outside any scope, and only `main` ends them: with
 //! [`finalize`] after success, or with [`abort_world`] after printing the error (NCCL abort, then
 //! `MPI_Abort`, which takes down every rank). The watchdog thread ends a job with
-//! [`abort_from_thread`], which makes no MPI call (MPI may be initialised for one thread only) and
+//! [`abort_from_thread`], which makes no MPI call (the thread it interrupts may be inside one) and
 //! exits at once: the launcher (mpirun, srun --kill-on-bad-exit) then stops the other ranks.
+//!
+//! MPI's collectives are made by the MPI backend's communication thread (`dist::mpi`), so MPI is
+//! initialised here with `MPI_THREAD_MULTIPLE`: main initialises and finalizes (the standard
+//! wants both on one thread) and may abort while that thread is blocked in a collective. A dropped
+//! backend hands its thread over ([`hold_thread`]); [`finalize`] joins it before `MPI_Finalize`,
+//! [`abort_world`] never waits for it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -25,6 +31,8 @@ struct Held {
     universe: Option<::mpi::environment::Universe>,
     /// NCCL communicators (`ncclComm_t` as an address), destroyed on success, aborted on failure.
     nccl: Vec<usize>,
+    /// Communication threads of dropped backends, joined before MPI is finalized.
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 static HELD: Mutex<Option<Held>> = Mutex::new(None);
@@ -36,9 +44,8 @@ fn with_held<T>(f: impl FnOnce(&mut Held) -> T) -> T {
     f(guard.get_or_insert_with(Held::default))
 }
 
-/// The MPI world communicator, initialising MPI on first use (once per process; later callers
-/// share it). MPI is asked for `MPI_THREAD_FUNNELED`: other threads exist (libtorch's pool, the
-/// watchdog) but only the main thread calls MPI.
+/// The MPI world communicator, initialising MPI on first use (once per process, on the calling
+/// thread, which must be main; later callers share it), with `MPI_THREAD_MULTIPLE` requested.
 #[cfg(feature = "mpi")]
 pub(crate) fn mpi_world() -> Result<::mpi::topology::SimpleCommunicator> {
     with_held(|h| {
@@ -46,8 +53,13 @@ pub(crate) fn mpi_world() -> Result<::mpi::topology::SimpleCommunicator> {
             if FINALIZED.load(Ordering::SeqCst) {
                 return Err(crate::Error::Dist("MPI was already finalized in this process".into()));
             }
-            let (universe, _) = ::mpi::initialize_with_threading(::mpi::Threading::Funneled)
+            let (universe, level) = ::mpi::initialize_with_threading(::mpi::Threading::Multiple)
                 .ok_or_else(|| crate::Error::Dist("MPI was initialised outside unlearn".into()))?;
+            if level != ::mpi::Threading::Multiple {
+                // One thread makes the collectives, so SERIALIZED suffices in practice; only the
+                // emergency MPI_Abort from main may then overlap a call of that thread.
+                tracing::warn!("the MPI library provides thread level {level:?}, not MULTIPLE; collectives still run on one thread");
+            }
             h.universe = Some(universe);
         }
         Ok(h.universe.as_ref().expect("set above").world())
@@ -60,12 +72,22 @@ pub(crate) fn hold_nccl(comm: cudarc::nccl::sys::ncclComm_t) {
     with_held(|h| h.nccl.push(comm as usize));
 }
 
-/// End the job's communication in order after success: destroy the NCCL communicators, then
-/// finalize MPI (which waits for every rank to get there; the watchdog bounds that wait).
+/// Keep a dropped backend's communication thread until the process ends (see the module comment).
+#[cfg(feature = "mpi")]
+pub(crate) fn hold_thread(thread: std::thread::JoinHandle<()>) {
+    with_held(|h| h.threads.push(thread));
+}
+
+/// End the job's communication in order after success: let the communication threads finish,
+/// destroy the NCCL communicators, then finalize MPI (which waits for every rank to get there;
+/// the watchdog bounds that wait).
 pub fn finalize() {
     let held = HELD.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let Some(held) = held else { return };
+    let Some(mut held) = held else { return };
     let _g = super::watchdog::enter("finalize (every rank leaving the job)");
+    for t in held.threads.drain(..) {
+        let _ = t.join();
+    }
     #[cfg(feature = "nccl")]
     for comm in &held.nccl {
         // SAFETY: a communicator made by Nccl::init, no longer used by anything (the run is over).
@@ -119,8 +141,8 @@ pub fn abort_world(code: i32) -> ! {
 }
 
 /// End the process from a thread other than main (the watchdog): NCCL abort, then `_exit`
-/// without running anything else. No MPI call: under MPI_THREAD_FUNNELED only main may make one,
-/// and main may be blocked inside MPI. A rank that exits non-zero makes mpirun (and srun with
+/// without running anything else. No MPI call: main or the communication thread may be blocked
+/// inside MPI, and an abort racing them is what the launcher's kill does cleanly. A rank that exits non-zero makes mpirun (and srun with
 /// `--kill-on-bad-exit`) stop the whole job, with this rank's code as the job's.
 pub fn abort_from_thread(code: i32) -> ! {
     abort_nccl();

@@ -17,7 +17,7 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::Collective;
+use super::{Collective, Handle};
 use crate::model::ParamSpec;
 use crate::Result;
 
@@ -195,18 +195,25 @@ impl FlatLayout {
     /// buffer from element `base` on (pass 0 for a whole flat buffer, or a layer's first bucket
     /// offset for a layer-sized buffer).
     pub fn gather_buckets(&self, comm: &dyn Collective, shard: &Tensor, dst: &mut Tensor, buckets: &[usize], base: i64) -> Result<()> {
+        super::wait_all(self.start_gather_buckets(comm, shard, dst, buckets, base)?)
+    }
+
+    /// [`FlatLayout::gather_buckets`] issued without waiting: `dst` may be read once every
+    /// returned handle has been waited on.
+    pub fn start_gather_buckets(&self, comm: &dyn Collective, shard: &Tensor, dst: &Tensor, buckets: &[usize], base: i64) -> Result<Vec<Handle>> {
+        let mut handles = vec![];
         for &b in buckets {
             let bk = &self.buckets[b];
             let per = bk.padded / self.shards as i64;
             let src = shard.narrow(0, self.shard_offset(b), per);
             let mut piece = dst.narrow(0, bk.offset - base, bk.padded);
             if self.shards == 1 {
-                piece.copy_(&src); // copy_ converts the dtype itself: no temporary
+                tch::no_grad(|| piece.copy_(&src)); // copy_ converts the dtype itself: no temporary
             } else {
-                comm.all_gather(&src.to_kind(piece.kind()), &mut piece)?;
+                handles.push(comm.start_all_gather(src.to_kind(piece.kind()), piece)?);
             }
         }
-        Ok(())
+        Ok(handles)
     }
 
     /// Sum a bucket's full-length local gradient over ranks and add this rank's slice of the

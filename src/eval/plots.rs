@@ -95,7 +95,7 @@ pub struct StepPoint {
 /// The keys plotted from a run's metrics.jsonl, by panel.
 const CURVE_PANELS: [(&str, &[&str], bool); 3] = [
     ("loss", &["loss_forget", "loss_retain"], false),
-    ("gradient norm", &["grad_norm_forget", "grad_norm_retain"], true),
+    ("gradient norm", &["grad_norm_forget", "grad_norm_retain", "grad_norm", "grad_norm_forget_local", "grad_norm_retain_local"], true),
     ("lr and clip coefficient", &["lr", "clip"], true),
 ];
 

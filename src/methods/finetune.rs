@@ -29,6 +29,6 @@ pub struct Finetune;
 
 impl Method for Finetune {
     fn direction(&mut self, g: &Grads) -> Result<Direction> {
-        Ok(Direction { d: g.retain.expect("retain gradient").shallow_clone(), clip: 1.0 })
+        Ok(Direction { d: g.sum().0.shallow_clone(), clip: 1.0 })
     }
 }

@@ -35,6 +35,6 @@ impl Method for GradientAscent {
         Ok(LossOut { value: nll.double_value(&[]), loss: -nll })
     }
     fn direction(&mut self, g: &Grads) -> Result<Direction> {
-        Ok(Direction { d: g.forget.expect("forget gradient").shallow_clone(), clip: 1.0 })
+        Ok(Direction { d: g.sum().0.shallow_clone(), clip: 1.0 })
     }
 }

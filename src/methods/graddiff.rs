@@ -31,22 +31,19 @@ impl MethodConfig for GradDiffCfg {
     }
     fn spec(&self) -> Spec {
         let losses = vec![(Objective::Forget, LossKind::Nll), (Objective::Retain, LossKind::Nll)];
-        // r·w_R − f·w_F: two scaled copies, then their difference.
-        Spec::new(losses, Gradients::WeightedSum { forget: -self.forget_weight, retain: self.retain_weight }, UpdateShape::built(2.0), Trainable::All)
+        // r·w_R − f·w_F is the one accumulated gradient itself.
+        Spec::new(losses, Gradients::WeightedSum { forget: -self.forget_weight, retain: self.retain_weight }, UpdateShape::ALIAS, Trainable::All)
     }
     fn build(&self, _params: &Tensor, _lr: f64) -> Result<Box<dyn Method>> {
-        Ok(Box::new(GradDiff { forget_weight: self.forget_weight, retain_weight: self.retain_weight }))
+        Ok(Box::new(GradDiff))
     }
 }
 
-pub struct GradDiff {
-    forget_weight: f64,
-    retain_weight: f64,
-}
+pub struct GradDiff;
 
 impl Method for GradDiff {
     fn direction(&mut self, g: &Grads) -> Result<Direction> {
-        let (f, r) = (g.forget.expect("forget gradient"), g.retain.expect("retain gradient"));
-        Ok(Direction { d: r * self.retain_weight - f * self.forget_weight, clip: 1.0 })
+        // The trainer scaled each loss by its declared weight: the sum is r·w_R − f·w_F.
+        Ok(Direction { d: g.sum().0.shallow_clone(), clip: 1.0 })
     }
 }

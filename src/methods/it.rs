@@ -67,7 +67,7 @@ impl MethodConfig for ItCfg {
         Spec {
             teacher_on: Some(Objective::Retain),
             frozen_model: Some(FrozenModel { on: Objective::Forget, key: "teacher_model", dir: self.teacher_model.clone() }),
-            ..Spec::new(losses, Gradients::WeightedSum { forget: 1.0, retain: 1.0 }, UpdateShape::built(0.0), Trainable::Matrices)
+            ..Spec::new(losses, Gradients::WeightedSum { forget: 1.0, retain: 1.0 }, UpdateShape::ALIAS, Trainable::Matrices)
         }
     }
     fn data_words(&self, obj: Objective) -> &'static str {
@@ -109,7 +109,8 @@ impl Method for It {
     }
 
     fn direction(&mut self, g: &Grads) -> Result<Direction> {
-        Ok(Direction { d: g.forget.expect("forget gradient") + g.retain.expect("retain gradient"), clip: 1.0 })
+        // α·g_F + β·g_R is the declared weighted sum (the weights are in the losses).
+        Ok(Direction { d: g.sum().0.shallow_clone(), clip: 1.0 })
     }
 
     fn teacher_shard(&self) -> Option<&Tensor> {

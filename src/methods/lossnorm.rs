@@ -56,7 +56,8 @@ pub struct LossNorm {
 
 impl Method for LossNorm {
     fn direction(&mut self, g: &Grads) -> Result<Direction> {
-        let (f, r) = (g.forget.expect("forget gradient"), g.retain.expect("retain gradient"));
+        let (f, r, _) = g.separate();
+        let (f, r) = (f.expect("forget gradient"), r.expect("retain gradient"));
         Ok(Direction { d: r / (g.loss_retain + self.eps) - f / (g.loss_forget + self.eps), clip: 1.0 })
     }
 }

@@ -107,10 +107,10 @@ impl MethodConfig for MeanTeacherCfg {
             ForgetLoss::Npo => LossKind::Npo,
         };
         let retain = self.penalty.loss_kind();
-        // (f + r)·c, then + (θ − θ̄)·λc: two temporaries next to d; EMA: θ·δc.
+        // d = g·c, then + (θ − θ̄)·λc: two temporaries next to d; EMA: θ·δc.
         let update = UpdateShape {
             direction_aliases: false,
-            direction_temps: if self.damp != 0.0 { 2.0 } else { 1.0 },
+            direction_temps: if self.damp != 0.0 { 2.0 } else { 0.0 },
             after_step_temps: if self.delta != 0.0 { 1.0 } else { 0.0 },
         };
         Spec {
@@ -175,11 +175,11 @@ impl Method for MeanTeacher {
     }
 
     fn direction(&mut self, g: &Grads) -> Result<Direction> {
-        let (f, r) = (g.forget.expect("forget gradient"), g.retain.expect("retain gradient"));
-        let s = g.stats;
-        let norm = (s.sq_forget + s.sq_retain + 2.0 * s.dot).max(0.0).sqrt();
+        // The one accumulated gradient is g_F + g_R (α and β are in the losses).
+        let (sum, sq) = g.sum();
+        let norm = sq.max(0.0).sqrt();
         let c = if norm > 0.0 { (self.cfg.clip / norm).min(1.0) } else { 1.0 };
-        let mut d = (f + r) * c;
+        let mut d = sum * c;
         if self.cfg.damp != 0.0 {
             d += (g.params - &self.teacher) * (self.cfg.damp * c);
         }

@@ -167,8 +167,8 @@ pub struct Spec {
     /// (every weight for the NGDiff paper's, TOFU's and open-unlearning's baselines; attention and
     /// MLP matrices for mt-unlearn's mean teacher and its baselines).
     pub trainable: Trainable,
-    /// NGDiff's AutoLR probe (three extra forwards around a trial step).
-    pub autolr: bool,
+    /// NGDiff's AutoLR probe: three extra forwards around a trial step, every this many steps.
+    pub autolr: Option<u64>,
     /// The method clips its own update and scales other state by the clip factor, so a global
     /// clip (`optim.clip_norm`) on top is refused.
     pub clips_itself: bool,
@@ -179,7 +179,7 @@ impl Spec {
     /// A method that needs nothing beyond its objectives, the gradients it reads and its default
     /// trainable set.
     pub fn new(losses: Vec<(Objective, LossKind)>, gradients: Gradients, update: UpdateShape, trainable: Trainable) -> Self {
-        Spec { losses, teacher_on: None, gradients, reference: None, frozen_model: None, trainable, autolr: false, clips_itself: false, update }
+        Spec { losses, teacher_on: None, gradients, reference: None, frozen_model: None, trainable, autolr: None, clips_itself: false, update }
     }
 
     pub fn objectives(&self) -> Vec<Objective> {
@@ -314,17 +314,43 @@ pub struct GradStats {
     pub dot: f64,
 }
 
-/// The gradient shards a step combines (present for the objectives the method uses).
+/// The reduced gradients a step combines, as the spec's [`Gradients`] declares.
+pub enum Reduced<'a> {
+    /// `Gradients::Separate`: each used objective's reduced gradient shard, with their global
+    /// statistics.
+    Separate { forget: Option<&'a Tensor>, retain: Option<&'a Tensor>, stats: GradStats },
+    /// `Gradients::WeightedSum`: the shard of `forget·g_F + retain·g_R` (the declared weights
+    /// already applied) and its global squared norm.
+    Sum { g: &'a Tensor, sq: f64 },
+}
+
+/// What [`Method::direction`] reads.
 pub struct Grads<'a> {
-    pub forget: Option<&'a Tensor>,
-    pub retain: Option<&'a Tensor>,
-    pub stats: GradStats,
+    pub reduced: Reduced<'a>,
     /// The step's logged losses (summed over ranks, averaged over accumulation steps), identical
     /// on every rank; 0 for an objective the method does not use (LossNorm divides by them).
     pub loss_forget: f64,
     pub loss_retain: f64,
     /// This rank's shard of the current fp32 parameters.
     pub params: &'a Tensor,
+}
+
+impl Grads<'_> {
+    /// The weighted sum and its global ‖·‖² (methods that declare `WeightedSum`).
+    pub fn sum(&self) -> (&Tensor, f64) {
+        match self.reduced {
+            Reduced::Sum { g, sq } => (g, sq),
+            Reduced::Separate { .. } => panic!("a method declaring separate gradients asked for their sum"),
+        }
+    }
+
+    /// Each objective's gradient and the statistics (methods that declare `Separate`).
+    pub fn separate(&self) -> (Option<&Tensor>, Option<&Tensor>, GradStats) {
+        match self.reduced {
+            Reduced::Separate { forget, retain, stats } => (forget, retain, stats),
+            Reduced::Sum { .. } => panic!("a method declaring a weighted sum asked for separate gradients"),
+        }
+    }
 }
 
 /// The update direction and what to log about it.
@@ -394,34 +420,40 @@ mod tests {
         RunConfig::from_table(&text.parse().unwrap(), "test", false).unwrap().method
     }
 
-    /// A method declaring `WeightedSum` must compute exactly that sum when nothing else (clip,
-    /// proximal pull) is in play: issue 11's single accumulator will rely on the declaration.
+    /// The trainer builds `forget·g_F + retain·g_R` from a `WeightedSum` declaration and hands the
+    /// method only that sum: with nothing else in play (clip, proximal pull), the direction must be
+    /// the method's own definition of its update, so the declared weights are the right ones.
     #[test]
-    fn declared_weighted_sums_are_what_the_directions_compute() {
-        let cases = [
-            ("finetune", ""),
-            ("ga", ""),
-            ("graddiff", "forget_weight = 0.25\nretain_weight = 2.0"),
-            ("npo", ""),
-            ("npo", "retain_weight = 0.5"),
-            ("mean-teacher", "damp = 0.0\nclip = 1e9"),
-            ("it", "teacher_model = \"small\""),
-        ];
+    fn declared_weighted_sums_give_each_methods_own_update() {
         let f = Tensor::from_slice(&[1.0f32, -2.0, 0.5]);
         let r = Tensor::from_slice(&[0.25f32, 4.0, -1.0]);
         let p = Tensor::from_slice(&[0.1f32, 0.2, 0.3]);
-        for (name, keys) in cases {
+        // (name, keys, the update as the method's paper or baseline defines it)
+        let cases: [(&str, &str, Tensor); 7] = [
+            ("finetune", "", r.copy()),
+            ("ga", "", f.copy()),
+            ("graddiff", "forget_weight = 0.25\nretain_weight = 2.0", &r * 2.0 - &f * 0.25),
+            ("npo", "", f.copy()),
+            ("npo", "retain_weight = 0.5", &f + &r * 0.5),
+            ("mean-teacher", "damp = 0.0\nclip = 1e9", &f + &r),
+            ("it", "teacher_model = \"small\"", &f + &r),
+        ];
+        for (name, keys, want) in cases {
             let cfg = settings(name, keys);
             let spec = cfg.spec();
             let Gradients::WeightedSum { forget, retain } = spec.gradients else { panic!("{name}: expected a weighted sum") };
+            let mut sum = Tensor::zeros([3], (tch::Kind::Float, tch::Device::Cpu));
+            if spec.uses(Objective::Forget) {
+                sum += &f * forget;
+            }
+            if spec.uses(Objective::Retain) {
+                sum += &r * retain;
+            }
+            let sq = sum.square().sum(tch::Kind::Double).double_value(&[]);
             let mut m = cfg.build(&p, 0.1).unwrap();
-            let stats = GradStats { sq_forget: 5.25, sq_retain: 17.0625, dot: -8.25 };
-            let (forget_g, retain_g) = (spec.uses(Objective::Forget).then_some(&f), spec.uses(Objective::Retain).then_some(&r));
-            let grads = Grads { forget: forget_g, retain: retain_g, stats, loss_forget: 2.0, loss_retain: 0.5, params: &p };
-            let d = m.direction(&grads).unwrap().d;
-            let want = &f * forget + &r * retain;
+            let d = m.direction(&Grads { reduced: Reduced::Sum { g: &sum, sq }, loss_forget: 2.0, loss_retain: 0.5, params: &p }).unwrap().d;
             let err = (&d - &want).abs().max().double_value(&[]);
-            assert!(err < 1e-6, "{name} {keys:?}: direction {d:?} is not {forget}·g_F + {retain}·g_R");
+            assert!(err < 1e-6, "{name} {keys:?}: direction {d:?} from the declared weights ({forget}, {retain}) is not {want:?}");
         }
         assert_eq!(settings("ngdiff", "").spec().gradients, Gradients::Separate);
         assert_eq!(settings("lossnorm", "").spec().gradients, Gradients::Separate);
@@ -434,7 +466,8 @@ mod tests {
         let r = Tensor::from_slice(&[0.25f32, 4.0, -1.0]);
         let p = Tensor::from_slice(&[0.1f32, 0.2, 0.3]);
         let mut m = settings("lossnorm", "eps = 1e-8").build(&p, 0.1).unwrap();
-        let grads = Grads { forget: Some(&f), retain: Some(&r), stats: GradStats::default(), loss_forget: 2.0, loss_retain: 0.5, params: &p };
+        let reduced = Reduced::Separate { forget: Some(&f), retain: Some(&r), stats: GradStats::default() };
+        let grads = Grads { reduced, loss_forget: 2.0, loss_retain: 0.5, params: &p };
         let d = m.direction(&grads).unwrap().d;
         let want = &r * (1.0 / (0.5 + 1e-8)) - &f * (1.0 / (2.0 + 1e-8));
         assert!((&d - &want).abs().max().double_value(&[]) < 1e-6, "{d:?} vs {want:?}");

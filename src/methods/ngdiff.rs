@@ -41,7 +41,7 @@ impl MethodConfig for NgDiffCfg {
     fn spec(&self) -> Spec {
         let losses = vec![(Objective::Forget, LossKind::Nll), (Objective::Retain, LossKind::Nll)];
         // r/‖r‖ and f/‖f‖, then their difference; the norms need each reduced gradient on its own.
-        Spec { autolr: self.autolr, ..Spec::new(losses, Gradients::Separate, UpdateShape::built(2.0), Trainable::All) }
+        Spec { autolr: self.autolr.then_some(self.autolr_period), ..Spec::new(losses, Gradients::Separate, UpdateShape::built(2.0), Trainable::All) }
     }
     fn build(&self, _params: &Tensor, lr: f64) -> Result<Box<dyn Method>> {
         let autolr = self.autolr.then(|| AutoLr::new(lr, self.autolr_period, self.autolr_smoothing));
@@ -56,9 +56,10 @@ pub struct NgDiff {
 
 impl Method for NgDiff {
     fn direction(&mut self, g: &Grads) -> Result<Direction> {
-        let (f, r) = (g.forget.expect("forget gradient"), g.retain.expect("retain gradient"));
-        let n_f = g.stats.sq_forget.sqrt();
-        let n_r = g.stats.sq_retain.sqrt();
+        let (f, r, stats) = g.separate();
+        let (f, r) = (f.expect("forget gradient"), r.expect("retain gradient"));
+        let n_f = stats.sq_forget.sqrt();
+        let n_r = stats.sq_retain.sqrt();
         Ok(Direction { d: r / (n_r + self.eps) - f / (n_f + self.eps), clip: 1.0 })
     }
     fn autolr(&mut self) -> Option<&mut AutoLr> {

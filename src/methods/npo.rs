@@ -78,16 +78,15 @@ impl MethodConfig for NpoCfg {
         if with_retain {
             losses.push((Objective::Retain, LossKind::Nll));
         }
-        // f + r·w (one scaled copy), or f itself without a retain term.
-        let update = if with_retain { UpdateShape::built(1.0) } else { UpdateShape::ALIAS };
+        // f + r·w is the one accumulated gradient itself.
         let gradients = Gradients::WeightedSum { forget: 1.0, retain: self.retain_weight };
-        Spec { reference: Some(self.npo.reference_pass()), ..Spec::new(losses, gradients, update, Trainable::All) }
+        Spec { reference: Some(self.npo.reference_pass()), ..Spec::new(losses, gradients, UpdateShape::ALIAS, Trainable::All) }
     }
     fn model_dirs(&self) -> Vec<(&'static str, &Path)> {
         self.npo.model_dirs()
     }
     fn build(&self, _params: &Tensor, _lr: f64) -> Result<Box<dyn Method>> {
-        Ok(Box::new(Npo { settings: self.npo.clone(), retain_weight: self.retain_weight, reference: None }))
+        Ok(Box::new(Npo { settings: self.npo.clone(), reference: None }))
     }
 }
 
@@ -129,7 +128,6 @@ pub(crate) fn npo_forget_loss(lp: &Tensor, batch: &LocalBatch, reference: Option
 
 pub struct Npo {
     settings: NpoSettings,
-    retain_weight: f64,
     reference: Option<ReferenceSums>,
 }
 
@@ -145,11 +143,7 @@ impl Method for Npo {
         }
     }
     fn direction(&mut self, g: &Grads) -> Result<Direction> {
-        let f = g.forget.expect("forget gradient");
-        let d = match g.retain {
-            Some(r) => f + r * self.retain_weight,
-            None => f.shallow_clone(),
-        };
-        Ok(Direction { d, clip: 1.0 })
+        // f + r·w, weighted by the trainer as the spec declares.
+        Ok(Direction { d: g.sum().0.shallow_clone(), clip: 1.0 })
     }
 }

@@ -19,10 +19,11 @@ pub mod activations;
 mod phases;
 pub mod render;
 pub mod rss;
+pub mod time;
 
 use serde::Serialize;
 
-use crate::config::{Dtype, OptimName, RunConfig, TeacherMode, Trainable};
+use crate::config::{Dtype, OptimName, ReduceMode, RunConfig, TeacherMode, Trainable};
 use crate::methods::Spec;
 use crate::model::Config;
 use crate::train::layout;
@@ -74,6 +75,14 @@ pub struct PlanInput {
     pub weight_decay: bool,
     pub clip_norm: bool,
     pub bucket_mb: f64,
+    /// `dist.reduce` as configured (`auto` is resolved by [`estimate`]).
+    pub reduce: ReduceMode,
+    /// `dist.reduce_dtype`.
+    pub reduce_dtype: Dtype,
+    /// `dist.overlap`.
+    pub overlap: bool,
+    /// `train.grad_accum`.
+    pub grad_accum: usize,
     /// `dist.verify_every > 0`.
     pub verify: bool,
     pub budget_gib: f64,
@@ -129,6 +138,10 @@ impl PlanInput {
             weight_decay: cfg.optim.weight_decay != 0.0,
             clip_norm: cfg.optim.clip_norm > 0.0,
             bucket_mb: cfg.dist.bucket_mb,
+            reduce: cfg.dist.reduce,
+            reduce_dtype: cfg.dist.reduce_dtype,
+            overlap: cfg.dist.overlap,
+            grad_accum: cfg.train.grad_accum,
             verify: cfg.dist.verify_every > 0,
             budget_gib,
             baseline_bytes: baseline.0,
@@ -139,6 +152,19 @@ impl PlanInput {
     /// The layer-wise executor runs with recompute and always under ZeRO-3.
     pub fn layer_wise(&self) -> bool {
         layout::layer_wise(self.recompute, self.zero)
+    }
+
+    /// Gradient accumulators: one per objective when the method reads them separately, else one.
+    pub fn accumulators(&self) -> usize {
+        match self.method_spec.gradients {
+            crate::methods::Gradients::Separate => self.method_spec.losses.len(),
+            crate::methods::Gradients::WeightedSum { .. } => 1,
+        }
+    }
+
+    /// Whether reductions move bf16 (only when something travels).
+    pub fn bf16_wire(&self) -> bool {
+        self.reduce_dtype == Dtype::Bf16 && self.world_size > 1
     }
 }
 
@@ -172,12 +198,19 @@ pub struct Plan {
     pub shard_elems: i64,
     pub flat_elems: i64,
     pub buckets: usize,
+    /// When gradients are reduced: `dist.reduce` with `auto` resolved (always `step` below ZeRO-2).
+    pub reduce: ReduceMode,
+    /// Why, in words.
+    pub reduce_note: String,
     pub resident: Phase,
     pub phases: Vec<Phase>,
     pub peak_phase: String,
     pub peak_bytes: f64,
     pub budget_bytes: f64,
     pub fits: bool,
+    /// The step-time model (`unlearn plan` fills it in; the trainer's own plan leaves it out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_time: Option<time::StepTime>,
 }
 
 /// "6.48 G", "809.5 M", "131.1 k".
@@ -190,9 +223,39 @@ pub fn count(x: f64) -> String {
     }
 }
 
-/// The per-rank memory plan.
+/// The per-rank memory plan, with `dist.reduce = "auto"` resolved: once per step when the plan
+/// with a full fp32 gradient buffer fits the budget, else every micro-batch.
 pub fn estimate(p: &PlanInput) -> Plan {
-    let z = Sizes::new(p);
+    let sharded = p.zero >= 2 && p.world_size > 1;
+    match (p.reduce, sharded) {
+        (_, false) => {
+            let why = if p.world_size == 1 { "one rank: nothing to reduce".to_string() } else { format!("ZeRO-{} keeps a full gradient buffer", p.zero) };
+            estimate_at(p, ReduceMode::Step, format!("once per step ({why})"))
+        }
+        (ReduceMode::Auto, true) => {
+            let step = estimate_at(p, ReduceMode::Step, String::new());
+            let peak = |pl: &Plan| pl.peak_bytes / GIB;
+            if step.fits {
+                let note = format!("once per step (auto: {:.2} GiB with a full fp32 gradient buffer fits {:.2} GiB)", peak(&step), p.budget_gib);
+                Plan { reduce_note: note, ..step }
+            } else {
+                let micro = estimate_at(p, ReduceMode::MicroBatch, String::new());
+                let note = format!(
+                    "every micro-batch (auto: a full fp32 gradient buffer would need {:.2} GiB of {:.2} GiB; sharded: {:.2} GiB)",
+                    peak(&step),
+                    p.budget_gib,
+                    peak(&micro)
+                );
+                Plan { reduce_note: note, ..micro }
+            }
+        }
+        (ReduceMode::MicroBatch, true) => estimate_at(p, ReduceMode::MicroBatch, "every micro-batch (dist.reduce)".into()),
+        (ReduceMode::Step, true) => estimate_at(p, ReduceMode::Step, "once per step (dist.reduce)".into()),
+    }
+}
+
+fn estimate_at(p: &PlanInput, reduce: ReduceMode, reduce_note: String) -> Plan {
+    let z = Sizes::new(p, reduce == ReduceMode::Step);
     let resident = z.resident();
     let ctx = PhaseCtx {
         resident: resident.total_bytes,
@@ -214,11 +277,29 @@ pub fn estimate(p: &PlanInput) -> Plan {
         shard_elems: z.layout.shard_len(),
         flat_elems: z.layout.total,
         buckets: z.layout.buckets.len(),
+        reduce,
+        reduce_note,
         resident,
         phases,
         fits: peak_bytes <= budget_bytes,
+        step_time: None,
         peak_phase,
         peak_bytes,
         budget_bytes,
+    }
+}
+
+/// The memory budget (GiB) and non-tensor baseline of one rank of a run on `device`: the GPU's
+/// memory (80 GiB when it cannot be read), or this machine's memory over the ranks on it.
+pub fn run_budget(device: Device, tch_device: tch::Device) -> (f64, (f64, String)) {
+    match device {
+        Device::Cuda => {
+            let gib = crate::dist::device_memory_bytes(tch_device).map_or(80.0, |b| b as f64 / GIB);
+            (gib, (CUDA_NON_TENSOR_GIB * GIB, format!("CUDA context, cuBLAS and NCCL buffers (assumed {CUDA_NON_TENSOR_GIB} GiB)")))
+        }
+        Device::Cpu => {
+            let per_rank = rss::host_memory_bytes().map_or(16.0, |b| b as f64 / GIB / crate::dist::local_world_size().max(1) as f64);
+            (per_rank, rss::cpu_baseline())
+        }
     }
 }

@@ -103,6 +103,8 @@ pub(super) struct Sizes<'a> {
     logits: f64,
     layers: f64,
     cpu_mpi: bool,
+    /// Gradients reduced once per step from a full-length local sum (else every micro-batch).
+    reduce_step: bool,
     bsv: String,
     shard_words: String,
     /// fp32 compute on one shard below ZeRO-3: the compute replicas are the fp32 shards (train/mod.rs).
@@ -110,7 +112,7 @@ pub(super) struct Sizes<'a> {
 }
 
 impl<'a> Sizes<'a> {
-    pub fn new(p: &'a PlanInput) -> Self {
+    pub fn new(p: &'a PlanInput, reduce_step: bool) -> Self {
         let specs = param_specs(&p.model);
         let trainable = layout::trainable_specs(&specs, p.trainable);
         let frozen_n = specs.iter().filter(|s| !p.trainable.includes(s.role)).map(ParamSpec::numel).sum::<i64>() as f64;
@@ -148,6 +150,7 @@ impl<'a> Sizes<'a> {
             logits: b * s * w.vocab,
             layers: n_layers as f64,
             cpu_mpi: p.device == Device::Cpu && p.world_size > 1,
+            reduce_step: reduce_step || p.zero < 2 || p.world_size == 1,
             bsv: format!("b·s·V = {b}×{s}×{}", w.vocab),
             shard_words: if shards == 1 {
                 "the whole flat buffer (not sharded)".to_string()
@@ -165,8 +168,10 @@ impl<'a> Sizes<'a> {
     fn master_row(&self) -> Row {
         row("fp32 master weights", format!("{} × 4 B", self.shard_words), self.shard * 4.0)
     }
-    fn gathered_layer_row(&self, what: &str, present: bool) -> Row {
-        row(what.to_string(), format!("block span {} × {}", count(self.block_span), self.cw), if present { self.block_span * self.c } else { 0.0 })
+    /// The layer being used and the next one being gathered (prefetch one layer ahead).
+    fn gathered_layers_row(&self, what: &str, present: bool, bytes_per: f64, words: &str) -> Row {
+        let f = format!("current + prefetched: 2 × block span {} × {words}", count(self.block_span));
+        row(what.to_string(), f, if present { 2.0 * self.block_span * bytes_per } else { 0.0 })
     }
     fn block_grads_row(&self) -> Row {
         row("one block's weight gradients", format!("{} × {}", count(self.block_params), self.cw), self.block_params * self.c)
@@ -174,9 +179,6 @@ impl<'a> Sizes<'a> {
     fn backward_temps_row(&self) -> Row {
         let t = self.w.block_backward_temps();
         row("block backward temporaries", format!("b·s × {t:.0} B (MLP product-rule gradients, a hidden-width gradient)"), self.tokens * t)
-    }
-    fn student_logits_row(&self) -> Row {
-        row("student logits", format!("{} × {}, held until the pass returns", self.bsv, self.cw), self.logits * self.c)
     }
     fn all_activations_row(&self) -> Row {
         let a = self.w.block_saved(false);
@@ -186,15 +188,32 @@ impl<'a> Sizes<'a> {
             self.layers * self.tokens * a,
         )
     }
-    /// The bucket buffer reduce-scatter allocates, plus Open MPI's scratch on the CPU.
-    fn reduce_scatter_row(&self) -> Row {
-        let bytes = if self.p.zero >= 2 && self.p.world_size > 1 {
-            self.max_bucket / self.world * 4.0 + if self.cpu_mpi { self.max_bucket * 4.0 } else { 0.0 }
-        } else {
-            0.0
-        };
-        let words = if self.cpu_mpi { "received piece (bucket/N × 4 B) + Open MPI scratch (≈ one bucket × 4 B)" } else { "received piece: bucket/N × 4 B" };
-        row("reduce-scatter buffers", words, bytes)
+    /// What a pass's reductions hold besides the accumulators: under `micro-batch`, the bucket
+    /// being assembled and up to `MAX_IN_FLIGHT` issued ones with their received pieces; bf16
+    /// wire copies; Open MPI's scratch on the CPU (about one bucket).
+    fn reduction_rows(&self) -> Vec<Row> {
+        let p = self.p;
+        let mut rows = vec![];
+        if p.world_size == 1 {
+            return rows;
+        }
+        let inflight = crate::train::sink::MAX_IN_FLIGHT as f64;
+        let b = self.max_bucket;
+        let piece = b / self.world;
+        let wire = if p.bf16_wire() { 2.0 } else { 4.0 };
+        if !self.reduce_step {
+            let words = format!("assembling + {inflight} in flight: ({inflight} + 1) × largest bucket × 4 B + {inflight} received pieces (bucket/N)");
+            let bytes = (inflight + 1.0) * b * 4.0 + inflight * piece * wire + if p.bf16_wire() { inflight * b * 2.0 } else { 0.0 };
+            rows.push(row("bucket buffers in flight", words, bytes));
+        } else if p.bf16_wire() {
+            let per = if self.layout.shards == 1 { b } else { piece };
+            let words = format!("bf16 copies of ≤ {inflight} buckets in flight and their received pieces");
+            rows.push(row("bf16 reduction buffers", words, inflight * (b + per) * 2.0));
+        }
+        if self.cpu_mpi {
+            rows.push(row("MPI scratch", "the communication thread's send copy / Open MPI's reduction scratch: ≈ largest bucket × 4 B", b * 4.0));
+        }
+        rows
     }
     fn grad_cast_row(&self) -> Row {
         let bytes = if self.c == 2.0 { self.max_param * 4.0 } else { 0.0 };
@@ -242,9 +261,15 @@ impl<'a> Sizes<'a> {
                 row("teacher compute replica", "none (dist.teacher = gather: one layer gathered per teacher forward)", 0.0)
             });
         }
-        let n_obj = m.losses.len() as f64;
-        let (one, words) = if p.zero < 2 { (flat * 4.0, format!("full flat {}", count(flat))) } else { (shard * 4.0, format!("shard {}", count(shard))) };
-        res.push(row("gradient accumulators", format!("{n_obj} objective(s) × {words} × 4 B"), n_obj * one));
+        let n_acc = p.accumulators() as f64;
+        let which = if n_acc == 1.0 && m.losses.len() > 1 { "1 (the weighted sum of the objectives)".to_string() } else { format!("{n_acc}") };
+        let sharded = self.layout.shards > 1;
+        let (one, words) = match (self.reduce_step, sharded) {
+            (true, false) => (flat * 4.0, format!("full flat {} (reduced in place)", count(flat))),
+            (true, true) => (flat * 4.0 + shard * 4.0, format!("(local sum, full flat {} + reduced shard {})", count(flat), count(shard))),
+            (false, _) => (shard * 4.0, format!("shard {} (reduce-scatter every micro-batch)", count(shard))),
+        };
+        res.push(row("gradient accumulators", format!("{which} × {words} × 4 B"), n_acc * one));
         if m.reference.is_some() {
             res.push(row("NPO reference sums", "8 B per forget example (host Vec<f64>), negligible", 0.0));
         }
@@ -300,7 +325,7 @@ impl<'a> Sizes<'a> {
             let n = self.trainable_n + self.frozen_n;
             common.push(row("reference model", format!("method.reference_model loaded whole: {} × {cw}", count(n)), n * c));
         } else {
-            common.push(self.gathered_layer_row("one gathered layer", self.p.zero == 3));
+            common.push(self.gathered_layers_row("gathered layers", self.p.zero == 3, c, cw));
         }
         let nograd = self.w.block_nograd_peak();
         let block = Moment::new(
@@ -335,7 +360,7 @@ impl<'a> Sizes<'a> {
                     vec![
                         row("teacher block working set (no grad)", format!("b·s = {} tokens × {nograd:.0} B", count(tokens)), tokens * nograd),
                         // Without a teacher replica the teacher's weights are gathered layer by layer.
-                        self.gathered_layer_row("one gathered teacher layer", p.teacher == TeacherMode::Gather),
+                        self.gathered_layers_row("gathered teacher layers", p.teacher == TeacherMode::Gather, c, cw),
                     ],
                 ));
             }
@@ -357,29 +382,18 @@ impl<'a> Sizes<'a> {
                         loss_row,
                     ],
                 ));
-                moments.push(Moment::new(
-                    "top block backward",
-                    vec![self.all_activations_row(), self.student_logits_row(), self.backward_temps_row(), self.block_grads_row()],
-                ));
-                let mut after = vec![
-                    row(
-                        "weight gradients, all at once",
-                        format!("run_backward returns every trainable gradient: {} × {cw}", count(self.trainable_n)),
-                        self.trainable_n * c,
-                    ),
-                    self.student_logits_row(),
+                // Backward runs layer by layer from the top: the head's buffers and the logits are
+                // freed by the head's segment, and each layer's weight gradients go to the
+                // accumulator before the next segment.
+                let mut top = vec![
+                    self.all_activations_row(),
+                    self.backward_temps_row(),
+                    row("block output gradient", format!("g_out: b·s × d × {cw}"), tokens * w.hidden * c),
+                    self.block_grads_row(),
                 ];
-                if p.zero >= 2 {
-                    after.push(row(
-                        "one bucket buffer",
-                        "gradients are handed over bucket by bucket: largest bucket × 4 B",
-                        self.max_bucket * 4.0,
-                    ));
-                    after.push(self.reduce_scatter_row());
-                } else {
-                    after.push(self.grad_cast_row());
-                }
-                moments.push(Moment::new("after backward", after));
+                top.extend(self.reduction_rows());
+                top.push(self.grad_cast_row());
+                moments.push(Moment::new("top block backward", top));
             } else {
                 common.push(row(
                     "stored layer inputs",
@@ -390,7 +404,7 @@ impl<'a> Sizes<'a> {
                     let outer = count(self.outer_span);
                     let gathered = if p.zero == 3 { self.outer_span * c } else { 0.0 };
                     common.push(row("gathered outer weights", format!("embeddings/head/norms span {outer} × {cw}, whole pass"), gathered));
-                    let buffers = if p.zero >= 2 { self.outer_span * 4.0 } else { 0.0 };
+                    let buffers = if self.reduce_step { 0.0 } else { self.outer_span * 4.0 };
                     common.push(row("outer bucket buffers", format!("embeddings/head/norms span {outer} × 4 B, until the pass ends"), buffers));
                 }
                 let head = w.head_saved();
@@ -401,14 +415,10 @@ impl<'a> Sizes<'a> {
                     self.backward_temps_row(),
                     row("block output and g_out", format!("y and the gradient reaching it: 2 × b·s × d × {cw}"), 2.0 * tokens * w.hidden * c),
                     self.block_grads_row(),
-                    self.gathered_layer_row("one gathered layer", p.zero == 3),
+                    self.gathered_layers_row("gathered layers", p.zero == 3, c, cw),
                 ];
-                if p.zero >= 2 {
-                    layer.push(row("one block's bucket buffers", format!("block span {} × 4 B", count(self.block_span)), self.block_span * 4.0));
-                    layer.push(self.reduce_scatter_row());
-                } else {
-                    layer.push(self.grad_cast_row());
-                }
+                layer.extend(self.reduction_rows());
+                layer.push(self.grad_cast_row());
                 moments.push(Moment::new("block backward", layer));
             }
             let ph = ctx.phase(&format!("forward/backward ({}: {})", obj.name(), loss.name()), true, common, moments);
@@ -422,11 +432,7 @@ impl<'a> Sizes<'a> {
     /// Reduction, gradient statistics, direction, optimizer, EMA and re-gathering.
     pub fn update(&self, ctx: &PhaseCtx) -> Phase {
         let (p, m, c, shard) = (self.p, self.m, self.c, self.shard);
-        let mut common = vec![];
-        if p.zero == 1 && p.world_size > 1 {
-            let n = m.losses.len() as f64;
-            common.push(row("extracted gradient shards", format!("{n} × shard × 4 B (cut from the full accumulators)"), n * shard * 4.0));
-        }
+        let common = vec![];
         let d_row = || {
             let (words, bytes) = if m.update.direction_aliases { ("aliases a gradient shard", 0.0) } else { ("shard × 4 B", shard * 4.0) };
             row("direction d", words, bytes)
@@ -434,9 +440,9 @@ impl<'a> Sizes<'a> {
         let piece = (shard).min(PIECE);
         let dot_row = |what: &str| row(what.to_string(), "dist::zero::dot: piece products, 4 Mi elements × (4 + 8) B", piece * 12.0);
         let mut moments = vec![Moment::new("gradient statistics", vec![dot_row("fp64 temporaries of ‖g‖², ⟨g_F,g_R⟩")])];
-        if p.zero < 2 && self.cpu_mpi {
-            let words = "send copy of a bucket + Open MPI scratch: 2 × bucket × 4 B";
-            moments.push(Moment::new("all-reduce", vec![row("all-reduce buffers", words, 2.0 * self.max_bucket * 4.0)]));
+        let reductions = self.reduction_rows();
+        if !reductions.is_empty() {
+            moments.push(Moment::new("last reductions", reductions));
         }
         let temps = m.update.direction_temps;
         moments.push(Moment::new("direction", vec![d_row(), row("direction temporaries", format!("{temps} × shard × 4 B"), temps * shard * 4.0)]));
@@ -453,20 +459,25 @@ impl<'a> Sizes<'a> {
         if m.update.after_step_temps > 0.0 {
             moments.push(Moment::new("EMA update", vec![d_row(), row("EMA temporary", "θ·δc: shard × 4 B", m.update.after_step_temps * shard * 4.0)]));
         }
-        if m.autolr {
+        if m.autolr.is_some() {
             let wt_delta = row("probe shards w_t and Δ", "2 × shard × 4 B", 2.0 * shard * 4.0);
             moments.push(Moment::new(
                 "AutoLR trial point",
                 vec![d_row(), wt_delta.clone(), row("w_t + rΔ temporaries", "2 × shard × 4 B", 2.0 * shard * 4.0)],
             ));
-            let fwd = (self.tokens * self.w.block_nograd_peak()).max(self.logits * nograd_logprobs_per_logit(c));
+            // The probes run in fp32 on the master: frozen weights cast to fp32 (bf16 runs), the
+            // trainable ones gathered per layer in fp32, activations and logits in fp32.
+            let w32 = Widths::new(&p.model, 4.0, p.trainable == Trainable::All);
+            let fwd = (self.tokens * w32.block_nograd_peak()).max(self.logits * nograd_logprobs_per_logit(4.0));
+            let frozen32 = if c == 2.0 { self.frozen_n * 4.0 } else { 0.0 };
             moments.push(Moment::new(
                 "AutoLR probe forward",
                 vec![
                     d_row(),
                     wt_delta,
-                    row("probe forward", "no grad: block working set, or logits + fp32 log-probs", fwd),
-                    self.gathered_layer_row("one gathered layer", p.zero == 3),
+                    row("fp32 frozen weights", format!("probe model: {} × 4 B (bf16 runs only)", count(self.frozen_n)), frozen32),
+                    row("probe forward", "no grad, fp32: block working set, or logits + log-probs", fwd),
+                    self.gathered_layers_row("gathered fp32 layers", true, 4.0, "4 B"),
                 ],
             ));
         }
@@ -476,10 +487,8 @@ impl<'a> Sizes<'a> {
             moments.push(Moment::new("replica verification", vec![row("fp64 pieces of a replica", words, 2.0 * replica * 8.0)]));
         }
         if c == 2.0 {
-            let bucket = self.max_bucket;
-            let host = if self.cpu_mpi { bucket * 4.0 + bucket / self.world * 4.0 } else { 0.0 };
-            let words = "bf16 piece casts (+ fp32 host copies under MPI), one bucket at a time";
-            moments.push(Moment::new("re-gather replicas", vec![row("all-gather buffers", words, bucket / self.world * c + host)]));
+            let words = "bf16 piece casts of the fp32 shard, one bucket at a time (bf16 travels as it is, MPI included)";
+            moments.push(Moment::new("re-gather replicas", vec![row("all-gather buffers", words, self.max_bucket / self.world * c)]));
         }
         ctx.phase("update (reduce, direction, step, EMA, gather)", true, common, moments)
     }

@@ -79,6 +79,7 @@ impl Plan {
             p.bucket_mb,
             count(self.shard_elems as f64),
         );
+        let _ = writeln!(out, "gradients reduced {}", self.reduce_note);
         let _ = writeln!(out, "\n  {:<COMPONENT$} {:<FORMULA$} {:>8}", "component", "formula", "GiB");
         section(&mut out, &self.resident, 0.0);
         for ph in &self.phases {
@@ -95,6 +96,9 @@ impl Plan {
             if margin >= 0.0 { "headroom" } else { "short by" },
             margin.abs() / GIB
         );
+        if let Some(t) = &self.step_time {
+            out += &t.render(p.world_size);
+        }
         out
     }
 }

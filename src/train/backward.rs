@@ -1,21 +1,29 @@
-//! Forward and backward passes that deliver per-parameter gradients as they are produced.
+//! Forward and backward passes that deliver per-parameter gradients as they are produced, layer
+//! by layer from the top, so that a bucket's reduction can start while the layers below are still
+//! being differentiated.
 //!
-//! tch has neither autograd hooks nor activation checkpointing, so two executors:
-//! * *plain*: one forward with the graph kept, then `run_backward` for all trainable weights at
-//!   once (fast; every gradient exists at the same time);
-//! * *layer-wise*: a forward under `no_grad` keeping only each layer's input, then, from the last
-//!   layer down, recompute the layer with the graph on and take its vector–Jacobian product
-//!   through the surrogate `⟨y, g_out⟩`. A layer's gradients are complete right after its VJP,
-//!   which is when the trainer reduce-scatters them (ZeRO-2) and when ZeRO-3 releases the layer's
-//!   gathered weights. Same gradients as the plain pass (the surrogate's gradient w.r.t. y is
-//!   exactly g_out).
+//! tch has neither autograd hooks nor activation checkpointing, so backward runs in segments: the
+//! head and loss, then each layer from the last down, each segment a `run_backward` of the
+//! surrogate `⟨y, g_out⟩` (whose gradient w.r.t. `y` is exactly `g_out`) for the layer's weights
+//! and its input. Two ways to get a layer's graph:
+//! * *kept* (plain executor): one forward with the graph kept; each segment walks the stored
+//!   graph of its layer down to the layer's input and frees it, as one whole `run_backward` would;
+//! * *recomputed* (`train.recompute`, required by ZeRO-3): the forward runs under `no_grad` keeping
+//!   only each layer's input; each segment recomputes its layer with the graph on.
+//!
+//! A layer's gradients are complete right after its segment, which is when the sink starts their
+//! reduction and when ZeRO-3 releases the layer's gathered weights. Gathered weights (ZeRO-3, the
+//! gathered teacher, the AutoLR probe model) are prefetched one layer ahead: the gather of the
+//! next layer runs while this one computes, so at most two gathered layers exist at a time.
 //!
 //! `run_backward` returns gradients without touching `.grad`, so the forget and retain losses get
 //! separate gradients with no bookkeeping.
 
+use std::collections::HashSet;
+
 use tch::{Kind, Tensor};
 
-use super::params;
+use super::params::{self, LayerGather};
 use crate::data::Batch;
 use crate::dist::zero::FlatLayout;
 use crate::dist::Collective;
@@ -40,16 +48,71 @@ pub trait GradSink {
     fn layer_done(&mut self, layer: Option<usize>) -> Result<()>;
 }
 
-fn bind(model: &mut Llama, layout: &FlatLayout, w: &Weights, layer: Option<usize>, grad: bool) -> Result<()> {
-    if let Weights::Gathered { comm, shard, kind } = w {
-        params::bind_gathered(model, layout, *comm, shard, layer, *kind, grad)?;
-    }
-    Ok(())
+/// Binds a pass's layers in turn, gathering gathered weights one layer ahead.
+struct Binder<'w, 'a> {
+    w: &'w Weights<'a>,
+    layout: &'w FlatLayout,
+    /// The layer whose gather is in flight.
+    ahead: Option<LayerGather>,
+    bound: HashSet<Option<usize>>,
 }
 
-fn release(model: &mut Llama, layout: &FlatLayout, w: &Weights, layer: Option<usize>) {
-    if matches!(w, Weights::Gathered { .. }) {
-        params::release(model, layout, layer);
+impl<'w, 'a> Binder<'w, 'a> {
+    fn new(w: &'w Weights<'a>, layout: &'w FlatLayout) -> Self {
+        Binder { w, layout, ahead: None, bound: HashSet::new() }
+    }
+
+    fn gathered(&self) -> bool {
+        matches!(self.w, Weights::Gathered { .. })
+    }
+
+    fn start(&self, model: &Llama, layer: Option<usize>) -> Result<Option<LayerGather>> {
+        match self.w {
+            Weights::Gathered { comm, shard, kind } => params::start_gather(model.device(), self.layout, *comm, shard, layer, *kind),
+            Weights::Resident => Ok(None),
+        }
+    }
+
+    /// Start gathering `layer` while the current one computes.
+    fn prefetch(&mut self, model: &Llama, layer: Option<usize>) -> Result<()> {
+        if self.gathered() && !self.bound.contains(&layer) && self.ahead.as_ref().is_none_or(|g| g.layer != layer) {
+            debug_assert!(self.ahead.is_none(), "one layer prefetched at a time");
+            self.ahead = self.start(model, layer)?;
+        }
+        Ok(())
+    }
+
+    /// Make `layer`'s weights available (waiting for its prefetch, or gathering it now).
+    fn bind(&mut self, model: &mut Llama, layer: Option<usize>, grad: bool) -> Result<()> {
+        if !self.gathered() || !self.bound.insert(layer) {
+            return Ok(());
+        }
+        let gather = match self.ahead.take() {
+            Some(g) if g.layer == layer => Some(g),
+            other => {
+                self.ahead = other;
+                self.start(model, layer)?
+            }
+        };
+        if let Some(g) = gather {
+            g.bind(model, self.layout, grad)?;
+        }
+        Ok(())
+    }
+
+    /// Free a gathered layer's buffer.
+    fn release(&mut self, model: &mut Llama, layer: Option<usize>) {
+        if self.gathered() && self.bound.remove(&layer) {
+            params::release(model, self.layout, layer);
+        }
+    }
+
+    /// Wait for a prefetch nobody used (a collective must never be left in flight).
+    fn finish(&mut self) -> Result<()> {
+        if let Some(g) = self.ahead.take() {
+            g.discard()?;
+        }
+        Ok(())
     }
 }
 
@@ -61,80 +124,87 @@ pub fn forward_logits(model: &mut Llama, layout: &FlatLayout, w: &Weights, batch
     }
     let (b, t) = (batch.input_ids.size()[0], batch.input_ids.size()[1]);
     let ctx = model.attn_ctx(t, 0, Some(&batch.attention_mask), None, b);
-    bind(model, layout, w, None, false)?;
+    let n_layers = model.num_layers();
+    let mut binder = Binder::new(w, layout);
+    binder.bind(model, None, false)?;
+    binder.prefetch(model, Some(0))?;
     let mut x = model.embed(&batch.input_ids);
-    for l in 0..model.num_layers() {
-        bind(model, layout, w, Some(l), false)?;
+    for l in 0..n_layers {
+        binder.bind(model, Some(l), false)?;
+        if l + 1 < n_layers {
+            binder.prefetch(model, Some(l + 1))?;
+        }
         x = model.layer_forward(l, &x, &ctx);
-        release(model, layout, w, Some(l));
+        binder.release(model, Some(l));
     }
     let logits = model.head(&x);
-    release(model, layout, w, None);
+    binder.release(model, None);
+    binder.finish()?;
     Ok(logits)
 }
 
 /// Forward `batch`, apply `loss_fn` to the logits, and deliver the gradients of the resulting
-/// scalar to `sink`. Layer-wise when `layer_wise` (required for gathered weights).
+/// scalar to `sink`, layer by layer from the top. Recomputes each layer in backward when
+/// `recompute` (required for gathered weights).
 pub fn forward_backward(
     model: &mut Llama,
     layout: &FlatLayout,
     w: &Weights,
-    layer_wise: bool,
+    recompute: bool,
     batch: &Batch,
     loss_fn: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     sink: &mut dyn GradSink,
 ) -> Result<()> {
-    if !layer_wise && matches!(w, Weights::Resident) {
-        let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask), None);
-        let loss = loss_fn(&logits)?;
-        let trainable = params::trainable(model, layout, None);
-        let inputs: Vec<&Tensor> = trainable.iter().map(|(_, t)| t).collect();
-        let grads = Tensor::f_run_backward(&[&loss], &inputs, false, false)?;
-        drop((loss, inputs));
-        // Hand gradients over bucket by bucket, dropping each once delivered, so a ZeRO-2 sink
-        // holds one bucket buffer at a time (the gradients themselves all exist at once here;
-        // that is the plain executor's price).
-        let slot: std::collections::HashMap<usize, usize> = trainable.iter().enumerate().map(|(k, (i, _))| (*i, k)).collect();
-        let mut grads: Vec<Option<Tensor>> = grads.into_iter().map(Some).collect();
-        for (b, bucket) in layout.buckets.iter().enumerate() {
-            for i in bucket.params.clone() {
-                let g = grads[slot[&i]].take().expect("each gradient delivered once");
-                sink.add(i, &g)?;
-            }
-            sink.bucket_done(b)?;
-        }
-        return Ok(());
-    }
-
+    let mut binder = Binder::new(w, layout);
+    debug_assert!(recompute || !binder.gathered(), "gathered weights are recomputed layer by layer");
     let (b, t) = (batch.input_ids.size()[0], batch.input_ids.size()[1]);
     let ctx = model.attn_ctx(t, 0, Some(&batch.attention_mask), None, b);
     let n_layers = model.num_layers();
-    // Forward without graph, keeping each layer's input.
-    bind(model, layout, w, None, true)?;
-    let mut inputs_bsd = Vec::with_capacity(n_layers + 1);
-    tch::no_grad(|| -> Result<()> {
-        let mut x = model.embed(&batch.input_ids);
-        for l in 0..n_layers {
-            bind(model, layout, w, Some(l), false)?;
-            let y = model.layer_forward(l, &x, &ctx);
-            inputs_bsd.push(x);
-            x = y;
-            release(model, layout, w, Some(l));
+    let embed_trainable = params::trainable(model, layout, Some(None)).iter().any(|(i, _)| layout.params[*i].name == "model.embed_tokens.weight");
+
+    // Forward. Kept: xs[l] is layer l's input with its graph (xs[n] the last output). Recomputed:
+    // the same values without graph.
+    binder.bind(model, None, true)?;
+    binder.prefetch(model, Some(0))?;
+    let mut xs: Vec<Option<Tensor>> = Vec::with_capacity(n_layers + 1);
+    let forward = |model: &Llama, xs: &mut Vec<Option<Tensor>>, l: Option<usize>| {
+        let y = match l {
+            None => model.embed(&batch.input_ids),
+            Some(l) => model.layer_forward(l, xs[l].as_ref().expect("layer input"), &ctx),
+        };
+        xs.push(Some(y));
+    };
+    for l in std::iter::once(None).chain((0..n_layers).map(Some)) {
+        if let Some(l) = l {
+            binder.bind(model, Some(l), true)?;
+            // The next layer in order; after the last one, the first that backward recomputes
+            // (the last layer itself stays bound).
+            let next = if l + 1 < n_layers { Some(l + 1) } else { l.checked_sub(1) };
+            if let Some(n) = next {
+                binder.prefetch(model, Some(n))?;
+            }
         }
-        inputs_bsd.push(x);
-        Ok(())
-    })?;
+        if recompute {
+            tch::no_grad(|| forward(model, &mut xs, l));
+        } else {
+            forward(model, &mut xs, l);
+        }
+        if let Some(l) = l.filter(|&l| l + 1 < n_layers) {
+            binder.release(model, Some(l));
+        }
+    }
 
     // Head and loss, differentiated w.r.t. the final hidden state and the head's own weights.
-    let h = inputs_bsd.pop().expect("final hidden state").detach().set_requires_grad(true);
-    let logits = model.head(&h);
-    let loss = loss_fn(&logits)?;
-    drop(logits);
-    let tied = model.config().tie_word_embeddings;
-    let outer = params::trainable(model, layout, Some(None));
-    let (head_params, embed_params): (Vec<_>, Vec<_>) = outer
+    let top = xs[n_layers].take().expect("final hidden state");
+    let h = if recompute { top.detach().set_requires_grad(true) } else { top };
+    let loss = {
+        let logits = model.head(&h);
+        loss_fn(&logits)?
+    };
+    let head_params: Vec<(usize, Tensor)> = params::trainable(model, layout, Some(None))
         .into_iter()
-        .partition(|(i, _)| layout.params[*i].name != "model.embed_tokens.weight" || tied);
+        .filter(|(i, _)| layout.params[*i].name != "model.embed_tokens.weight" || model.config().tie_word_embeddings)
+        .collect();
     let mut inputs: Vec<&Tensor> = vec![&h];
     inputs.extend(head_params.iter().map(|(_, t)| t));
     let grads = Tensor::f_run_backward(&[&loss], &inputs, false, false)?;
@@ -142,34 +212,67 @@ pub fn forward_backward(
     for ((i, _), g) in head_params.iter().zip(&grads[1..]) {
         sink.add(*i, g)?;
     }
-    drop(loss);
+    drop((loss, grads, inputs));
 
+    // Layers from the top; the recomputed path keeps `h` as the last layer's output.
+    let mut y_top = Some(h);
     for l in (0..n_layers).rev() {
-        bind(model, layout, w, Some(l), true)?;
-        let x_in = inputs_bsd.pop().expect("layer input").detach().set_requires_grad(true);
-        let y = model.layer_forward(l, &x_in, &ctx);
-        let surrogate = (&y * &g_out).sum(Kind::Float);
+        binder.bind(model, Some(l), true)?;
+        if l > 0 {
+            binder.prefetch(model, Some(l - 1))?;
+        }
         let layer_params = params::trainable(model, layout, Some(Some(l)));
-        let mut inputs: Vec<&Tensor> = vec![&x_in];
+        let (x_in, y) = if recompute {
+            let x_in = xs[l].take().expect("layer input").detach().set_requires_grad(true);
+            let y = model.layer_forward(l, &x_in, &ctx);
+            (x_in, y)
+        } else {
+            let y = y_top.take().expect("layer output with graph");
+            (xs[l].take().expect("layer input"), y)
+        };
+        // Layer 0's input is the embedding lookup: it needs a gradient only to reach a trainable
+        // embedding, which the kept graph reaches through it and the recomputed one below.
+        let want_input = x_in.requires_grad() && (l > 0 || embed_trainable);
+        let surrogate = (&y * &g_out).sum(Kind::Float);
+        let mut inputs: Vec<&Tensor> = vec![];
+        if want_input {
+            inputs.push(&x_in);
+        }
         inputs.extend(layer_params.iter().map(|(_, t)| t));
         let grads = Tensor::f_run_backward(&[&surrogate], &inputs, false, false)?;
-        g_out = grads[0].shallow_clone();
-        for ((i, _), g) in layer_params.iter().zip(&grads[1..]) {
+        let (g_in, g_params) = if want_input { (Some(&grads[0]), &grads[1..]) } else { (None, &grads[..]) };
+        for ((i, _), g) in layer_params.iter().zip(g_params) {
             sink.add(*i, g)?;
         }
         sink.layer_done(Some(l))?;
-        release(model, layout, w, Some(l));
+        binder.release(model, Some(l));
+        if let Some(g) = g_in {
+            g_out = g.shallow_clone();
+        }
+        if !recompute {
+            // The kept graph: this layer's input is the output of the one below (or, for layer
+            // 0, the lookup a trainable embedding is differentiated through).
+            y_top = Some(x_in);
+        }
     }
 
-    // A trainable, untied embedding gets its gradient through the lookup.
-    for (i, e) in &embed_params {
-        let surrogate = (Tensor::embedding(e, &batch.input_ids, -1, false, false) * &g_out).sum(Kind::Float);
-        let g = Tensor::f_run_backward(&[&surrogate], &[e], false, false)?;
-        sink.add(*i, &g[0])?;
+    // A trainable embedding gets its gradient through the lookup (tied or not: a tied one also
+    // got the head's gradient above).
+    if embed_trainable {
+        let embed: Vec<(usize, Tensor)> = params::trainable(model, layout, Some(None))
+            .into_iter()
+            .filter(|(i, _)| layout.params[*i].name == "model.embed_tokens.weight")
+            .collect();
+        for (i, e) in &embed {
+            let x0 = if recompute { Tensor::embedding(e, &batch.input_ids, -1, false, false) } else { y_top.take().expect("embedding output") };
+            let surrogate = (x0 * &g_out).sum(Kind::Float);
+            let g = Tensor::f_run_backward(&[&surrogate], &[e], false, false)?;
+            sink.add(*i, &g[0])?;
+        }
     }
     if layout.layers().contains(&None) {
         sink.layer_done(None)?;
     }
-    release(model, layout, w, None);
-    Ok(())
+    binder.release(model, None);
+    binder.finish()
 }

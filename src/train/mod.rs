@@ -3,12 +3,17 @@
 //! One optimizer step (see ARCHITECTURE.md):
 //! 1. every rank draws the same global micro-batches and takes its slice;
 //! 2. for each objective the method uses (forget, retain) the student runs forward/backward and the
-//!    gradients land in that objective's own accumulator — forget and retain gradients are never
-//!    mixed, because NGDiff needs their separate global norms and mean teacher clips their sum;
-//! 3. accumulators are reduced over ranks (all-reduce, or reduce-scatter under ZeRO ≥ 2);
-//! 4. one all-reduce of [‖g_F‖², ‖g_R‖², ⟨g_F,g_R⟩] over shards gives every rank the same scalars;
-//! 5. the method combines the shards into a direction; AutoLR may probe; the optimizer updates
-//!    this rank's fp32 master shard; the method's after-step hook runs (teacher EMA);
+//!    gradients land in an accumulator: one per objective when the method reads them separately
+//!    (NGDiff normalises each by its own global norm), else one for all, each loss scaled by its
+//!    declared weight (the weighted sum is all such a method reads);
+//! 3. accumulators are reduced over ranks once per step (or per micro-batch under ZeRO-2/3 when
+//!    memory requires), each bucket as soon as the last pass has produced it, while backward goes
+//!    on (see `sink`);
+//! 4. one all-reduce of the logged losses and the shard-local squared norms gives every rank the
+//!    same scalars;
+//! 5. the method combines the shards into a direction; AutoLR may probe (in fp32, the master's
+//!    precision); the optimizer updates this rank's fp32 master shard; the method's after-step hook
+//!    runs (teacher EMA);
 //! 6. shards are all-gathered back into the compute-dtype replicas (student, teacher).
 //!
 //! A step whose loss or gradient norm is not finite on any rank is skipped on every rank (no
@@ -33,22 +38,33 @@ use serde::Serialize;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{DataSource, RunConfig};
+use crate::config::{DataSource, ReduceMode, RunConfig};
 use crate::data::loader::{local_batch, LocalBatch, Loader};
 use crate::data::{read_records, tokenize_all, Example, Record, Template, Tokenizer};
+use crate::dist::count::{Counted, OpCount, Tally};
 use crate::dist::zero::FlatLayout;
 use crate::dist::{watchdog, Collective, Comm};
 use crate::fault::{self, Fault};
-use crate::methods::{self, Aux, GradStats, Grads, Method, Objective, Spec};
+use crate::methods::{self, Aux, GradStats, Gradients, Grads, Method, Objective, Reduced, Spec};
 use crate::model::{load_model, param_specs};
 use crate::optim::{self, Optimizer, Schedule};
 use crate::Result;
-use backward::{forward_backward, forward_logits};
+use backward::{forward_backward, forward_logits, Weights};
 use frozen::Frozen;
 use net::{teacher_net, Net, Residency};
-use sink::{Accumulator, Sink};
+use sink::{Accumulator, ReduceAt, Sink};
 
 /// One line of metrics.jsonl.
+///
+/// Gradient norms are of the reduced (global) gradients, except the `_local` ones: a method that
+/// reads only the weighted sum of its objectives' gradients has one accumulator, so each
+/// objective's reduced gradient never exists. For such a method with two objectives,
+/// `grad_norm` is the global norm of the weighted sum (what mean teacher clips) and
+/// `grad_norm_{forget,retain}_local` estimate each objective's norm before reduction: the root of
+/// the summed squared norms of the unreduced pieces (each rank's share of each micro-batch,
+/// divided by the objective's weight). With one rank and one micro-batch that is the exact norm;
+/// otherwise it equals the global norm when the pieces are orthogonal and is √K smaller when all
+/// K = ranks × grad_accum pieces are equal, so compare it across runs of the same K only.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepLog {
     pub step: u64,
@@ -56,6 +72,12 @@ pub struct StepLog {
     pub loss_retain: Option<f64>,
     pub grad_norm_forget: Option<f64>,
     pub grad_norm_retain: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm_forget_local: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm_retain_local: Option<f64>,
     pub lr: f64,
     pub clip: f64,
     pub tokens_per_s: f64,
@@ -63,8 +85,15 @@ pub struct StepLog {
     /// Seconds of this step spent in collectives (only with `UNLEARN_COMM_TIMING=1`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub comm_s: Option<f64>,
+    /// Seconds the step spent blocked on collectives (MPI; NCCL waits are on the device): the
+    /// communication it did not hide behind compute.
+    pub comm_wait_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub autolr: Option<methods::autolr::Fit>,
+    /// Calls and payload bytes per collective this rank issued in the step
+    /// (`UNLEARN_COUNT_COLLECTIVES=1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collectives: Option<std::collections::BTreeMap<&'static str, OpCount>>,
     /// A non-finite loss or gradient norm: no update was applied.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
@@ -73,11 +102,13 @@ pub struct StepLog {
     pub stop_requested: bool,
 }
 
-/// One objective's data and gradient accumulator.
+/// One objective's data, the accumulator its gradients go to, and the weight its loss is scaled
+/// by before backward (1 when the method reads the objectives' gradients separately).
 struct ObjectiveState {
     obj: Objective,
     loader: Loader,
-    acc: Accumulator,
+    acc: usize,
+    weight: f64,
 }
 
 /// The seed stream of an objective's loader (independent samplers from one `train.seed`).
@@ -108,6 +139,13 @@ pub struct Trainer {
     schedule: Schedule,
     /// In the order every micro-step runs them (the spec's).
     objectives: Vec<ObjectiveState>,
+    /// One per objective (`Gradients::Separate`) or one for all (`WeightedSum`).
+    accs: Vec<Accumulator>,
+    /// Per objective, ‖g‖² of its unreduced gradients this step (two-objective weighted sums).
+    local_sq: Vec<Option<Tensor>>,
+    reduce_dtype: Kind,
+    /// Collective calls and bytes per step, when counted.
+    tally: Option<std::rc::Rc<Tally>>,
     layer_wise: bool,
     pad_id: i64,
     raw_config: Value,
@@ -120,6 +158,13 @@ impl Trainer {
     /// Load the model, lay out and shard its trainable weights, build the method and the data,
     /// and run the method's one-off passes. `device` is this rank's, resolved by the caller.
     pub fn new(cfg: &RunConfig, comm: Comm, device: Device) -> Result<Self> {
+        let (comm, tally) = match std::env::var("UNLEARN_COUNT_COLLECTIVES").is_ok_and(|v| v == "1") {
+            true => {
+                let (c, t) = Counted::wrap(comm);
+                (c, Some(t))
+            }
+            false => (comm, None),
+        };
         let kind = cfg.model.dtype.kind();
         let (rank, world) = (comm.rank(), comm.world());
         layout::check_batch_split(cfg.train.batch_size, world, "config")?;
@@ -172,12 +217,24 @@ impl Trainer {
             false => None,
         };
 
+        let reduce_at = reduce_at(cfg, &loaded.config, world, device, rank == 0)?;
         let mut objectives = vec![];
+        let mut accs = vec![];
         for obj in spec.objectives() {
             let examples = load_examples(&cfg.data.source(obj, cfg.train.max_len), &tok, &template)?;
             let loader = Loader::new(examples, cfg.data.sampling, cfg.train.seed, stream(obj));
-            objectives.push(ObjectiveState { obj, loader, acc: Accumulator::new(&layout, zero >= 2, device) });
+            let (acc, weight) = match spec.gradients {
+                Gradients::Separate => (accs.len(), 1.0),
+                Gradients::WeightedSum { forget, retain } => (0, if obj == Objective::Forget { forget } else { retain }),
+            };
+            if acc == accs.len() {
+                accs.push(Accumulator::new(&layout, reduce_at, device));
+            }
+            objectives.push(ObjectiveState { obj, loader, acc, weight });
         }
+        // Per-objective local norms only where the reduced ones do not exist.
+        let estimate = matches!(spec.gradients, Gradients::WeightedSum { .. }) && objectives.len() > 1;
+        let local_sq = objectives.iter().map(|_| estimate.then(|| Tensor::zeros([], (Kind::Double, device)))).collect();
         check_same_data(&*comm, cfg, &objectives)?;
         if rank == 0 {
             let n = |o: Objective| objectives.iter().find(|s| s.obj == o).map_or(0, |s| s.loader.len());
@@ -195,6 +252,10 @@ impl Trainer {
         }
 
         let mut trainer = Trainer {
+            accs,
+            local_sq,
+            reduce_dtype: if world > 1 { cfg.dist.reduce_dtype.kind() } else { Kind::Float },
+            tally,
             pad_id: tok.pad_id(),
             raw_config: loaded.raw_config.take(),
             cfg: cfg.clone(),
@@ -261,9 +322,11 @@ impl Trainer {
         local_batch(loader.examples(), &idx, rank, world, pad_id, device)
     }
 
-    /// Forward/backward of one objective on one micro-batch into its accumulator.
+    /// Forward/backward of one objective on one micro-batch into its accumulator. `last`: no later
+    /// pass of this step adds to that accumulator, so its buckets are reduced as they complete.
     /// Returns this rank's share of the logged loss value.
-    fn accumulate(&mut self, obj: Objective, batch: &LocalBatch) -> Result<f64> {
+    fn accumulate(&mut self, k: usize, batch: &LocalBatch, last: bool) -> Result<f64> {
+        let obj = self.objectives[k].obj;
         let mut aux = Aux::default();
         if self.spec.teacher_on == Some(obj) {
             let teacher = self.teacher.as_mut().expect("teacher model");
@@ -275,6 +338,7 @@ impl Trainer {
             aux.frozen_logits = Some(frozen.logits(&self.layout, &batch.batch)?);
         }
         let accum = self.cfg.train.grad_accum as f64;
+        let weight = self.objectives[k].weight;
         let step = self.step + 1;
         fault::check(Fault::Backward, step, "forward/backward")?;
         let poison = fault::active(Fault::NonFinite, step);
@@ -287,10 +351,19 @@ impl Trainer {
                 out.value = f64::NAN;
             }
             value = out.value;
-            Ok(out.loss / accum)
+            let loss = out.loss / accum;
+            // The weighted sum is accumulated by scaling each loss before backward.
+            Ok(if weight == 1.0 { loss } else { loss * weight })
         };
-        let acc = &mut self.objectives.iter_mut().find(|s| s.obj == obj).expect("state for every objective of the spec").acc;
-        let mut sink = Sink { acc, layout: &self.layout, comm: &*self.comm };
+        let mut sink = Sink {
+            acc: &mut self.accs[self.objectives[k].acc],
+            layout: &self.layout,
+            comm: &*self.comm,
+            last,
+            dtype: self.reduce_dtype,
+            blocking: !self.cfg.dist.overlap,
+            sq_norm: self.local_sq[k].as_mut(),
+        };
         let w = self.student.weights(&*self.comm, &self.master, self.kind);
         forward_backward(&mut self.student.model, &self.layout, &w, self.layer_wise, &batch.batch, &mut loss_fn, &mut sink)?;
         Ok(value)
@@ -306,73 +379,145 @@ impl Trainer {
         Ok(())
     }
 
-    /// Global token-mean retain NLL of a global batch at the current student weights (AutoLR probe).
-    fn probe_loss(&mut self, batches: &[LocalBatch]) -> Result<f64> {
-        let mut total = 0.0;
-        for b in batches {
-            let w = self.student.weights(&*self.comm, &self.master, self.kind);
-            let logits = forward_logits(&mut self.student.model, &self.layout, &w, &b.batch)?;
-            total += methods::batch_nll(&logits, b).double_value(&[]);
-        }
-        let mut v = [total / batches.len() as f64];
-        self.comm.all_reduce_f64(&mut v)?;
-        Ok(v[0])
-    }
-
     /// One optimizer step.
     pub fn train_step(&mut self) -> Result<StepLog> {
         let t0 = Instant::now();
+        crate::dist::take_blocked_seconds();
         let step = self.step + 1;
         watchdog::set_step(step);
         let objectives = self.spec.objectives();
-        for st in &mut self.objectives {
-            st.acc.zero_();
+        for acc in &mut self.accs {
+            acc.zero_();
         }
+        for sq in self.local_sq.iter_mut().flatten() {
+            let _ = sq.zero_();
+        }
+        let accum = self.cfg.train.grad_accum;
+        // The last pass that reaches each accumulator in the step.
+        let last_pass: Vec<usize> =
+            (0..self.accs.len()).map(|a| self.objectives.iter().rposition(|o| o.acc == a).expect("every accumulator has an objective")).collect();
         let mut losses = [0.0f64; 2];
         let mut tokens = 0i64;
-        for _ in 0..self.cfg.train.grad_accum {
-            for &obj in &objectives {
+        for micro in 0..accum {
+            for k in 0..self.objectives.len() {
+                let obj = self.objectives[k].obj;
                 let batch = self.draw(obj);
                 tokens += batch.global.targets;
-                let v = self.accumulate(obj, &batch)?;
-                losses[obj as usize] += v / self.cfg.train.grad_accum as f64;
+                let last = micro + 1 == accum && last_pass[self.objectives[k].acc] == k;
+                let v = self.accumulate(k, &batch, last)?;
+                losses[obj as usize] += v / accum as f64;
             }
         }
+
+        // The only wait for the gradient reductions.
+        let (comm, layout, dtype) = (&*self.comm, &self.layout, self.reduce_dtype);
+        let shards: Vec<Tensor> = self.accs.iter_mut().map(|a| a.finish(layout, comm, dtype)).collect::<Result<_>>()?;
+
         let uses = |o: Objective| objectives.contains(&o);
         for o in objectives.iter().filter(|o| !losses[**o as usize].is_finite()) {
             // Every rank logs its warnings (the log prefixes the rank), so this names the rank at fault.
             tracing::warn!("step {step}: this rank's {} loss is {}", o.name(), losses[*o as usize]);
         }
-        // Logged values are per-rank shares of global means: one all-reduce sums them, and with
-        // them each rank's stop request (a signal), so that every rank learns in this same step
-        // of a non-finite value (it stays non-finite in the sum) or a stop request on any rank.
+        // The step's agreement, one all-reduce for every scalar of the step: the logged losses
+        // (per-rank shares of global means), this rank's stop request (a signal), the local
+        // squared norms, and the shard-local sums of the reduced gradients' squares. Under one
+        // shard every rank holds the whole reduced gradient: rank 0's sums stand for all. A
+        // non-finite value on any rank stays non-finite in the sum and a stop request on any
+        // rank is seen by all, so every rank skips or stops in this same step.
+        let dot = crate::dist::zero::dot;
+        let owner = layout.shards > 1 || self.comm.rank() == 0;
+        let mine = |v: f64| if owner { v } else { 0.0 };
+        let mut local = [0.0f64; 2];
+        for (st, sq) in self.objectives.iter().zip(&self.local_sq) {
+            if let Some(sq) = sq {
+                local[st.obj as usize] = if st.weight != 0.0 { sq.double_value(&[]) / (st.weight * st.weight) } else { f64::NAN };
+            }
+        }
+        let grad_sq: Vec<f64> = match self.spec.gradients {
+            Gradients::Separate => {
+                let of = |o: Objective| self.objectives.iter().find(|s| s.obj == o).map(|s| &shards[s.acc]);
+                let (f, r) = (of(Objective::Forget), of(Objective::Retain));
+                let cross = match (f, r) {
+                    (Some(a), Some(b)) => dot(a, b),
+                    _ => 0.0,
+                };
+                vec![f.map_or(0.0, |g| dot(g, g)), r.map_or(0.0, |g| dot(g, g)), cross]
+            }
+            Gradients::WeightedSum { .. } => vec![dot(&shards[0], &shards[0])],
+        };
+        let stop = crate::signals::requested().map_or(0.0, |_| 1.0);
+        let mut scalars: Vec<f64> = [losses[0], losses[1], stop].iter().chain(&local).copied().chain(grad_sq.iter().map(|&v| mine(v))).collect();
         fault::hang_if(Fault::Hang, step);
-        let mut agreed = [losses[0], losses[1], crate::signals::requested().map_or(0.0, |_| 1.0)];
         {
             let _g = watchdog::enter("the step's losses and stop requests");
-            self.comm.all_reduce_f64(&mut agreed)?;
+            self.comm.all_reduce_f64(&mut scalars)?;
         }
-        let (losses, stop_requested) = ([agreed[0], agreed[1]], agreed[2] > 0.0);
-        let skip = |tr: &mut Trainer, why: String| tr.skip_step(step, why, losses, stop_requested, tokens, t0);
-        if let Some(o) = objectives.iter().find(|o| !losses[**o as usize].is_finite()) {
-            return skip(self, format!("the {} loss is {}", o.name(), losses[*o as usize]));
-        }
+        let (losses, stop_requested) = ([scalars[0], scalars[1]], scalars[2] > 0.0);
+        let local = [scalars[3], scalars[4]];
+        let sq = &scalars[5..];
 
-        let (g_f, g_r, sq) = self.reduced_gradients()?;
+        let mut log = StepLog {
+            step,
+            loss_forget: uses(Objective::Forget).then_some(losses[0]),
+            loss_retain: uses(Objective::Retain).then_some(losses[1]),
+            grad_norm_forget: None,
+            grad_norm_retain: None,
+            grad_norm: None,
+            grad_norm_forget_local: None,
+            grad_norm_retain_local: None,
+            lr: 0.0,
+            clip: 1.0,
+            tokens_per_s: 0.0,
+            elapsed_s: 0.0,
+            comm_wait_s: 0.0,
+            comm_s: None,
+            autolr: None,
+            collectives: None,
+            skipped: false,
+            stop_requested,
+        };
+        if let Some(o) = objectives.iter().find(|o| !losses[**o as usize].is_finite()) {
+            return self.skip_step(log, format!("the {} loss is {}", o.name(), losses[*o as usize]), tokens, t0);
+        }
         if sq.iter().any(|v| !v.is_finite()) {
-            return skip(self, format!("the gradient norms are not finite (‖g_F‖² {}, ‖g_R‖² {}, ⟨g_F, g_R⟩ {})", sq[0], sq[1], sq[2]));
+            let norms = match self.spec.gradients {
+                Gradients::Separate => format!("‖g_F‖² {}, ‖g_R‖² {}, ⟨g_F, g_R⟩ {}", sq[0], sq[1], sq[2]),
+                Gradients::WeightedSum { .. } => format!("‖g‖² {}", sq[0]),
+            };
+            return self.skip_step(log, format!("the gradient norms are not finite ({norms})"), tokens, t0);
         }
         self.skipped_in_a_row = 0;
-        let (comm, layout) = (&*self.comm, &self.layout);
-        let dot = crate::dist::zero::dot;
-        let stats = GradStats { sq_forget: sq[0], sq_retain: sq[1], dot: sq[2] };
+
+        let reduced = match self.spec.gradients {
+            Gradients::Separate => {
+                let stats = GradStats { sq_forget: sq[0], sq_retain: sq[1], dot: sq[2] };
+                log.grad_norm_forget = uses(Objective::Forget).then(|| stats.sq_forget.sqrt());
+                log.grad_norm_retain = uses(Objective::Retain).then(|| stats.sq_retain.sqrt());
+                let of = |o: Objective| self.objectives.iter().find(|s| s.obj == o).map(|s| &shards[s.acc]);
+                Reduced::Separate { forget: of(Objective::Forget), retain: of(Objective::Retain), stats }
+            }
+            Gradients::WeightedSum { .. } => {
+                if let [only] = &self.objectives[..] {
+                    // One objective: the sum is its gradient, scaled by its weight.
+                    let norm = Some(sq[0].sqrt() / only.weight.abs());
+                    match only.obj {
+                        Objective::Forget => log.grad_norm_forget = norm,
+                        Objective::Retain => log.grad_norm_retain = norm,
+                    }
+                } else {
+                    log.grad_norm = Some(sq[0].sqrt());
+                    log.grad_norm_forget_local = uses(Objective::Forget).then(|| local[0].sqrt());
+                    log.grad_norm_retain_local = uses(Objective::Retain).then(|| local[1].sqrt());
+                }
+                Reduced::Sum { g: &shards[0], sq: sq[0] }
+            }
+        };
         let (loss_forget, loss_retain) = (losses[Objective::Forget as usize], losses[Objective::Retain as usize]);
-        let grads = Grads { forget: g_f.as_ref(), retain: g_r.as_ref(), stats, loss_forget, loss_retain, params: &self.master };
-        let mut dir = self.method.direction(&grads)?;
+        let mut dir = self.method.direction(&Grads { reduced, loss_forget, loss_retain, params: &self.master })?;
         if self.cfg.optim.clip_norm > 0.0 {
             let mut n = [dot(&dir.d, &dir.d)];
             if layout.shards > 1 {
-                comm.all_reduce_f64(&mut n)?;
+                self.comm.all_reduce_f64(&mut n)?;
             }
             let c = optim::clip_coef(self.cfg.optim.clip_norm, n[0].sqrt());
             if c < 1.0 {
@@ -380,13 +525,12 @@ impl Trainer {
                 dir.clip *= c;
             }
         }
+        drop(shards);
 
         // Learning rate: AutoLR owns it when enabled, else the schedule.
-        let mut fit = None;
         let lr = if let Some(auto) = self.method.autolr() {
             if auto.due(step) {
-                let f = self.autolr_probe(&dir.d)?;
-                fit = Some(f);
+                log.autolr = Some(self.autolr_probe(&dir.d)?);
             }
             self.method.autolr().expect("autolr").lr
         } else {
@@ -400,56 +544,27 @@ impl Trainer {
             self.fault_injection_perturb(step);
             self.verify_replicas()?;
         }
-        let elapsed = t0.elapsed().as_secs_f64();
-        Ok(StepLog {
-            step,
-            loss_forget: uses(Objective::Forget).then_some(losses[0]),
-            loss_retain: uses(Objective::Retain).then_some(losses[1]),
-            grad_norm_forget: uses(Objective::Forget).then(|| stats.sq_forget.sqrt()),
-            grad_norm_retain: uses(Objective::Retain).then(|| stats.sq_retain.sqrt()),
-            lr,
-            clip: dir.clip,
-            tokens_per_s: tokens as f64 / elapsed.max(1e-9),
-            elapsed_s: elapsed,
-            comm_s: self.comm.take_collective_seconds(),
-            autolr: fit,
-            skipped: false,
-            stop_requested,
-        })
+        log.lr = lr;
+        log.clip = dir.clip;
+        Ok(self.close_log(log, tokens, t0))
     }
 
-    /// The reduced gradient shards (forget, retain) and `[‖g_F‖², ‖g_R‖², ⟨g_F, g_R⟩]` over the
-    /// whole buffer (one all-reduce of the shard-local sums when sharded). A gradient that is not
-    /// finite on any rank is not finite in these sums on every rank.
-    fn reduced_gradients(&mut self) -> Result<(Option<Tensor>, Option<Tensor>, [f64; 3])> {
-        let (comm, layout, rank) = (&*self.comm, &self.layout, self.shard_rank);
-        let (mut g_f, mut g_r) = (None, None);
-        for st in &mut self.objectives {
-            let g = Some(st.acc.reduced_shard(layout, comm, rank)?);
-            match st.obj {
-                Objective::Forget => g_f = g,
-                Objective::Retain => g_r = g,
-            }
-        }
-        let dot = crate::dist::zero::dot;
-        let mut sq = [
-            g_f.as_ref().map_or(0.0, |g| dot(g, g)),
-            g_r.as_ref().map_or(0.0, |g| dot(g, g)),
-            match (&g_f, &g_r) {
-                (Some(a), Some(b)) => dot(a, b),
-                _ => 0.0,
-            },
-        ];
-        if layout.shards > 1 {
-            comm.all_reduce_f64(&mut sq)?;
-        }
-        Ok((g_f, g_r, sq))
+    /// The step's timing and communication figures, filled in as it ends.
+    fn close_log(&self, mut log: StepLog, tokens: i64, t0: Instant) -> StepLog {
+        let elapsed = t0.elapsed().as_secs_f64();
+        log.tokens_per_s = tokens as f64 / elapsed.max(1e-9);
+        log.elapsed_s = elapsed;
+        log.comm_wait_s = crate::dist::take_blocked_seconds();
+        log.comm_s = self.comm.take_collective_seconds();
+        log.collectives = self.tally.as_ref().map(|t| t.take());
+        log
     }
 
     /// A step whose loss or gradient norm is not finite (on every rank alike): nothing is updated
     /// (weights, optimizer, teacher, AutoLR), the data it drew stays consumed, and the step counts.
     /// Too many in a row stop the run, before anything of them reaches a checkpoint.
-    fn skip_step(&mut self, step: u64, why: String, losses: [f64; 2], stop_requested: bool, tokens: i64, t0: Instant) -> Result<StepLog> {
+    fn skip_step(&mut self, mut log: StepLog, why: String, tokens: i64, t0: Instant) -> Result<StepLog> {
+        let step = log.step;
         self.skipped_in_a_row += 1;
         let max = self.cfg.train.max_skipped_steps;
         if self.skipped_in_a_row > max {
@@ -466,41 +581,38 @@ impl Trainer {
             tracing::warn!("step {step}: {why}; step skipped without an update ({} in a row, at most {max})", self.skipped_in_a_row);
         }
         self.step = step;
-        let lr = match self.method.autolr() {
+        log.lr = match self.method.autolr() {
             Some(a) => a.lr,
             None => self.schedule.lr(step),
         };
-        let uses = |o: Objective| self.spec.objectives().contains(&o);
-        let elapsed = t0.elapsed().as_secs_f64();
-        Ok(StepLog {
-            step,
-            loss_forget: uses(Objective::Forget).then_some(losses[0]),
-            loss_retain: uses(Objective::Retain).then_some(losses[1]),
-            grad_norm_forget: None,
-            grad_norm_retain: None,
-            lr,
-            clip: 0.0,
-            tokens_per_s: tokens as f64 / elapsed.max(1e-9),
-            elapsed_s: elapsed,
-            autolr: None,
-            skipped: true,
-            stop_requested,
-            comm_s: self.comm.take_collective_seconds(),
-        })
+        log.clip = 0.0;
+        log.skipped = true;
+        Ok(self.close_log(log, tokens, t0))
     }
 
     /// GeN probe (see methods::autolr): three forwards on a fresh retain batch around the
-    /// optimizer's step, then the parabola fit updates the rate.
+    /// optimizer's step, then the parabola fit updates the rate. The probes run in fp32 on the
+    /// master weights themselves (gathered layer by layer), not on the compute-dtype replica: a
+    /// probe step at lr 1e-5 is about 0.1 ulp of a bf16 weight of 0.02, so on the replica the
+    /// three losses would be quantisation noise.
     fn autolr_probe(&mut self, d: &Tensor) -> Result<methods::autolr::Fit> {
         let lr = self.method.autolr().expect("autolr").lr;
         let w_t = self.master.copy();
         tch::no_grad(|| self.optim.step(&mut self.master, d, lr))?; // the probe step (state updated: GeN quirk)
         let delta = &self.master - &w_t;
         let batches: Vec<LocalBatch> = (0..self.cfg.train.grad_accum).map(|_| self.draw(Objective::Retain)).collect();
-        let at = |tr: &mut Trainer, r: f64| -> Result<f64> {
+        let mut model = net::probe_model(&self.student.model, &self.layout);
+        let mut at = |tr: &mut Trainer, r: f64| -> Result<f64> {
             tch::no_grad(|| tr.master.copy_(&(&w_t + &delta * r)));
-            tr.student.sync(&tr.layout, &*tr.comm, &tr.master)?;
-            tr.probe_loss(&batches)
+            let w = Weights::Gathered { comm: &*tr.comm, shard: &tr.master, kind: Kind::Float };
+            let mut total = 0.0;
+            for b in &batches {
+                let logits = forward_logits(&mut model, &tr.layout, &w, &b.batch)?;
+                total += methods::batch_nll(&logits, b).double_value(&[]);
+            }
+            let mut v = [total / batches.len() as f64];
+            tr.comm.all_reduce_f64(&mut v)?;
+            Ok(v[0])
         };
         let l_minus = at(self, -1.0)?; // w + ηd
         let l_plus = at(self, 1.0)?; // w − ηd
@@ -535,6 +647,30 @@ impl Trainer {
         let (mut parts, _) = self.checkpoint_parts();
         self.step = crate::checkpoint::restore(dir, &mut parts)?;
         self.sync_replicas()
+    }
+}
+
+/// When this run reduces its gradients (`dist.reduce`): once per step unless the layout keeps
+/// only shards (ZeRO-2/3) and the config asks for every micro-batch, or leaves it to the memory
+/// plan (`auto`: once per step when the plan with a full fp32 gradient buffer fits this rank's
+/// memory).
+fn reduce_at(cfg: &RunConfig, model: &crate::model::Config, world: usize, device: Device, log: bool) -> Result<ReduceAt> {
+    if cfg.dist.zero < 2 || world == 1 {
+        return Ok(ReduceAt::Step);
+    }
+    match cfg.dist.reduce {
+        ReduceMode::Step => Ok(ReduceAt::Step),
+        ReduceMode::MicroBatch => Ok(ReduceAt::MicroBatch),
+        ReduceMode::Auto => {
+            let plan_device = if device.is_cuda() { crate::plan::Device::Cuda } else { crate::plan::Device::Cpu };
+            let (budget, baseline) = crate::plan::run_budget(plan_device, device);
+            let input = crate::plan::PlanInput::from_run_config(cfg, model.clone(), String::new(), world, plan_device, budget, baseline)?;
+            let plan = crate::plan::estimate(&input);
+            if log {
+                tracing::info!("dist.reduce = auto: {}", plan.reduce_note);
+            }
+            Ok(if plan.reduce == ReduceMode::Step { ReduceAt::Step } else { ReduceAt::MicroBatch })
+        }
     }
 }
 

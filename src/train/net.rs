@@ -97,3 +97,18 @@ pub(super) fn teacher_net(
         }
     }
 }
+
+/// The student's model for fp32 passes on the master weights (AutoLR probes): frozen weights in
+/// fp32 (copies of a bf16 model's, the same tensors in an fp32 model), trainable weights released,
+/// to be gathered layer by layer from the fp32 master shards.
+pub(super) fn probe_model(student: &Llama, layout: &FlatLayout) -> Llama {
+    let mut model = student.shallow_copy();
+    let index = params::param_index(layout);
+    let dev = model.device();
+    tch::no_grad(|| {
+        model.visit_params_mut(|name, t| {
+            *t = if index.contains_key(name) { Tensor::empty([0], (Kind::Float, dev)) } else { t.to_kind(Kind::Float) };
+        })
+    });
+    model
+}

@@ -74,25 +74,46 @@ pub fn bind(model: &mut Llama, layout: &FlatLayout, full: &Tensor, base: i64, la
     }
 }
 
-/// Gather `layer`'s weights from the fp32 `shard` into a fresh layer buffer of `kind` and bind.
-pub fn bind_gathered(
-    model: &mut Llama,
+/// A layer's weights being all-gathered into a fresh buffer of the compute dtype.
+pub struct LayerGather {
+    pub layer: Option<usize>,
+    buf: Tensor,
+    base: i64,
+    handles: Vec<crate::dist::Handle>,
+}
+
+/// Start gathering `layer`'s weights from the fp32 `shard` into a layer buffer of `kind` (None
+/// when the layer has no trainable weights).
+pub fn start_gather(
+    device: tch::Device,
     layout: &FlatLayout,
     comm: &dyn Collective,
     shard: &Tensor,
     layer: Option<usize>,
     kind: Kind,
-    grad: bool,
-) -> Result<()> {
+) -> Result<Option<LayerGather>> {
     let buckets = layout.layer_buckets(layer);
     if buckets.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let (base, len) = layout.span(&buckets);
-    let mut buf = Tensor::zeros([len], (kind, model.device()));
-    layout.gather_buckets(comm, shard, &mut buf, &buckets, base)?;
-    bind(model, layout, &buf, base, Some(layer), grad);
-    Ok(())
+    let buf = Tensor::zeros([len], (kind, device));
+    let handles = layout.start_gather_buckets(comm, shard, &buf, &buckets, base)?;
+    Ok(Some(LayerGather { layer, buf, base, handles }))
+}
+
+impl LayerGather {
+    /// Wait for the gather and make the layer's trainable weights views of its buffer.
+    pub fn bind(self, model: &mut Llama, layout: &FlatLayout, grad: bool) -> Result<()> {
+        crate::dist::wait_all(self.handles)?;
+        bind(model, layout, &self.buf, self.base, Some(self.layer), grad);
+        Ok(())
+    }
+
+    /// Wait for the gather and drop its buffer unused.
+    pub fn discard(self) -> Result<()> {
+        crate::dist::wait_all(self.handles)
+    }
 }
 
 /// Drop a gathered layer's weights (replace them by empty tensors) to free its buffer.

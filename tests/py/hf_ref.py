@@ -246,6 +246,41 @@ def cmd_count_params(a):
     print(json.dumps({"total": total, "matrices": matrices}))
 
 
+def cmd_count_flops(a):
+    """FLOPs of one forward and one backward of a LlamaForCausalLM (from --config) on a batch of
+    --batch x --seq tokens, counted by torch's FlopCounterMode, with only the block matrices
+    trainable (model.trainable = "matrices"). Eager attention (FlopCounterMode has no formula
+    for the CPU flash kernel): its batched products (bmm) are the full s x s ones, reported
+    apart from the weight products (mm)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**json.loads(a.config))
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith("proj.weight"))
+    ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq))
+
+    def split(counter):
+        mm = attn = 0
+        for op, flops in counter.get_flop_counts()["Global"].items():
+            name = str(op)
+            if "bmm" in name:
+                attn += flops
+            elif "mm" in name:
+                mm += flops
+        return mm, attn
+
+    with FlopCounterMode(display=False) as fwd:
+        logits = model(input_ids=ids).logits
+    loss = logits.float().logsumexp(-1).mean()
+    with FlopCounterMode(display=False) as bwd:
+        loss.backward()
+    (fm, fs), (bm, bs) = split(fwd), split(bwd)
+    print(json.dumps({"forward_mm": fm, "forward_attention_full": fs, "backward_mm": bm, "backward_attention_full": bs}))
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -274,6 +309,11 @@ def main():
     cp.add_argument("--config", default=None)
     cp.add_argument("--model", default=None)
     cp.set_defaults(f=cmd_count_params)
+    cf = sub.add_parser("count-flops")
+    cf.add_argument("--config", required=True)
+    cf.add_argument("--batch", type=int, default=2)
+    cf.add_argument("--seq", type=int, default=64)
+    cf.set_defaults(f=cmd_count_flops)
     sc = sub.add_parser("score")
     sc.add_argument("--model", required=True)
     sc.add_argument("--data", required=True)
