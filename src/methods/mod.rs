@@ -429,11 +429,12 @@ mod tests {
         let r = Tensor::from_slice(&[0.25f32, 4.0, -1.0]);
         let p = Tensor::from_slice(&[0.1f32, 0.2, 0.3]);
         // (name, keys, the update as the method's paper or baseline defines it)
-        let cases: [(&str, &str, Tensor); 7] = [
+        let cases: [(&str, &str, Tensor); 8] = [
             ("finetune", "", r.copy()),
             ("ga", "", f.copy()),
             ("graddiff", "forget_weight = 0.25\nretain_weight = 2.0", &r * 2.0 - &f * 0.25),
-            ("npo", "", f.copy()),
+            ("npo", "", &f + &r),
+            ("npo", "retain_weight = 0.0", f.copy()),
             ("npo", "retain_weight = 0.5", &f + &r * 0.5),
             ("mean-teacher", "damp = 0.0\nclip = 1e9", &f + &r),
             ("it", "teacher_model = \"small\"", &f + &r),
