@@ -57,12 +57,14 @@ impl Inputs {
 
     /// A GradDiff run config (two objectives, SGD with momentum) writing into `out`; `extra`
     /// lines go into [train] and [dist].
+    /// GradDiff on the attention and MLP matrices (the set these tests sized their disks and timings for;
+    /// GradDiff's own default trains every weight).
     fn config(&self, name: &str, out: &Path, train: &str, dist: &str) -> PathBuf {
         let path = self.path(&format!("{name}.toml"));
         std::fs::write(
             &path,
             format!(
-                "[model]\npath = {:?}\ndevice = \"cpu\"\n[data]\nforget = {:?}\nretain = {:?}\n[method]\nname = \"graddiff\"\n\
+                "[model]\npath = {:?}\ndevice = \"cpu\"\ntrainable = \"matrices\"\n[data]\nforget = {:?}\nretain = {:?}\n[method]\nname = \"graddiff\"\n\
                  [optim]\nname = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n[train]\nmax_len = 64\nseed = 4\nout_dir = {out:?}\n{train}\n[dist]\n{dist}\n",
                 self.model, self.forget, self.retain
             ),
