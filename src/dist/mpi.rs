@@ -160,7 +160,11 @@ impl Collective for Mpi {
         let mut len = bytes.len() as u64;
         root_proc.broadcast_into(&mut len);
         bytes.resize(len as usize, 0);
-        root_proc.broadcast_into(&mut bytes[..]);
+        // An empty payload (a rank with no evaluation batch) has nothing to send, and Open MPI
+        // rejects the dangling pointer of an empty slice (MPI_ERR_ARG); every rank knows `len`.
+        if len > 0 {
+            root_proc.broadcast_into(&mut bytes[..]);
+        }
         Ok(())
     }
 

@@ -12,6 +12,7 @@
 //! 6. shards are all-gathered back into the compute-dtype replicas (student, teacher).
 
 pub mod backward;
+mod eval_hook;
 mod final_model;
 pub mod layout;
 mod net;
@@ -443,7 +444,7 @@ fn load_examples(src: &DataSource, tok: &Tokenizer, template: &Template) -> Resu
 }
 
 /// Append one JSON line to metrics.jsonl (rank 0).
-pub fn append_metrics(path: &Path, log: &StepLog) -> Result<()> {
+pub fn append_metrics(path: &Path, log: &impl Serialize) -> Result<()> {
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| crate::Error::io(path, e))?;
     writeln!(f, "{}", serde_json::to_string(log).expect("metrics serialize")).map_err(|e| crate::Error::io(path, e))
 }

@@ -67,11 +67,7 @@ pub(super) fn teacher_net(
         TeacherMode::Replica => {
             let full = match student.replica() {
                 Some(f) => f.copy(),
-                None => {
-                    let full = Tensor::zeros([layout.total], (kind, device));
-                    layout.gather_buckets(comm, master, &mut full.shallow_clone(), &(0..layout.buckets.len()).collect::<Vec<_>>(), 0)?;
-                    full
-                }
+                None => gathered_replica(layout, comm, master, kind, device)?,
             };
             params::bind(&mut model, layout, &full, 0, None, false);
             Ok(Net { model, residency: Residency::Replica(full) })
@@ -83,4 +79,11 @@ pub(super) fn teacher_net(
             Ok(Net { model, residency: Residency::Gathered })
         }
     }
+}
+
+/// The whole flat buffer in the compute dtype, all-gathered from the fp32 shards (collective).
+pub(super) fn gathered_replica(layout: &FlatLayout, comm: &dyn Collective, master: &Tensor, kind: Kind, device: Device) -> Result<Tensor> {
+    let full = Tensor::zeros([layout.total], (kind, device));
+    tch::no_grad(|| layout.gather_buckets(comm, master, &mut full.shallow_clone(), &(0..layout.buckets.len()).collect::<Vec<_>>(), 0))?;
+    Ok(full)
 }
