@@ -184,6 +184,12 @@ fn stop_rules_fire_where_defined_and_best_is_the_named_state() {
         "eval", "tofu", "--model", s(&base.join("evals/step-2")), "--out", s(&reference), "--forget", "forget01", "--data", s(&tofu),
         "--max-samples", "4", "--sets", "forget,retain", "--no-rouge", "--device", "cpu",
     ]);
+    // `unlearn report` plots the in-run evaluation next to the training curves.
+    let report = tmp.path().join("report");
+    unlearn(1, &["report", "--reports", s(&reference), "--runs", s(&base), "--out", s(&report)]);
+    let svg = std::fs::read_to_string(report.join("training_0_base.svg")).unwrap();
+    assert!(svg.contains("in-run evaluation") && svg.contains("eval/tofu.forget_prob"), "the report plots the in-run metrics");
+
     let out = tmp.path().join("reach");
     let rules = format!("{cheap}[stop]\nreach = \"tofu.forget_prob\"\nreference = {:?}\npatience = 2\n", reference.join("report.json"));
     unlearn(1, &["run", "--config", s(&write_config(tmp.path(), &model, &out, 2.0, 6, &rules))]);

@@ -101,10 +101,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
     while trainer.step() < total {
         let log = trainer.train_step()?;
         log_line(rank, &metrics, &mut events, log.step, &log)?;
-        if rank == 0 {
-            if log.step % log_every == 0 || log.step == total {
-                tracing::info!("{}", format_log(&log, total));
-            }
+        if rank == 0 && (log.step % log_every == 0 || log.step == total) {
+            tracing::info!("{}", format_log(&log, total));
         }
         bar.inc(1);
         if every > 0 && log.step % every == 0 && log.step < total {

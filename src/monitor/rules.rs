@@ -109,7 +109,7 @@ impl Rules {
                 }
             }
         }
-        let Some(start) = &self.start else {
+        if self.start.is_none() {
             for (m, _) in self.cfg.stop.below.iter().chain(&self.cfg.stop.above) {
                 e.get(m)?;
             }
@@ -119,8 +119,7 @@ impl Rules {
             self.start = Some(e.clone());
             d.good = true;
             return Ok(d);
-        };
-        let _ = start;
+        }
         if let Some(f) = &self.cfg.stop.utility {
             if !self.passes(f, e)? {
                 let s0 = self.start.as_ref().unwrap().get(&f.metric)?;
