@@ -78,11 +78,11 @@ STOP=(--set eval.every=$EVERY --set 'eval.tofu.forget="forget01"' --set "eval.to
       --set eval.tofu.no_rouge=true --set 'stop.reach="tofu.forget_quality"' --set stop.patience=2)
 
 say "4a. unlearn forget01 with NGDiff + AutoLR (stop: reach the retain model)"
-"$BIN" run --config configs/tofu-ngdiff.toml --set "model.path=$(q "$TARGET")" --set "data.retain=$(q "$RETAIN")" \
+"$BIN" run --config configs/tofu-ngdiff.toml --set "model.path=$(q "$TARGET")" --set "data.forget=$(q "$FORGET")" --set "data.retain=$(q "$RETAIN")" \
   --set optim.lr=${NGDIFF_LR:-1e-4} --set train.batch_size=4 --set train.steps=${NGDIFF_STEPS:-12} "${STOP[@]}" \
   --set "train.out_dir=$(q "$OUT/ngdiff")"
 say "4b. unlearn forget01 with mean teacher + NLUL (stop: reach the retain model)"
-"$BIN" run --config configs/tofu-mean-teacher.toml --set "model.path=$(q "$TARGET")" --set "data.retain=$(q "$RETAIN")" \
+"$BIN" run --config configs/tofu-mean-teacher.toml --set "model.path=$(q "$TARGET")" --set "data.forget=$(q "$FORGET")" --set "data.retain=$(q "$RETAIN")" \
   --set method.alpha=1.0 --set method.beta=3 --set method.delta=0.1 --set optim.lr=${MT_LR:-0.05} --set train.batch_size=4 \
   --set train.grad_accum=1 --set train.steps=${MT_STEPS:-16} --set train.checkpoint_every=0 "${STOP[@]}" \
   --set "train.out_dir=$(q "$OUT/mean-teacher")"
