@@ -1,7 +1,8 @@
 //! Each family beside Llama end to end on a tiny random model: `unlearn run` trains it (the loss
 //! falls, and with `trainable = "all"` its biases and q/k norms move too), the `final/` it writes
 //! loads in transformers with the same logits as ours, and its ONNX export passes the ONNX checker,
-//! matches transformers in onnxruntime and passes `unlearn verify`.
+//! matches transformers in onnxruntime and passes `unlearn verify`. The Mistral and Qwen2 cases
+//! train on ChatML prompts, and `unlearn eval tofu` on their `final/` takes the run's template.
 
 mod common;
 
@@ -18,15 +19,18 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// Four QA records, read whole by every step (batch 4), so the loss must fall step after step.
-fn write_data(dir: &Path) -> std::path::PathBuf {
+/// Four QA records, read whole by every step (batch 4), so the loss must fall step after step;
+/// and a one-record forget file, which `run` requires to differ from the retain set (finetune reads only the retain set).
+fn write_data(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let recs: Vec<Value> = [("Who wrote the red book?", "Amaro Velde"), ("Where was Belisa born?", "in a harbor town"), ("What does Corvin study?", "copper and marble"), ("When did Dalia travel?", "every summer")]
         .iter()
         .map(|(q, a)| serde_json::json!({"question": q, "answer": a}))
         .collect();
     let p = dir.join("qa.json");
     std::fs::write(&p, serde_json::to_string(&recs).unwrap()).unwrap();
-    p
+    let f = dir.join("forget.json");
+    std::fs::write(&f, serde_json::to_string(&recs[..1]).unwrap()).unwrap();
+    (f, p)
 }
 
 fn losses(run_dir: &Path) -> Vec<f64> {
@@ -52,12 +56,14 @@ fn every_family_trains_saves_for_transformers_exports_and_verifies() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let base = make_tiny_model(&dir.join("base"), case.config, 5, "bytebpe");
-        let data = write_data(dir);
+        let (forget, data) = write_data(dir);
+        // Chat families train and evaluate under a chat template; the others keep the default.
+        let template = if case.name.starts_with("mistral") || case.name.starts_with("qwen2") { "chatml" } else { "phi-qa" };
         let cfg = dir.join("run.toml");
         std::fs::write(
             &cfg,
             format!(
-                "[model]\npath = {base:?}\ntrainable = \"all\"\n[data]\nforget = {data:?}\nretain = {data:?}\n[method]\nname = \"finetune\"\n\
+                "[model]\npath = {base:?}\ntrainable = \"all\"\n[data]\nforget = {forget:?}\nretain = {data:?}\ntemplate = {template:?}\n[method]\nname = \"finetune\"\n\
                  [optim]\nname = \"adamw\"\nlr = 0.003\nweight_decay = 0.0\n[train]\nsteps = 5\nbatch_size = 4\nmax_len = 48\nseed = 1\nout_dir = {:?}\n",
                 dir.join("run")
             ),
@@ -91,6 +97,22 @@ fn every_family_trains_saves_for_transformers_exports_and_verifies() {
         }
         println!("{}: final/ in transformers vs ours: max |dlogit| = {worst:.3e}", case.name);
         assert!(worst <= 1e-4, "{}: {worst}", case.name);
+
+        // TOFU evaluation of final/ uses the template the run trained with (from the run's config.toml);
+        // the chat cases only (the Phi-3 case's 64 positions cannot hold TOFU's byte-level questions).
+        if template == "chatml" {
+        let report_dir = dir.join("eval");
+        let tofu = shared_data().join("tofu");
+        let eval_args = ["eval", "tofu", "--model", s(&fin), "--out", s(&report_dir), "--data", s(&tofu), "--forget", "forget01", "--max-samples", "2", "--max-new-tokens", "4"];
+        let (ok, _, err) = run_unlearn(&eval_args);
+        assert!(ok, "{}: eval tofu failed:\n{err}", case.name);
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(report_dir.join("report.json")).unwrap()).unwrap();
+        let used = report["template"]["name"].as_str().unwrap_or("phi-qa");
+        assert_eq!(used, template, "{}: eval used template {used}: {:#}", case.name, report["template"]);
+        let mu = report["metrics"]["model_utility"]["value"].as_f64().unwrap_or(f64::NAN);
+        println!("{}: eval tofu under {used}: model utility {mu:.4}", case.name);
+        assert!(mu.is_finite() && mu >= 0.0, "{}: model utility {mu}: {report:#}", case.name);
+        }
 
         // ONNX: checker-valid, onnxruntime equals transformers, and `unlearn verify` passes.
         let onnx = dir.join("onnx");
