@@ -70,21 +70,22 @@ EVAL=(--forget forget01 --data "$TOFU" --max-samples 40 --max-new-tokens 48)
 RSTATS=$OUT/eval-retain/report.json
 
 # In-run evaluation: TOFU forget01, all 40 questions, scoring only (Forget Quality against the
-# retain model's statistics needs no generation), every $EVERY steps; stop rule "reach the retain
-# model" on Forget Quality itself; best/ = the evaluated state with the highest Forget Quality.
-EVERY=${UNLEARN_DEMO_EVAL_EVERY:-2}
+# retain model's statistics needs no generation: 40 x 7 answers scored), every $EVERY steps;
+# stop rule "reach the retain model" on Forget Quality itself; best/ = the evaluated state with
+# the highest Forget Quality.
+EVERY=${UNLEARN_DEMO_EVAL_EVERY:-3}
 STOP=(--set eval.every=$EVERY --set 'eval.tofu.forget="forget01"' --set "eval.tofu.data=$(q "$TOFU")"
       --set "eval.tofu.retain_stats=$(q "$RSTATS")" --set eval.tofu.max_samples=40 --set 'eval.tofu.sets=["forget"]'
       --set eval.tofu.no_rouge=true --set 'stop.reach="tofu.forget_quality"' --set stop.patience=2)
 
 say "4a. unlearn forget01 with NGDiff + AutoLR (stop: reach the retain model)"
 "$BIN" run --config configs/tofu-ngdiff.toml --set "model.path=$(q "$TARGET")" --set "data.forget=$(q "$FORGET")" --set "data.retain=$(q "$RETAIN")" \
-  --set optim.lr=${NGDIFF_LR:-1e-4} --set train.batch_size=4 --set train.steps=${NGDIFF_STEPS:-12} "${STOP[@]}" \
+  --set optim.lr=${NGDIFF_LR:-1e-4} --set train.batch_size=4 --set train.steps=${NGDIFF_STEPS:-9} "${STOP[@]}" \
   --set "train.out_dir=$(q "$OUT/ngdiff")"
 say "4b. unlearn forget01 with mean teacher + NLUL (stop: reach the retain model)"
 "$BIN" run --config configs/tofu-mean-teacher.toml --set "model.path=$(q "$TARGET")" --set "data.forget=$(q "$FORGET")" --set "data.retain=$(q "$RETAIN")" \
   --set method.alpha=1.0 --set method.beta=3 --set method.delta=0.1 --set optim.lr=${MT_LR:-0.05} --set train.batch_size=4 \
-  --set train.grad_accum=1 --set train.steps=${MT_STEPS:-16} --set train.checkpoint_every=0 "${STOP[@]}" \
+  --set train.grad_accum=1 --set train.steps=${MT_STEPS:-12} --set train.checkpoint_every=0 "${STOP[@]}" \
   --set "train.out_dir=$(q "$OUT/mean-teacher")"
 
 say "5. TOFU evaluation of the target and of each method's best/ (forget quality against the retain model, model utility)"
