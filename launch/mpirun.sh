@@ -4,6 +4,10 @@
 #
 # One node, 8 GPUs:
 #   mpirun -np 8 --bind-to none launch/mpirun.sh run --config configs/muse-news-mean-teacher.toml
+# The same, as a command to repeat after a preemption or a crash (resumes from the latest
+# checkpoint in the directory, or starts there when it holds none; a stopped run exits 75):
+#   mpirun -np 8 --bind-to none launch/mpirun.sh run --config configs/muse-news-mean-teacher.toml \
+#     --resume runs/muse-news-mean-teacher
 #
 # Two nodes, 8 GPUs each (a hostfile with "node1 slots=8" and "node2 slots=8", or -H node1:8,node2:8).
 # mpirun copies the environment only to ranks on its own node: name with -x what the others need.

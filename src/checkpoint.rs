@@ -10,7 +10,10 @@
 //! Each rank writes its shard into `step-N.tmp/` (fsynced); after a barrier rank 0 writes
 //! meta.json, renames the directory into place and updates `checkpoints/latest`. A crash at any
 //! point leaves the previous checkpoint intact and `latest` pointing at it. Under ZeRO-0 every
-//! rank holds the same state, so only rank 0 writes (one shard).
+//! rank holds the same state, so only rank 0 writes (one shard). Before writing, rank 0 checks
+//! that the filesystem has room for the whole checkpoint (a clear error instead of a full disk
+//! halfway); older checkpoints beyond `train.keep_checkpoints` are removed only after the new one
+//! is complete.
 //!
 //! Resharding: a rank restoring at another world size asks, for each parameter piece its new
 //! shard needs, which old shard held it (the old layout's segments), and copies just those
@@ -26,7 +29,8 @@ use tch::{Kind, Tensor};
 
 use crate::data::loader::{Loader, LoaderState};
 use crate::dist::zero::FlatLayout;
-use crate::dist::Collective;
+use crate::dist::{watchdog, Collective};
+use crate::fault::{self, Fault};
 use crate::error::{Error, IoContext, Result};
 use crate::methods::autolr::AutoLr;
 use crate::methods::{Method, Objective};
@@ -144,33 +148,88 @@ pub fn restore(dir: &Path, parts: &mut Parts) -> Result<u64> {
 }
 
 fn save_state(root: &Path, state: &State, comm: &dyn Collective, keep: usize) -> Result<PathBuf> {
-    let final_dir = step_dir(root, state.meta.step);
-    let tmp = root.join(format!("step-{:06}.tmp", state.meta.step));
+    let step = state.meta.step;
+    let final_dir = step_dir(root, step);
+    let tmp = root.join(format!("step-{step:06}.tmp"));
     let rank = comm.rank();
     let shards = state.meta.layout.shards;
+    let text = serde_json::to_string_pretty(&state.meta).expect("meta serializes");
+    let barrier = |what: &str| -> Result<()> {
+        let _g = watchdog::enter(format!("barrier of the checkpoint of step {step}: {what}"));
+        comm.barrier()
+    };
     if rank == 0 {
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).at(&tmp)?;
+            std::fs::remove_dir_all(&tmp).at(&tmp)?; // left by an interrupted save of this step
         }
+        let needed = shards as u64 * shard_bytes(&state.tensors) + text.len() as u64;
+        check_free_space(root, needed, step)?;
         std::fs::create_dir_all(&tmp).at(&tmp)?;
     }
-    comm.barrier()?;
+    barrier("directory made")?;
     // Under ZeRO-0 (one shard) only rank 0 writes; otherwise shard r is rank r's.
     if rank < shards {
         let path = tmp.join(shard_file(rank, shards));
-        write_safetensors(&path, &state.tensors)?;
+        let written = fault::check_io(Fault::Checkpoint, step, &path).and_then(|_| write_safetensors(&path, &state.tensors));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&path); // give the space back; the previous checkpoint stays
+        }
+        written?;
     }
-    comm.barrier()?;
-    fault_injection_stall(state.meta.step);
+    barrier("every shard written")?;
+    fault_injection_stall(step);
     if rank == 0 {
-        let text = serde_json::to_string_pretty(&state.meta).expect("meta serializes");
         write_atomic(&tmp.join("meta.json"), text.as_bytes())?;
         publish_dir(&tmp, &final_dir)?;
         write_atomic(&root.join("latest"), final_dir.file_name().unwrap().to_string_lossy().as_bytes())?;
-        prune(root, keep)?;
+        prune(root, keep, step)?;
     }
-    comm.barrier()?;
+    barrier("published")?;
     Ok(final_dir)
+}
+
+/// Bytes of one shard file: the fp32 tensors and a header (names, shapes, offsets).
+fn shard_bytes(tensors: &[(String, Tensor)]) -> u64 {
+    tensors.iter().map(|(n, t)| t.numel() as u64 * 4 + n.len() as u64 + 96).sum::<u64>() + 64
+}
+
+/// Refuse to start a checkpoint the filesystem has no room for, naming the path and the bytes.
+fn check_free_space(root: &Path, needed: u64, step: u64) -> Result<()> {
+    let free = free_bytes(root)?;
+    if free < needed {
+        let msg = format!(
+            "no room for the checkpoint of step {step}: it needs {needed} bytes ({}), the filesystem has {free} bytes ({}) free; \
+             free some space, or keep fewer checkpoints (train.keep_checkpoints; the oldest is removed only once the new one is \
+             complete); the previous checkpoint is intact",
+            human_bytes(needed),
+            human_bytes(free)
+        );
+        return Err(Error::io(root, std::io::Error::new(std::io::ErrorKind::StorageFull, msg)));
+    }
+    Ok(())
+}
+
+fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}
+
+/// Bytes an unprivileged process may still write on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| Error::format(path, e.to_string()))?;
+    // SAFETY: a zeroed statvfs filled by the call; `c` is a valid NUL-terminated path.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(Error::io(path, std::io::Error::last_os_error()));
+    }
+    Ok(s.f_bavail as u64 * s.f_frsize as u64)
 }
 
 /// Fault injection for the crash-consistency test: with `UNLEARN_FAULT_STALL_CHECKPOINT=N` the
@@ -183,14 +242,18 @@ fn fault_injection_stall(step: u64) {
     }
 }
 
-/// Keep the `keep` most recent complete checkpoints; remove older ones and stale temporaries.
-fn prune(root: &Path, keep: usize) -> Result<()> {
+/// Keep the `keep` most recent complete checkpoints (the one of `step`, just published, among
+/// them); remove older ones and the temporaries of interrupted saves of earlier steps.
+fn prune(root: &Path, keep: usize, step: u64) -> Result<()> {
     let mut steps: Vec<PathBuf> = vec![];
     for e in std::fs::read_dir(root).at(root)? {
         let p = e.at(root)?.path();
         let name = p.file_name().unwrap_or_default().to_string_lossy().to_string();
-        if name.starts_with("step-") && name.ends_with(".tmp") {
-            continue; // another writer may be in flight; temporaries are replaced on the next save
+        if let Some(n) = name.strip_prefix("step-").and_then(|n| n.strip_suffix(".tmp")) {
+            if n.parse::<u64>().is_ok_and(|n| n < step) {
+                std::fs::remove_dir_all(&p).at(&p)?;
+            }
+            continue;
         }
         if name.starts_with("step-") && p.join("meta.json").exists() {
             steps.push(p);

@@ -121,7 +121,11 @@ pub struct TrainCfg {
     pub out_dir: PathBuf,
     pub log_every: u64,
     pub checkpoint_every: u64,
+    /// Complete checkpoints kept (the oldest is removed only once a newer one is complete).
     pub keep_checkpoints: usize,
+    /// Consecutive steps with a non-finite loss or gradient norm that are skipped (no update)
+    /// before the run stops with an error.
+    pub max_skipped_steps: u64,
     /// Recompute each layer in backward instead of keeping activations (tch has no checkpointing).
     pub recompute: bool,
 }
@@ -133,6 +137,8 @@ pub struct DistCfg {
     pub bucket_mb: f64,
     pub teacher: TeacherMode,
     pub verify_every: u64,
+    /// Seconds a collective may take before the watchdog ends the job.
+    pub timeout_s: f64,
 }
 
 /// A configuration choice: a closed set of values, each with the one name configs spell it by.
@@ -207,7 +213,7 @@ impl DeviceChoice {
                 return Err(crate::other!("model.device = \"cuda\", but libtorch sees no GPU (built without the `cuda` feature?)"))
             }
         };
-        Ok(crate::dist::rank_device(device))
+        crate::dist::rank_device(device)
     }
 }
 
@@ -373,7 +379,7 @@ impl RunConfig {
 
         train.only(&[
             "steps", "batch_size", "grad_accum", "max_len", "seed", "out_dir", "log_every", "checkpoint_every",
-            "keep_checkpoints", "recompute",
+            "keep_checkpoints", "max_skipped_steps", "recompute",
         ])?;
         let train_cfg = TrainCfg {
             steps: train.int("steps", 0, 1)?,
@@ -385,6 +391,7 @@ impl RunConfig {
             log_every: train.int("log_every", 1, 1)?,
             checkpoint_every: train.int("checkpoint_every", 0, 0)?,
             keep_checkpoints: train.int("keep_checkpoints", 2, 1)? as usize,
+            max_skipped_steps: train.int("max_skipped_steps", 5, 0)?,
             recompute: train.boolean("recompute", false)?,
         };
         for key in ["steps", "batch_size"] {
@@ -394,7 +401,7 @@ impl RunConfig {
         }
         check_batch_bounds(&train, &train_cfg, data_cfg.retain_max_len)?;
 
-        dist.only(&["backend", "zero", "bucket_mb", "teacher", "verify_every"])?;
+        dist.only(&["backend", "zero", "bucket_mb", "teacher", "verify_every", "timeout_s"])?;
         let zero = dist.int("zero", 0, 0)?;
         if zero > 3 {
             return Err(dist.err("zero", format!("must be 0, 1, 2 or 3, got {zero}")));
@@ -405,6 +412,7 @@ impl RunConfig {
             bucket_mb: dist.float("bucket_mb", 25.0, Bound::Positive)?,
             teacher: dist.choice("teacher", TeacherMode::Replica)?,
             verify_every: dist.int("verify_every", 0, 0)?,
+            timeout_s: dist.float("timeout_s", crate::dist::watchdog::DEFAULT_TIMEOUT_S, Bound::Positive)?,
         };
         let monitor = crate::monitor::config::parse(&root, &model_cfg.path, &train_cfg.out_dir, check_paths)?;
         Ok(RunConfig { model: model_cfg, data: data_cfg, method: method_cfg, optim: optim_cfg, train: train_cfg, dist: dist_cfg, monitor })

@@ -147,6 +147,40 @@ pub const REPORT_OUTPUT: OutputDir = OutputDir {
 
 pub const IMPORT_OUTPUT: OutputDir = OutputDir { command: "import-gguf", marker: None, writes: |_| false };
 
+/// `run` writes into `train.out_dir` (it is not replaced as a whole: `checkpoints/` and `final/`
+/// are kept across resumes), so its directory is checked by `train::out_dir::decide` with these
+/// names; the temporary siblings of its files and an earlier `final/` being replaced count as its.
+pub const RUN_OUTPUT: OutputDir = OutputDir {
+    command: "run",
+    marker: Some("config.toml"),
+    writes: |n| {
+        let ours = |base: &str| n == base || n.strip_prefix(base).is_some_and(|rest| rest.starts_with(".tmp-"));
+        // best/ and evals/ are the in-run evaluation's (monitor/).
+        ["config.toml", "metrics.jsonl", "checkpoints", "final", "best", "evals"].iter().any(|b| ours(b))
+            || n.starts_with("final.old-")
+            || n.starts_with("best.old-")
+            || n.starts_with("events.out.tfevents.")
+    },
+};
+
+/// The names of the entries of `dir`, sorted, with whether each is a directory; `None` when `dir`
+/// does not exist (or lies below a file: creating it fails later with its own message).
+pub fn dir_entries(dir: &Path) -> Result<Option<Vec<(String, bool)>>> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(None),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    let mut out = vec![];
+    for entry in rd {
+        let entry = entry.at(dir)?;
+        let is_dir = entry.file_type().at(entry.path())?.is_dir();
+        out.push((entry.file_name().to_string_lossy().into_owned(), is_dir));
+    }
+    out.sort();
+    Ok(Some(out))
+}
+
 /// May `out` be replaced by this command's output? The rule, for every command that writes a
 /// directory:
 /// * `out` must not be, contain, or lie inside any of `inputs` (or contain the current directory);
@@ -165,16 +199,9 @@ pub fn check_output_dir(out: &Path, spec: &OutputDir, inputs: &[&Path], overwrit
     if !meta.is_dir() {
         return Err(Error::format(out, "--out exists and is not a directory; choose another --out"));
     }
-    let mut names = BTreeSet::new();
-    let mut subdirs = vec![];
-    for entry in std::fs::read_dir(out).at(out)? {
-        let entry = entry.at(out)?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if entry.file_type().at(entry.path())?.is_dir() {
-            subdirs.push(name.clone());
-        }
-        names.insert(name);
-    }
+    let entries = dir_entries(out)?.unwrap_or_default();
+    let names: BTreeSet<String> = entries.iter().map(|(n, _)| n.clone()).collect();
+    let subdirs: Vec<&String> = entries.iter().filter(|(_, d)| *d).map(|(n, _)| n).collect();
     if names.is_empty() {
         return Ok(());
     }
@@ -278,7 +305,8 @@ fn resolve(p: &Path) -> Result<PathBuf> {
     }
 }
 
-fn list(names: &[&String]) -> String {
+/// Up to five names, and how many more there are, for a message.
+pub fn list(names: &[&String]) -> String {
     const SHOWN: usize = 5;
     let mut s = names.iter().take(SHOWN).map(|n| n.as_str()).collect::<Vec<_>>().join(", ");
     if names.len() > SHOWN {

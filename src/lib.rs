@@ -13,6 +13,7 @@ pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod fault;
 pub mod files;
 pub mod gguf;
 pub mod logging;
@@ -23,6 +24,7 @@ pub mod optim;
 pub mod plan;
 pub mod progress;
 pub mod record;
+pub mod signals;
 pub mod tensorboard;
 pub mod train;
 

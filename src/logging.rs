@@ -7,7 +7,6 @@
 //! when the job has more than one rank.
 
 use std::fmt::{self, Write as _};
-use std::io::Write as _;
 
 use serde_json::{json, Map, Value};
 use tracing::field::{Field, Visit};
@@ -64,7 +63,8 @@ impl LogSetup {
             LogFormat::Human if self.world > 1 => format!("rank {}: error: {message}", self.rank),
             LogFormat::Human => format!("error: {message}"),
         };
-        let _ = writeln!(std::io::stderr(), "{line}");
+        // One write: the errors of several ranks reach one log at once and must not interleave.
+        crate::error::print_line(&line);
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `unlearn` command line: parse, set up logging, dispatch to `unlearn::cli`.
 
 use clap::{Parser, Subcommand, ValueEnum};
+use unlearn::error::{Error, Exit};
 use unlearn::{cli, logging};
 
 /// Make a language model forget a forget set, keep what it should know, and ship it as ONNX.
@@ -69,8 +70,8 @@ fn main() {
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             default(info);
-            log.fatal("panicked; aborting all ranks", 1);
-            unlearn::dist::abort_world(1);
+            log.fatal("panicked; aborting all ranks", Exit::Runtime.code());
+            unlearn::dist::abort_world(Exit::Runtime.code());
         }));
     }
     let result = match &args.command {
@@ -84,11 +85,24 @@ fn main() {
         Command::Plan(a) => cli::plan::run(a).map(|text| print!("{text}")),
         Command::CommCheck(a) => cli::comm_check::run(a).map(|text| print!("{text}")),
     };
-    if let Err(e) = result {
-        log.fatal(&e.to_string(), 1);
-        if multi_rank {
-            unlearn::dist::abort_world(1);
+    // The error is printed first, then the job is aborted everywhere, before anything finalizes
+    // (finalize would wait for peers that may sit in a collective for this rank); only a run that
+    // ends as planned (success, or a checkpoint after a stop request) leaves the job in order.
+    let e = match result {
+        Ok(()) => return unlearn::dist::finalize(),
+        Err(e) => e,
+    };
+    let code = e.exit().code();
+    if let Error::Preempted { .. } = e {
+        if rank == 0 {
+            tracing::warn!("{e}");
         }
-        std::process::exit(1);
+        unlearn::dist::finalize();
+        std::process::exit(code);
     }
+    log.fatal(&e.to_string(), code);
+    if multi_rank {
+        unlearn::dist::abort_world(code);
+    }
+    std::process::exit(code);
 }

@@ -266,29 +266,6 @@ fn diverged_replicas_are_caught_by_the_checksum_check() {
     assert!(!s.tmp.path().join("diverged/final").exists());
 }
 
-/// The environment variable Open MPI gives each rank.
-fn rank_of(pid: u32) -> Option<usize> {
-    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    env.split(|&b| b == 0).find_map(|kv| {
-        let s = String::from_utf8_lossy(kv);
-        s.strip_prefix("OMPI_COMM_WORLD_RANK=").and_then(|v| v.parse().ok())
-    })
-}
-
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut out = vec![];
-    let mut stack = vec![pid];
-    while let Some(p) = stack.pop() {
-        if let Ok(text) = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")) {
-            for c in text.split_whitespace().filter_map(|c| c.parse().ok()) {
-                out.push(c);
-                stack.push(c);
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn killing_one_rank_stops_the_others_within_seconds() {
     let s = setup();

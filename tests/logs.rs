@@ -141,7 +141,8 @@ fn the_final_error_is_a_json_line_in_json_mode_and_plain_text_otherwise() {
     let lines = json_lines(&err);
     let last = lines.last().unwrap();
     println!("{last}");
-    assert_eq!((last["level"].as_str(), last["rank"].as_u64(), last["fields"]["exit_code"].as_i64()), (Some("ERROR"), Some(0), Some(1)));
+    // A missing model directory is bad input: exit code 2 (README "Exit codes").
+    assert_eq!((last["level"].as_str(), last["rank"].as_u64(), last["fields"]["exit_code"].as_i64()), (Some("ERROR"), Some(0), Some(2)));
     assert!(message(last).contains(s(&missing)), "the error names the path: {last}");
 
     let (ok, _, err) = run_unlearn(&["export", "--model", s(&missing), "--out", s(&out)]);

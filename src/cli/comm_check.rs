@@ -48,8 +48,10 @@ fn timed(name: &str, f: impl FnOnce() -> Result<f64>) -> Result<Check> {
 
 /// Run `unlearn comm-check`; returns the report (rank 0's; other ranks return an empty string).
 pub fn run(args: &CommCheckArgs) -> Result<String> {
-    let device = parse_device(&args.device)?;
+    // The same rank -> GPU mapping as `run` and `eval`.
+    let device = dist::rank_device(parse_device(&args.device)?)?;
     let comm = dist::init(&args.backend, device)?;
+    dist::watchdog::set_phase("comm-check");
     let checks = run_checks(&*comm, device, args.elems)?;
     let (rank, world) = (comm.rank(), comm.world());
     let mut errs: Vec<f64> = checks.iter().map(|c| c.max_err).collect();
@@ -57,7 +59,7 @@ pub fn run(args: &CommCheckArgs) -> Result<String> {
     comm.barrier()?;
     let failed: Vec<&str> = checks.iter().zip(&errs).filter(|(_, e)| **e != 0.0).map(|(c, _)| c.name.as_str()).collect();
     if !failed.is_empty() {
-        return Err(crate::Error::Dist(format!("comm-check ({}, {world} ranks): wrong results from {}", comm.backend(), failed.join(", "))));
+        return Err(crate::Error::Mismatch(format!("comm-check ({}, {world} ranks): wrong results from {}", comm.backend(), failed.join(", "))));
     }
     if rank != 0 {
         return Ok(String::new());

@@ -106,8 +106,9 @@ impl Session {
         if c.batch_size == 0 || c.max_batch_tokens == 0 || c.gen_batch_size == 0 || c.max_gen_batch_tokens == 0 {
             return Err(crate::other!("batch sizes and token budgets must be positive"));
         }
-        let device = dist::rank_device(parse_device(&c.device)?);
+        let device = dist::rank_device(parse_device(&c.device)?)?;
         let comm = dist::init(&c.dist, device)?;
+        dist::watchdog::set_phase("evaluation");
         dist::set_cpu_threads();
         Ok(Session { comm, device, kind: parse_kind(&c.dtype)?, start: Instant::now() })
     }

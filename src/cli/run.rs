@@ -1,14 +1,18 @@
 //! `unlearn run`: train (fine-tune or unlearn) as the config says, resumably.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::checkpoint;
 use crate::config::RunConfig;
-use crate::dist;
+use crate::dist::{self, watchdog};
+use crate::fault::{self, Fault};
 use crate::progress::Progress;
 use crate::monitor::{write_record, Monitor};
 use crate::record::Record;
+use crate::signals;
 use crate::tensorboard::EventWriter;
+use crate::train::out_dir::{self, Start};
 use crate::train::{append_metrics, Trainer};
 use crate::Result;
 
@@ -20,19 +24,25 @@ pub struct RunArgs {
     /// Override any config key: --set optim.lr=1e-5 --set train.steps=50
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
-    /// Continue the run in this output directory from its latest checkpoint (any world size).
+    /// Continue the run in this output directory from its latest checkpoint (any world size), or
+    /// start it there when it holds none: `run --config X --resume DIR` is the command to repeat
+    /// after a preemption or a requeue.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Start over in a train.out_dir that holds an earlier run (or other files): replaces what a
+    /// run writes there (checkpoints, metrics, config.toml, final/) and leaves every other file.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
     let config_path = match (&args.config, &args.resume) {
         (Some(c), _) => c.clone(),
         (None, Some(dir)) if !dir.join("config.toml").is_file() => {
-            return Err(crate::other!("--resume {}: not a run directory (no config.toml); give --config FILE to start a run there", dir.display()))
+            return Err(crate::input!("--resume {}: not a run directory (no config.toml); give --config FILE to start a run there", dir.display()))
         }
         (None, Some(dir)) => dir.join("config.toml"),
-        (None, None) => return Err(crate::other!("give --config FILE (or --resume DIR of an earlier run)")),
+        (None, None) => return Err(crate::input!("give --config FILE (or --resume DIR of an earlier run)")),
     };
     let mut overrides = args.overrides.clone();
     if let Some(dir) = &args.resume {
@@ -40,29 +50,24 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     let cfg = RunConfig::load(&config_path, &overrides)?;
     let device = cfg.model.device.resolve()?;
-    let comm = dist::init_backend(cfg.dist.backend, device)?;
+    let comm = dist::init_backend(cfg.dist.backend, device, Duration::from_secs_f64(cfg.dist.timeout_s))?;
     dist::set_cpu_threads();
+    signals::install();
     let out = cfg.train.out_dir.clone();
     let ckpt_root = out.join("checkpoints");
     let rank = comm.rank();
 
-    let resume_from = match &args.resume {
-        Some(_) => checkpoint::latest(&ckpt_root)?,
-        None => {
-            if checkpoint::latest(&ckpt_root)?.is_some() {
-                return Err(crate::other!(
-                    "{} already holds a run; pass --resume {} to continue it, or choose another train.out_dir",
-                    out.display(),
-                    out.display()
-                ));
-            }
-            None
-        }
-    };
-    // The model, data and checkpoint are checked before anything is written, so bad input leaves
-    // no half-made run directory behind and a refused resume keeps the run's config.toml.
+    // Every rank reads the directory before rank 0 changes anything in it. The model, data and
+    // checkpoint are checked before anything is written, so bad input leaves no half-made run
+    // directory behind and a refused resume keeps the run's config.toml.
+    let inputs = [("model.path", cfg.model.path.as_path())].into_iter();
+    let data = cfg.data.forget.iter().map(|p| ("data.forget", p.as_path())).chain(cfg.data.retain.iter().map(|p| ("data.retain", p.as_path())));
+    out_dir::check_inputs_outside(&out, &inputs.chain(data).collect::<Vec<_>>())?;
+    let start = out_dir::decide(&out, args.resume.is_some(), args.overwrite)?;
+    barrier(&*comm, "deciding how the run starts")?;
+    watchdog::set_phase("loading the model and data");
     let mut trainer = Trainer::new(&cfg, comm.clone(), device)?;
-    if let Some(dir) = &resume_from {
+    if let Start::Resume(dir) = &start {
         trainer.restore(dir)?;
         if trainer.step() > cfg.train.steps {
             return Err(crate::Error::config(
@@ -72,18 +77,19 @@ pub fn run(args: &RunArgs) -> Result<()> {
             ));
         }
     }
+    let metrics = out.join("metrics.jsonl");
     if rank == 0 {
+        match &start {
+            Start::Resume(dir) => {
+                tracing::info!("resumed from {} at step {}", dir.display(), trainer.step());
+                truncate_metrics(&metrics, trainer.step())?;
+            }
+            Start::Fresh => out_dir::clear_earlier_run(&out)?,
+        }
         std::fs::create_dir_all(&ckpt_root).map_err(|e| crate::Error::io(&ckpt_root, e))?;
         crate::model::weights::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
     }
-    comm.barrier()?;
-    let metrics = out.join("metrics.jsonl");
-    if let Some(dir) = resume_from.as_ref().filter(|_| rank == 0) {
-        tracing::info!("resumed from {} at step {}", dir.display(), trainer.step());
-        truncate_metrics(&metrics, trainer.step())?;
-    } else if rank == 0 && metrics.exists() {
-        std::fs::remove_file(&metrics).map_err(|e| crate::Error::io(&metrics, e))?;
-    }
+    barrier(&*comm, "rank 0 preparing the output directory")?;
 
     let mut events = (rank == 0).then(|| crate::tensorboard::EventWriter::create(&out, trainer.step() + 1)).transpose()?;
     // rank 0 hashes the inputs once; final/ and best/ carry the record.
@@ -98,13 +104,20 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let log_every = cfg.train.log_every;
     let bar = Progress::new(total, "train");
     bar.inc(trainer.step().min(total));
+    watchdog::set_phase("");
     while trainer.step() < total {
         let log = trainer.train_step()?;
+        if rank == 0 {
+            fault::check_io(Fault::Metrics, log.step, &metrics)?;
+        }
         log_line(rank, &metrics, &mut events, log.step, &log)?;
         if rank == 0 && (log.step % log_every == 0 || log.step == total) {
             tracing::info!("{}", format_log(&log, total));
         }
         bar.inc(1);
+        if log.stop_requested && log.step < total {
+            return Err(stop(&mut trainer, &ckpt_root, keep));
+        }
         if every > 0 && log.step % every == 0 && log.step < total {
             let dir = trainer.save_checkpoint(&ckpt_root, keep)?;
             if rank == 0 {
@@ -122,6 +135,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     bar.finish();
     let final_ckpt = checkpoint::step_dir(&ckpt_root, trainer.step());
     if !final_ckpt.join("meta.json").exists() {
+        watchdog::set_phase("writing the last checkpoint");
         trainer.save_checkpoint(&ckpt_root, keep)?;
     }
     let outcome = match monitor.as_mut() {
@@ -153,6 +167,26 @@ fn log_line(rank: usize, metrics: &Path, events: &mut Option<EventWriter>, step:
 /// The in-run evaluation's lines (each has its `step`).
 fn log_lines(rank: usize, metrics: &Path, events: &mut Option<EventWriter>, lines: &[serde_json::Value]) -> Result<()> {
     lines.iter().try_for_each(|l| log_line(rank, metrics, events, l["step"].as_u64().unwrap_or(0), l))
+}
+
+fn barrier(comm: &dyn dist::Collective, what: &'static str) -> Result<()> {
+    let _g = watchdog::enter(format!("barrier: {what}"));
+    comm.barrier()
+}
+
+/// Every rank agreed in this step that some rank was asked to stop: checkpoint the step and
+/// return the "preempted" outcome (or the checkpoint's error).
+fn stop(trainer: &mut Trainer, ckpt_root: &Path, keep: usize) -> crate::Error {
+    let step = trainer.step();
+    let signal = signals::requested().map_or_else(|| "a signal to another rank".to_string(), signals::name);
+    if let Some(s) = signals::requested() {
+        tracing::warn!("{} received: writing a checkpoint after step {step} and exiting", signals::name(s));
+    }
+    watchdog::set_phase("checkpoint on a stop request");
+    match trainer.save_checkpoint(ckpt_root, keep) {
+        Ok(checkpoint) => crate::Error::Preempted { signal, step, checkpoint },
+        Err(e) => e,
+    }
 }
 
 fn format_log(l: &crate::train::StepLog, total: u64) -> String {

@@ -66,7 +66,7 @@ pub fn run(args: &VerifyArgs) -> Result<()> {
     write_atomic(&out, text.as_bytes())?;
     println!("{}", report.summary());
     if !report.passed {
-        return Err(crate::other!("verification failed (details in {})", out.display()));
+        return Err(crate::Error::Mismatch(format!("verification failed (details in {})", out.display())));
     }
     tracing::info!("verification passed; report in {}", out.display());
     Ok(())

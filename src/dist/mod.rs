@@ -6,13 +6,19 @@
 //! scalars (norms, losses, checksums). Gradients are SUM-reduced: every rank normalises its loss by
 //! the *global* token count of the micro-batch, so the sum is the single-process gradient.
 
+#[cfg(feature = "nccl")]
+mod cuda;
 pub mod gather;
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod watchdog;
+pub mod world;
 pub mod zero;
+
+pub use world::{abort_world, finalize};
 
 use std::rc::Rc;
 
@@ -47,7 +53,8 @@ pub trait Collective {
     fn abort(&self, code: i32) -> !;
 }
 
-/// Shared within one process (collectives are issued from the main thread only).
+/// Shared within one process (collectives are issued from the main thread only; every rank issues
+/// the same collectives in the same order, see ARCHITECTURE.md "Collectives").
 pub type Comm = Rc<dyn Collective>;
 
 /// The collective backend (`dist.backend`).
@@ -60,34 +67,70 @@ pub enum Backend {
     Nccl,
 }
 
-/// [`init_backend`] for a backend named on a command line (`auto`, `none`, `mpi`, `nccl`).
+/// [`init_backend`] for a backend named on a command line (`auto`, `none`, `mpi`, `nccl`), with
+/// the default collective timeout.
 pub fn init(backend: &str, device: tch::Device) -> Result<Comm> {
-    let b = crate::config::parse_choice::<Backend>(backend).map_err(|e| crate::other!("backend: {e}"))?;
-    init_backend(b, device)
+    let b = crate::config::parse_choice::<Backend>(backend).map_err(|e| crate::input!("backend: {e}"))?;
+    init_backend(b, device, std::time::Duration::from_secs_f64(watchdog::DEFAULT_TIMEOUT_S))
 }
 
-/// Bring up `backend`; `auto` picks from the device and the environment.
-pub fn init_backend(backend: Backend, device: tch::Device) -> Result<Comm> {
+/// Bring up `backend` (`auto` picks from the device and the environment), check that it sees the
+/// ranks the launcher started, and start the watchdog with `timeout` per collective.
+pub fn init_backend(backend: Backend, device: tch::Device, timeout: std::time::Duration) -> Result<Comm> {
     let under_launcher = launcher_world_size() > 1;
-    match backend {
+    let comm = match backend {
         Backend::None => {
             if under_launcher {
-                return Err(crate::other!("dist.backend = \"none\" but launched with {} ranks", launcher_world_size()));
+                return Err(crate::input!("dist.backend = \"none\" but launched with {} ranks", launcher_world_size()));
             }
-            Ok(Rc::new(local::Local))
+            return Ok(Rc::new(local::Local));
         }
-        Backend::Mpi => init_mpi(),
-        Backend::Nccl => init_nccl(device),
+        Backend::Mpi => init_mpi()?,
+        Backend::Nccl => init_nccl(device)?,
         Backend::Auto => {
             if device.is_cuda() && cfg!(feature = "nccl") {
-                init_nccl(device)
+                init_nccl(device)?
             } else if under_launcher || cfg!(feature = "mpi") && std::env::var("OMPI_COMM_WORLD_SIZE").is_ok() {
-                init_mpi()
+                init_mpi()?
             } else {
-                Ok(Rc::new(local::Local))
+                return Ok(Rc::new(local::Local));
             }
         }
+    };
+    check_world(comm.world())?;
+    watchdog::start(comm.rank(), timeout);
+    Ok(comm)
+}
+
+/// The number of ranks the launcher says it started, and from which variable: mpirun's, then
+/// the PMI's (MPICH, Slurm's pmi2), then a Slurm job step's (set inside `srun` only; the batch
+/// script's `SLURM_NTASKS` describes the allocation, which an mpirun inside it may not fill).
+pub fn launcher_ranks() -> Option<(usize, &'static str)> {
+    let get = |k: &'static str| std::env::var(k).ok().and_then(|v| v.parse().ok()).map(|n| (n, k));
+    get("OMPI_COMM_WORLD_SIZE").or_else(|| get("PMI_SIZE")).or_else(|| get("PMIX_SIZE")).or_else(|| {
+        if std::env::var("SLURM_STEP_ID").is_ok() {
+            get("SLURM_STEP_NUM_TASKS").or_else(|| get("SLURM_NTASKS"))
+        } else {
+            None
+        }
+    })
+}
+
+/// Refuse to run when MPI's world is not the launcher's: N copies of a world of one would each
+/// train alone and write the same output directory.
+fn check_world(world: usize) -> Result<()> {
+    let Some((n, var)) = launcher_ranks() else { return Ok(()) };
+    if n == world {
+        return Ok(());
     }
+    let fix = if var.starts_with("SLURM") {
+        "srun started the tasks without connecting them to MPI: use `srun --mpi=pmix` (or the PMI plugin your MPI was built \
+         with; `srun --mpi=list` shows them), or mpirun inside the allocation (UNLEARN_LAUNCHER=mpirun in launch/slurm.sbatch)"
+    } else {
+        "the launcher and the MPI library do not agree: launch with the mpirun of the MPI this binary was built against \
+         (`mpirun -np N launch/mpirun.sh ...`)"
+    };
+    Err(crate::input!("MPI sees {world} rank(s) but {var}={n}: {fix}"))
 }
 
 #[cfg(feature = "mpi")]
@@ -122,7 +165,7 @@ pub fn env_rank() -> usize {
 
 /// Number of ranks the launcher started (1 when run directly).
 pub fn launcher_world_size() -> usize {
-    env_first(&["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", "WORLD_SIZE"]).unwrap_or(1)
+    launcher_ranks().map(|(n, _)| n).or_else(|| env_first(&["WORLD_SIZE"])).unwrap_or(1)
 }
 
 /// This process's rank among the ranks on its node (0 when not launched by a launcher).
@@ -130,16 +173,31 @@ pub fn local_rank() -> usize {
     env_first(&["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK"]).unwrap_or(0)
 }
 
-/// On a node with several visible GPUs, rank r of the node uses GPU r (mod count); with one
-/// visible GPU per rank (launch/mpirun.sh sets CUDA_VISIBLE_DEVICES) this is GPU 0.
-pub fn rank_device(d: tch::Device) -> tch::Device {
+/// This rank's device, made current before anything is allocated on it. On a node with several
+/// visible GPUs, rank r of the node uses GPU r (mod count); with one visible GPU per rank
+/// (launch/mpirun.sh sets CUDA_VISIBLE_DEVICES) this is GPU 0. `run`, `eval` and `comm-check`
+/// all take their device from here.
+pub fn rank_device(d: tch::Device) -> Result<tch::Device> {
     match d {
         tch::Device::Cuda(0) => {
             let n = tch::Cuda::device_count().max(1) as usize;
-            tch::Device::Cuda(local_rank() % n)
+            let index = local_rank() % n;
+            select_cuda_device(index)?;
+            Ok(tch::Device::Cuda(index))
         }
-        other => other,
+        other => Ok(other),
     }
+}
+
+#[cfg(feature = "nccl")]
+fn select_cuda_device(index: usize) -> Result<()> {
+    cuda::select_device(index)
+}
+/// Without the driver bindings (built without `nccl`) every allocation names its device explicitly
+/// and no communicator needs a current one.
+#[cfg(not(feature = "nccl"))]
+fn select_cuda_device(_index: usize) -> Result<()> {
+    Ok(())
 }
 
 /// Ranks on this node, to split CPU threads between them.
@@ -179,23 +237,4 @@ pub fn set_cpu_threads() {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let per_rank = (cores / local_world_size().max(1)).max(1);
     tch::set_num_threads(per_rank as i32);
-}
-
-/// Abort every rank of the job (used by the panic hook and on fatal errors): a failed rank must
-/// never leave its peers blocked in a collective.
-pub fn abort_world(code: i32) -> ! {
-    #[cfg(feature = "mpi")]
-    {
-        let mut init = 0;
-        let mut fin = 0;
-        // SAFETY: plain MPI queries and abort on the world communicator.
-        unsafe {
-            ::mpi::ffi::MPI_Initialized(&mut init);
-            ::mpi::ffi::MPI_Finalized(&mut fin);
-            if init != 0 && fin == 0 {
-                ::mpi::ffi::MPI_Abort(::mpi::ffi::RSMPI_COMM_WORLD, code);
-            }
-        }
-    }
-    std::process::exit(code)
 }

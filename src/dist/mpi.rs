@@ -3,30 +3,33 @@
 //! has no bf16 type and summing in f32 is what we want anyway) and moved as-is otherwise.
 
 use mpi::collective::SystemOperation;
-use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use tch::{Device, Kind, Tensor};
 
+use super::watchdog::{self, Guard};
 use super::{f32_slice, f32_slice_mut, Collective};
 use crate::Result;
 
 /// MPI counts are C ints: move large buffers in pieces.
 const CHUNK: usize = 1 << 28;
 
+/// The watchdog's record of one blocking MPI call.
+fn watch(op: &str, elems: usize) -> Guard {
+    watchdog::enter(format!("mpi {op} of {elems} elements"))
+}
+
+/// The world communicator. MPI itself is initialised and finalized by `dist::world`, never by a
+/// drop of this (see there why).
 pub struct Mpi {
-    // Drop order matters: the communicator before the universe (which calls MPI_Finalize).
     world: SimpleCommunicator,
-    _universe: Universe,
     /// Send buffer reused across all-reduces (rsmpi has no MPI_IN_PLACE): one bucket, allocated once.
     scratch: std::cell::RefCell<Vec<f32>>,
 }
 
 impl Mpi {
     pub fn init() -> Result<Self> {
-        let universe = mpi::initialize().ok_or_else(|| crate::other!("MPI was already initialised"))?;
-        let world = universe.world();
-        Ok(Mpi { world, _universe: universe, scratch: Default::default() })
+        Ok(Mpi { world: super::world::mpi_world()?, scratch: Default::default() })
     }
 
     /// Run `f` on an f32 CPU version of `t` and write the result back when `t` is not one.
@@ -61,6 +64,7 @@ impl Collective for Mpi {
     }
 
     fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()> {
+        let _g = watch("all_reduce_sum", t.numel());
         Self::with_f32(t, |t| {
             // SAFETY: contiguous CPU f32, exclusively borrowed.
             let data = unsafe { f32_slice_mut(t) };
@@ -77,6 +81,7 @@ impl Collective for Mpi {
     fn reduce_scatter_sum(&self, full: &Tensor, shard: &mut Tensor) -> Result<()> {
         let n = shard.numel();
         let w = self.world();
+        let _g = watch("reduce_scatter_sum", n * w);
         if full.numel() != n * w {
             return Err(crate::other!("reduce_scatter: full has {} elements, expected {w} x {n}", full.numel()));
         }
@@ -107,6 +112,7 @@ impl Collective for Mpi {
     fn all_gather(&self, shard: &Tensor, full: &mut Tensor) -> Result<()> {
         let n = shard.numel();
         let w = self.world();
+        let _g = watch("all_gather", n * w);
         if full.numel() != n * w {
             return Err(crate::other!("all_gather: full has {} elements, expected {w} x {n}", full.numel()));
         }
@@ -133,6 +139,7 @@ impl Collective for Mpi {
     }
 
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
+        let _g = watch(&format!("broadcast from rank {root}"), t.numel());
         let root = self.world.process_at_rank(root as i32);
         Self::with_f32(t, |t| {
             let data = unsafe { f32_slice_mut(t) };
@@ -144,18 +151,21 @@ impl Collective for Mpi {
     }
 
     fn all_reduce_f64(&self, v: &mut [f64]) -> Result<()> {
+        let _g = watch("all_reduce_f64", v.len());
         let send = v.to_vec();
         self.world.all_reduce_into(&send[..], v, SystemOperation::sum());
         Ok(())
     }
 
     fn all_reduce_max_f64(&self, v: &mut [f64]) -> Result<()> {
+        let _g = watch("all_reduce_max_f64", v.len());
         let send = v.to_vec();
         self.world.all_reduce_into(&send[..], v, SystemOperation::max());
         Ok(())
     }
 
     fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()> {
+        let _g = watch(&format!("broadcast_bytes from rank {root}"), bytes.len());
         let root_proc = self.world.process_at_rank(root as i32);
         let mut len = bytes.len() as u64;
         root_proc.broadcast_into(&mut len);
@@ -169,11 +179,12 @@ impl Collective for Mpi {
     }
 
     fn barrier(&self) -> Result<()> {
+        let _g = watchdog::enter("mpi barrier");
         self.world.barrier();
         Ok(())
     }
 
     fn abort(&self, code: i32) -> ! {
-        self.world.abort(code)
+        super::world::abort_world(code)
     }
 }

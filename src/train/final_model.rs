@@ -5,6 +5,8 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 
 use super::{params, Trainer};
+use crate::dist::watchdog;
+use crate::fault::{self, Fault};
 use crate::model::param_specs;
 use crate::Result;
 
@@ -18,6 +20,7 @@ impl Trainer {
     /// [`Trainer::save_final`], with `extra` adding files (record.json, README.md) to the
     /// directory before it is published: the directory appears complete or not at all.
     pub fn save_model(&mut self, out: &Path, extra: &dyn Fn(&Path) -> Result<()>) -> Result<()> {
+        watchdog::set_phase(format!("writing the model directory {}", out.display()));
         let cfg = self.student.model.config().clone();
         let specs = param_specs(&cfg);
         let index = params::param_index(&self.layout);
@@ -29,7 +32,10 @@ impl Trainer {
         let frozen: std::collections::HashMap<String, Tensor> =
             self.student.model.named_params().into_iter().filter(|(n, _)| !index.contains_key(n)).collect();
         let mut cached: Option<(usize, Tensor)> = None;
-        for s in &specs {
+        for (i, s) in specs.iter().enumerate() {
+            if i == specs.len() / 2 {
+                fault::check(Fault::FinalModel, self.step, "writing the final model")?;
+            }
             let t = match index.get(&s.name) {
                 None => frozen[&s.name].shallow_clone(),
                 Some(&i) => {
@@ -37,6 +43,7 @@ impl Trainer {
                     if cached.as_ref().map(|c| c.0) != Some(p.bucket) {
                         let bk = &self.layout.buckets[p.bucket];
                         let mut buf = Tensor::zeros([bk.padded], (Kind::Float, self.device));
+                        let _g = watchdog::enter(format!("all_gather bucket {} of the final model", p.bucket));
                         self.layout.gather_buckets(&*self.comm, &self.master, &mut buf, &[p.bucket], bk.offset)?;
                         cached = Some((p.bucket, buf));
                     }
@@ -52,6 +59,7 @@ impl Trainer {
         if let Some(w) = writer {
             w.finish_with(Some(&self.cfg.model.path), extra)?;
         }
+        let _g = watchdog::enter("barrier after rank 0 wrote a model directory");
         self.comm.barrier()
     }
 }

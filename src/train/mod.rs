@@ -10,12 +10,16 @@
 //! 5. the method combines the shards into a direction; AutoLR may probe; the optimizer updates
 //!    this rank's fp32 master shard; the method's after-step hook runs (teacher EMA);
 //! 6. shards are all-gathered back into the compute-dtype replicas (student, teacher).
+//!
+//! A step whose loss or gradient norm is not finite on any rank is skipped on every rank (no
+//! update of weights, optimizer, teacher or AutoLR), up to `train.max_skipped_steps` in a row.
 
 pub mod backward;
 mod eval_hook;
 mod final_model;
 pub mod layout;
 mod net;
+pub mod out_dir;
 pub mod params;
 mod passes;
 pub mod sink;
@@ -33,7 +37,8 @@ use crate::config::{DataSource, RunConfig};
 use crate::data::loader::{local_batch, LocalBatch, Loader};
 use crate::data::{read_records, tokenize_all, Example, Record, Template, Tokenizer};
 use crate::dist::zero::FlatLayout;
-use crate::dist::{Collective, Comm};
+use crate::dist::{watchdog, Collective, Comm};
+use crate::fault::{self, Fault};
 use crate::methods::{self, Aux, GradStats, Grads, Method, Objective, Spec};
 use crate::model::{load_model, param_specs};
 use crate::optim::{self, Optimizer, Schedule};
@@ -56,6 +61,12 @@ pub struct StepLog {
     pub elapsed_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub autolr: Option<methods::autolr::Fit>,
+    /// A non-finite loss or gradient norm: no update was applied.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+    /// Some rank was asked to stop (a signal) before this step's agreement: every rank sees it.
+    #[serde(skip)]
+    pub stop_requested: bool,
 }
 
 /// One objective's data and gradient accumulator.
@@ -95,6 +106,8 @@ pub struct Trainer {
     pad_id: i64,
     raw_config: Value,
     step: u64,
+    /// Consecutive steps skipped for non-finite values.
+    skipped_in_a_row: u64,
 }
 
 impl Trainer {
@@ -148,6 +161,7 @@ impl Trainer {
             let loader = Loader::new(examples, cfg.data.sampling, cfg.train.seed, stream(obj));
             objectives.push(ObjectiveState { obj, loader, acc: Accumulator::new(&layout, zero >= 2, device) });
         }
+        check_same_data(&*comm, cfg, &objectives)?;
         if rank == 0 {
             let n = |o: Objective| objectives.iter().find(|s| s.obj == o).map_or(0, |s| s.loader.len());
             tracing::info!(
@@ -182,6 +196,7 @@ impl Trainer {
             objectives,
             layer_wise,
             step: 0,
+            skipped_in_a_row: 0,
         };
         trainer.prepare_method()?;
         Ok(trainer)
@@ -239,10 +254,17 @@ impl Trainer {
             aux.teacher_logits = Some(forward_logits(&mut teacher.model, &self.layout, &w, &batch.batch)?);
         }
         let accum = self.cfg.train.grad_accum as f64;
+        let step = self.step + 1;
+        fault::check(Fault::Backward, step, "forward/backward")?;
+        let poison = fault::active(Fault::NonFinite, step);
         let mut value = 0.0;
         let method = &mut self.method;
         let mut loss_fn = |logits: &Tensor| -> Result<Tensor> {
-            let out = method.loss(obj, logits, batch, &aux)?;
+            let mut out = method.loss(obj, logits, batch, &aux)?;
+            if poison {
+                out.loss *= f64::NAN;
+                out.value = f64::NAN;
+            }
             value = out.value;
             Ok(out.loss / accum)
         };
@@ -280,6 +302,7 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepLog> {
         let t0 = Instant::now();
         let step = self.step + 1;
+        watchdog::set_step(step);
         let objectives = self.spec.objectives();
         for st in &mut self.objectives {
             st.acc.zero_();
@@ -294,40 +317,33 @@ impl Trainer {
                 losses[obj as usize] += v / self.cfg.train.grad_accum as f64;
             }
         }
-        // Logged values are per-rank shares of global means: sum them. A non-finite value on any
-        // rank becomes non-finite on all, so every rank stops together.
-        self.comm.all_reduce_f64(&mut losses)?;
         let uses = |o: Objective| objectives.contains(&o);
-        for o in [Objective::Forget, Objective::Retain] {
-            if uses(o) && !losses[o as usize].is_finite() {
-                return Err(crate::Error::NonFinite { step, msg: format!("{} loss is {}", o.name(), losses[o as usize]) });
-            }
+        for o in objectives.iter().filter(|o| !losses[**o as usize].is_finite()) {
+            // Every rank logs its warnings (the log prefixes the rank), so this names the rank at fault.
+            tracing::warn!("step {step}: this rank's {} loss is {}", o.name(), losses[*o as usize]);
+        }
+        // Logged values are per-rank shares of global means: one all-reduce sums them, and with
+        // them each rank's stop request (a signal), so that every rank learns in this same step
+        // of a non-finite value (it stays non-finite in the sum) or a stop request on any rank.
+        fault::hang_if(Fault::Hang, step);
+        let mut agreed = [losses[0], losses[1], crate::signals::requested().map_or(0.0, |_| 1.0)];
+        {
+            let _g = watchdog::enter("the step's losses and stop requests");
+            self.comm.all_reduce_f64(&mut agreed)?;
+        }
+        let (losses, stop_requested) = ([agreed[0], agreed[1]], agreed[2] > 0.0);
+        let skip = |tr: &mut Trainer, why: String| tr.skip_step(step, why, losses, stop_requested, tokens, t0);
+        if let Some(o) = objectives.iter().find(|o| !losses[**o as usize].is_finite()) {
+            return skip(self, format!("the {} loss is {}", o.name(), losses[*o as usize]));
         }
 
-        let (comm, layout, rank) = (&*self.comm, &self.layout, self.shard_rank);
-        let (mut g_f, mut g_r) = (None, None);
-        for st in &mut self.objectives {
-            let g = Some(st.acc.reduced_shard(layout, comm, rank)?);
-            match st.obj {
-                Objective::Forget => g_f = g,
-                Objective::Retain => g_r = g,
-            }
-        }
-        let dot = crate::dist::zero::dot;
-        let mut sq = [
-            g_f.as_ref().map_or(0.0, |g| dot(g, g)),
-            g_r.as_ref().map_or(0.0, |g| dot(g, g)),
-            match (&g_f, &g_r) {
-                (Some(a), Some(b)) => dot(a, b),
-                _ => 0.0,
-            },
-        ];
-        if layout.shards > 1 {
-            comm.all_reduce_f64(&mut sq)?;
-        }
+        let (g_f, g_r, sq) = self.reduced_gradients()?;
         if sq.iter().any(|v| !v.is_finite()) {
-            return Err(crate::Error::NonFinite { step, msg: format!("gradient norms are not finite ({sq:?})") });
+            return skip(self, format!("the gradient norms are not finite (‖g_F‖² {}, ‖g_R‖² {}, ⟨g_F, g_R⟩ {})", sq[0], sq[1], sq[2]));
         }
+        self.skipped_in_a_row = 0;
+        let (comm, layout) = (&*self.comm, &self.layout);
+        let dot = crate::dist::zero::dot;
         let stats = GradStats { sq_forget: sq[0], sq_retain: sq[1], dot: sq[2] };
         let grads = Grads { forget: g_f.as_ref(), retain: g_r.as_ref(), stats, params: &self.master };
         let mut dir = self.method.direction(&grads)?;
@@ -374,6 +390,78 @@ impl Trainer {
             tokens_per_s: tokens as f64 / elapsed.max(1e-9),
             elapsed_s: elapsed,
             autolr: fit,
+            skipped: false,
+            stop_requested,
+        })
+    }
+
+    /// The reduced gradient shards (forget, retain) and `[‖g_F‖², ‖g_R‖², ⟨g_F, g_R⟩]` over the
+    /// whole buffer (one all-reduce of the shard-local sums when sharded). A gradient that is not
+    /// finite on any rank is not finite in these sums on every rank.
+    fn reduced_gradients(&mut self) -> Result<(Option<Tensor>, Option<Tensor>, [f64; 3])> {
+        let (comm, layout, rank) = (&*self.comm, &self.layout, self.shard_rank);
+        let (mut g_f, mut g_r) = (None, None);
+        for st in &mut self.objectives {
+            let g = Some(st.acc.reduced_shard(layout, comm, rank)?);
+            match st.obj {
+                Objective::Forget => g_f = g,
+                Objective::Retain => g_r = g,
+            }
+        }
+        let dot = crate::dist::zero::dot;
+        let mut sq = [
+            g_f.as_ref().map_or(0.0, |g| dot(g, g)),
+            g_r.as_ref().map_or(0.0, |g| dot(g, g)),
+            match (&g_f, &g_r) {
+                (Some(a), Some(b)) => dot(a, b),
+                _ => 0.0,
+            },
+        ];
+        if layout.shards > 1 {
+            comm.all_reduce_f64(&mut sq)?;
+        }
+        Ok((g_f, g_r, sq))
+    }
+
+    /// A step whose loss or gradient norm is not finite (on every rank alike): nothing is updated
+    /// (weights, optimizer, teacher, AutoLR), the data it drew stays consumed, and the step counts.
+    /// Too many in a row stop the run, before anything of them reaches a checkpoint.
+    fn skip_step(&mut self, step: u64, why: String, losses: [f64; 2], stop_requested: bool, tokens: i64, t0: Instant) -> Result<StepLog> {
+        self.skipped_in_a_row += 1;
+        let max = self.cfg.train.max_skipped_steps;
+        if self.skipped_in_a_row > max {
+            return Err(crate::Error::NonFinite {
+                step,
+                msg: format!(
+                    "{why}; {} step(s) in a row were not finite (train.max_skipped_steps = {max}), so the run stops; \
+                     no update of these steps was applied, so the latest checkpoint holds the last good state",
+                    self.skipped_in_a_row
+                ),
+            });
+        }
+        if self.is_main() {
+            tracing::warn!("step {step}: {why}; step skipped without an update ({} in a row, at most {max})", self.skipped_in_a_row);
+        }
+        self.step = step;
+        let lr = match self.method.autolr() {
+            Some(a) => a.lr,
+            None => self.schedule.lr(step),
+        };
+        let uses = |o: Objective| self.spec.objectives().contains(&o);
+        let elapsed = t0.elapsed().as_secs_f64();
+        Ok(StepLog {
+            step,
+            loss_forget: uses(Objective::Forget).then_some(losses[0]),
+            loss_retain: uses(Objective::Retain).then_some(losses[1]),
+            grad_norm_forget: None,
+            grad_norm_retain: None,
+            lr,
+            clip: 0.0,
+            tokens_per_s: tokens as f64 / elapsed.max(1e-9),
+            elapsed_s: elapsed,
+            autolr: None,
+            skipped: true,
+            stop_requested,
         })
     }
 
@@ -441,6 +529,50 @@ fn load_examples(src: &DataSource, tok: &Tokenizer, template: &Template) -> Resu
         return Err(crate::other!("{first}: no usable examples after tokenization"));
     }
     Ok(ex)
+}
+
+/// Every rank must train on the same data: a rank given other files (another node's copy, a path
+/// through a variable set differently) would silently train another model. The examples as read
+/// and tokenized are hashed and compared across ranks once, at start-up (one small all-reduce).
+fn check_same_data(comm: &dyn Collective, cfg: &RunConfig, objectives: &[ObjectiveState]) -> Result<()> {
+    use std::hash::{Hash, Hasher};
+    if comm.world() == 1 {
+        return Ok(());
+    }
+    let hashes: Vec<u64> = objectives
+        .iter()
+        .map(|st| {
+            // SipHash with fixed keys: the same on every rank of one binary.
+            let mut h = std::hash::DefaultHasher::new();
+            for ex in st.loader.examples() {
+                ex.ids.hash(&mut h);
+                ex.n_context.hash(&mut h);
+            }
+            h.finish()
+        })
+        .collect();
+    // Max of (hi, lo, -hi, -lo) over ranks: max == -min for both halves iff every rank agrees
+    // (32-bit halves are exact in f64).
+    let mut v: Vec<f64> = hashes.iter().flat_map(|h| [(h >> 32) as f64, (h & 0xffff_ffff) as f64]).collect();
+    v.extend(v.clone().iter().map(|x| -x));
+    comm.all_reduce_max_f64(&mut v)?;
+    let half = v.len() / 2;
+    for (i, st) in objectives.iter().enumerate() {
+        if v[2 * i] != -v[half + 2 * i] || v[2 * i + 1] != -v[half + 2 * i + 1] {
+            let key = match st.obj {
+                Objective::Forget => "data.forget",
+                Objective::Retain => "data.retain",
+            };
+            let files = cfg.data.source(st.obj, cfg.train.max_len).paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+            return Err(crate::input!(
+                "{key} ({files}) differs between ranks ({} examples on this rank, content hash {:016x}); every rank must read the same \
+                 files (a shared filesystem, or identical copies on every node)",
+                st.loader.len(),
+                hashes[i]
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Append one JSON line to metrics.jsonl (rank 0).

@@ -47,6 +47,7 @@ impl Passes for Runner<'_> {
             .ok_or_else(|| crate::other!("a pass over the {} set, which this method does not load", obj.name()))?
             .loader
             .examples();
+        crate::dist::watchdog::set_phase(format!("the {label} pass before training"));
         let (rank, world) = (self.comm.rank(), self.comm.world());
         let mine: Vec<usize> = (rank..examples.len()).step_by(world).collect();
         let rows = self.rows_per_rank.max(1);

@@ -28,7 +28,7 @@ impl Trainer {
             let mut v = [sum, sq, -sum, -sq];
             self.comm.all_reduce_max_f64(&mut v)?;
             if v[0] != -v[2] || v[1] != -v[3] {
-                return Err(crate::Error::Dist(format!(
+                return Err(crate::Error::Mismatch(format!(
                     "step {}: {name} weights differ across ranks (checksum range {:.9e}..{:.9e})",
                     self.step, -v[2], v[0]
                 )));

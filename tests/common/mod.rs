@@ -185,3 +185,27 @@ pub fn masked_max_abs_diff(a: &tch::Tensor, b: &tch::Tensor, mask: &tch::Tensor)
     let m = mask.to_kind(tch::Kind::Float).unsqueeze(-1);
     ((a - b).abs() * m).max().double_value(&[])
 }
+
+/// Every process below `pid` (children first found, depth-first), from /proc.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = vec![];
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")) {
+            for c in text.split_whitespace().filter_map(|c| c.parse().ok()) {
+                out.push(c);
+                stack.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// The rank Open MPI gave process `pid` (its environment's OMPI_COMM_WORLD_RANK).
+pub fn rank_of(pid: u32) -> Option<usize> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|&b| b == 0).find_map(|kv| {
+        let s = String::from_utf8_lossy(kv);
+        s.strip_prefix("OMPI_COMM_WORLD_RANK=").and_then(|v| v.parse().ok())
+    })
+}
