@@ -287,18 +287,19 @@ impl RunConfig {
         let train = root.section("train")?;
         let dist = root.section("dist")?;
 
+        let registration = method.required_choice("name", METHODS, methods::lookup)?;
+        let method_cfg = (registration.parse)(&method)?;
+        method.only_read(&format!("method `{}`", registration.name))?;
+        let spec = method_cfg.spec();
+
         model.only(&["path", "dtype", "device", "trainable"])?;
         let model_cfg = ModelCfg {
             path: model.model_dir("path")?.ok_or_else(|| model.missing("path"))?,
             dtype: model.choice("dtype", Dtype::Fp32)?,
             device: model.choice("device", DeviceChoice::Auto)?,
-            trainable: model.choice("trainable", Trainable::Matrices)?,
+            // The method's own recipe decides what trains unless the config says.
+            trainable: model.choice("trainable", spec.trainable)?,
         };
-
-        let registration = method.required_choice("name", METHODS, methods::lookup)?;
-        let method_cfg = (registration.parse)(&method)?;
-        method.only_read(&format!("method `{}`", registration.name))?;
-        let spec = method_cfg.spec();
 
         data.only(&["forget", "retain", "forget_limit", "retain_limit", "retain_max_len", "forget_overflow", "retain_overflow", "sampling", "template"])?;
         let data_cfg = DataCfg {

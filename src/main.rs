@@ -55,9 +55,32 @@ enum Command {
     CommCheck(cli::comm_check::CommCheckArgs),
 }
 
+// Every allocation of the process goes through jemalloc, libtorch's tensors included (the
+// `unprefixed_malloc_on_supported_platforms` build exports malloc/free/posix_memalign, which take
+// the place of glibc's for every shared library). Freed memory is never purged: the next step reuses
+// it without page faults, and the peak RSS stays the high-water mark of live tensors (what `unlearn
+// plan` predicts). MALLOC_CONF in the environment still overrides, e.g. `dirty_decay_ms:0`.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's compiled-in options: it reads the C string that this weak `const char *malloc_conf`
+/// points to at start-up.
+#[cfg(feature = "jemalloc")]
+#[export_name = "malloc_conf"]
+pub static MALLOC_CONF: JemallocConf = JemallocConf(c"dirty_decay_ms:-1,muzzy_decay_ms:-1".as_ptr());
+
+#[cfg(feature = "jemalloc")]
+#[repr(transparent)]
+pub struct JemallocConf(*const std::ffi::c_char);
+// SAFETY: a pointer to a static, immutable C string.
+#[cfg(feature = "jemalloc")]
+unsafe impl Sync for JemallocConf {}
+
 fn main() {
-    // Freed tensors go back to the OS (glibc would otherwise keep multi-MiB activations resident),
-    // which is also what `unlearn plan` assumes.
+    // Without jemalloc: freed tensors go back to the OS (glibc would otherwise keep multi-MiB
+    // activations resident), which is also what `unlearn plan` assumes.
+    #[cfg(not(feature = "jemalloc"))]
     unlearn::plan::rss::release_freed_memory();
     let args = Cli::parse();
     let rank = unlearn::dist::env_rank();

@@ -122,8 +122,11 @@ fn the_cli_exits_nonzero_with_the_message() {
 #[test]
 fn resolved_config_round_trips_for_every_method() {
     let f = fixture();
+    // IT's one required key: its small teacher (any model directory parses).
+    let teacher = format!("method.teacher_model={:?}", f.model.display().to_string());
     for m in METHODS {
-        let cfg = load(&f, &base(&f, m), &[]).unwrap_or_else(|e| panic!("{m}: {e}"));
+        let sets: &[&str] = if *m == "it" { &[&teacher] } else { &[] };
+        let cfg = load(&f, &base(&f, m), sets).unwrap_or_else(|e| panic!("{m}: {e}"));
         let again = load(&f, &cfg.to_toml(), &[]).unwrap_or_else(|e| panic!("{m}: resolved config does not parse back: {e}"));
         assert_eq!(cfg.to_toml(), again.to_toml(), "{m}");
     }

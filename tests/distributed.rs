@@ -56,7 +56,7 @@ fn config(s: &Setup, name: &str, method: &str) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "[model]\npath = {:?}\n[data]\nforget = {forget:?}\nretain = {retain:?}\nretain_limit = 48\n[method]\n{method_block}\n\
+            "[model]\npath = {:?}\ntrainable = \"matrices\"\n[data]\nforget = {forget:?}\nretain = {retain:?}\nretain_limit = 48\n[method]\n{method_block}\n\
              [optim]\n{optim}\n[train]\nsteps = 3\nbatch_size = 4\nmax_len = 256\nseed = 5\nout_dir = {:?}\n[dist]\nverify_every = 1\n",
             s.model,
             s.tmp.path().join(name)

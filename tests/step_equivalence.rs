@@ -1,6 +1,6 @@
-//! A few full steps of `ngdiff` (+AutoLR) and of `mean-teacher` (NLUL + KL, NLUL + QKL) equal an
-//! independent PyTorch implementation of algorithms.md, to 1e-5 relative in fp32: parameters,
-//! optimizer state (Adam moments / SGD momentum) and the EMA teacher.
+//! A few full steps of `ngdiff` (+AutoLR), `mean-teacher` (NLUL + KL, NLUL + QKL), `lossnorm` and
+//! `it` equal an independent PyTorch implementation of algorithms.md, to 1e-5 relative in fp32:
+//! parameters, optimizer state (Adam moments / SGD momentum) and the (EMA or frozen) teacher.
 
 mod common;
 
@@ -31,6 +31,15 @@ fn max_abs_rel(a: &Tensor, b: &Tensor) -> f64 {
 fn run_case(name: &str, method_toml: &str, optim_toml: &str, py_extra: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let model = make_tiny_model(&tmp.path().join("model"), r#"{"num_key_value_heads": 2}"#, 5, "bytebpe");
+    // IT's small teacher (`{small}` in the configs): one layer, other weights, the same tokenizer.
+    let small = tmp.path().join("small");
+    let (method_toml, py_extra) = if method_toml.contains("{small}") {
+        make_tiny_model(&small, r#"{"num_key_value_heads": 2, "num_hidden_layers": 1}"#, 9, "bytebpe");
+        let q = format!("{small:?}");
+        (method_toml.replace("{small}", &q), py_extra.replace("{small}", &q))
+    } else {
+        (method_toml.to_string(), py_extra.to_string())
+    };
     let forget = tmp.path().join("forget.json");
     let retain = tmp.path().join("retain.json");
     subset(&shared_data().join("tofu/forget01.json"), 4, &forget);
@@ -41,7 +50,8 @@ fn run_case(name: &str, method_toml: &str, optim_toml: &str, py_extra: &str) {
     std::fs::write(
         &cfg,
         format!(
-            "[model]\npath = {model:?}\n[data]\nforget = {forget:?}\nretain = {retain:?}\n{method_toml}\n{optim_toml}\n\
+            // The PyTorch side trains the attention and MLP matrices: say so whatever the method's default.
+            "[model]\npath = {model:?}\ntrainable = \"matrices\"\n[data]\nforget = {forget:?}\nretain = {retain:?}\n{method_toml}\n{optim_toml}\n\
              [train]\nsteps = 3\nbatch_size = 4\nmax_len = 96\nout_dir = {out:?}\n"
         ),
     )
@@ -137,5 +147,21 @@ fn mean_teacher_nlul_qkl_matches_pytorch() {
         mt,
         "[optim]\nname = \"sgd\"\nlr = 0.3\nmomentum = 0.95",
         r#""method": "mean-teacher", "penalty": "qkl", "lr": 0.3, "momentum": 0.95, "alpha": 1.0, "beta": 2.0, "delta": 0.05, "damp": 5.0, "clip": 10.0, "tol": 0.02"#,
+    );
+}
+
+#[test]
+fn lossnorm_matches_pytorch() {
+    run_case("lossnorm", "[method]\nname = \"lossnorm\"", "[optim]\nname = \"adamw\"\nlr = 0.002", r#""method": "lossnorm", "lr": 0.002"#);
+}
+
+#[test]
+fn it_small_teacher_kl_matches_pytorch() {
+    run_case(
+        "it",
+        "[method]\nname = \"it\"\nteacher_model = {small}\nalpha = 1.0\nbeta = 2.0",
+        // A clip that binds (mt-unlearn's loop clips the sum to norm 1 at 7B).
+        "[optim]\nname = \"adamw\"\nlr = 0.002\nclip_norm = 0.02",
+        r#""method": "it", "small": {small}, "lr": 0.002, "alpha": 1.0, "beta": 2.0, "clip_norm": 0.02"#,
     );
 }

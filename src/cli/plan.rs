@@ -245,8 +245,8 @@ pub fn run(args: &PlanArgs) -> Result<String> {
     }
     let mut text = String::new();
     if device == Device::Cpu {
-        text += "note: cpu figures assume freed tensors go back to the OS (the binary pins glibc's mmap threshold to 1 MiB); \
-                 with glibc's adaptive threshold peaks were measured up to 1.45x higher\n";
+        text += "note: cpu figures assume freed tensors are reused, never held twice (the binary's jemalloc); \
+                 with glibc's adaptive mmap threshold peaks were measured up to 1.45x higher\n";
     }
     if cfg.model.device == DeviceChoice::Auto && args.device.is_none() {
         text += "note: model.device = auto is planned as cuda (pass --device cpu for a CPU run)\n";

@@ -104,8 +104,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let log_every = cfg.train.log_every;
     let bar = Progress::new(total, "train");
     bar.inc(trainer.step().min(total));
+    let mut gate = StepGate::from_env(rank)?;
     watchdog::set_phase("");
     while trainer.step() < total {
+        gate.wait()?;
         let log = trainer.train_step()?;
         if rank == 0 {
             fault::check_io(Fault::Metrics, log.step, &metrics)?;
@@ -204,6 +206,28 @@ fn format_log(l: &crate::train::StepLog, total: u64) -> String {
         s += &format!(" | |g_R| {v:.3e}");
     }
     s + &format!(" | lr {:.3e} | clip {:.3} | {:.0} tok/s", l.lr, l.clip, l.tokens_per_s)
+}
+
+/// Benchmark hook: with `UNLEARN_STEP_GATE=PATH` (a named pipe; `{rank}` in it is replaced by
+/// the rank) every step first waits for one byte on that pipe, so that benches/bench.py can run
+/// the steps of `unlearn` and of the PyTorch script turn by turn on a shared machine. The wait is
+/// outside the timed step. Unset in normal use.
+struct StepGate(Option<(PathBuf, Option<std::fs::File>)>);
+
+impl StepGate {
+    fn from_env(rank: usize) -> Result<Self> {
+        Ok(StepGate(std::env::var("UNLEARN_STEP_GATE").ok().map(|p| (PathBuf::from(p.replace("{rank}", &rank.to_string())), None))))
+    }
+
+    fn wait(&mut self) -> Result<()> {
+        use std::io::Read;
+        let Some((path, file)) = &mut self.0 else { return Ok(()) };
+        if file.is_none() {
+            *file = Some(std::fs::File::open(&*path).map_err(|e| crate::Error::io(&*path, e))?);
+        }
+        let mut byte = [0u8; 1];
+        file.as_mut().expect("opened above").read_exact(&mut byte).map_err(|e| crate::Error::io(&*path, e))
+    }
 }
 
 /// Keep the metrics lines up to `step` (a resumed run rewrites the steps after its checkpoint).

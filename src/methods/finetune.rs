@@ -4,6 +4,7 @@ use serde::Serialize;
 use tch::Tensor;
 
 use super::{Direction, Gradients, Grads, LossKind, Method, MethodCfg, MethodConfig, Objective, Registration, Spec, UpdateShape};
+use crate::config::Trainable;
 use crate::Result;
 
 pub const REGISTRATION: Registration = Registration { name: "finetune", parse: |_| Ok(MethodCfg::new(FinetuneCfg {})) };
@@ -17,7 +18,7 @@ impl MethodConfig for FinetuneCfg {
         REGISTRATION.name
     }
     fn spec(&self) -> Spec {
-        Spec::new(vec![(Objective::Retain, LossKind::Nll)], Gradients::WeightedSum { forget: 0.0, retain: 1.0 }, UpdateShape::ALIAS)
+        Spec::new(vec![(Objective::Retain, LossKind::Nll)], Gradients::WeightedSum { forget: 0.0, retain: 1.0 }, UpdateShape::ALIAS, Trainable::All)
     }
     fn build(&self, _params: &Tensor, _lr: f64) -> Result<Box<dyn Method>> {
         Ok(Box::new(Finetune))

@@ -5,7 +5,7 @@ use serde::Serialize;
 use tch::Tensor;
 
 use super::{Direction, Gradients, Grads, LossKind, Method, MethodCfg, MethodConfig, Objective, Registration, Spec, UpdateShape};
-use crate::config::{Bound, Section};
+use crate::config::{Bound, Section, Trainable};
 use crate::Result;
 
 pub const REGISTRATION: Registration = Registration { name: "graddiff", parse: GradDiffCfg::parse };
@@ -32,7 +32,7 @@ impl MethodConfig for GradDiffCfg {
     fn spec(&self) -> Spec {
         let losses = vec![(Objective::Forget, LossKind::Nll), (Objective::Retain, LossKind::Nll)];
         // r·w_R − f·w_F: two scaled copies, then their difference.
-        Spec::new(losses, Gradients::WeightedSum { forget: -self.forget_weight, retain: self.retain_weight }, UpdateShape::built(2.0))
+        Spec::new(losses, Gradients::WeightedSum { forget: -self.forget_weight, retain: self.retain_weight }, UpdateShape::built(2.0), Trainable::All)
     }
     fn build(&self, _params: &Tensor, _lr: f64) -> Result<Box<dyn Method>> {
         Ok(Box::new(GradDiff { forget_weight: self.forget_weight, retain_weight: self.retain_weight }))

@@ -21,7 +21,7 @@ use super::{
     batch_logprobs, Aux, Direction, Gradients, Grads, LossKind, LossOut, Method, MethodCfg, MethodConfig, Objective, Passes, Registration,
     Spec, UpdateShape,
 };
-use crate::config::{choice, Bound, Section};
+use crate::config::{choice, Bound, Section, Trainable};
 use crate::data::loader::LocalBatch;
 use crate::Result;
 
@@ -46,6 +46,24 @@ pub enum Penalty {
     Qkl,
 }
 choice!(Penalty { "kl" => Penalty::Kl, "qkl" => Penalty::Qkl });
+
+impl Penalty {
+    /// The loss's memory class, for the spec.
+    pub fn loss_kind(self) -> LossKind {
+        match self {
+            Penalty::Kl => LossKind::Kl,
+            Penalty::Qkl => LossKind::Qkl,
+        }
+    }
+
+    /// `D(teacher ‖ student)` at every position under `mask`, over the global B×T `positions`.
+    pub fn divergence(self, student: &Tensor, teacher: &Tensor, mask: &Tensor, positions: f64) -> Tensor {
+        match self {
+            Penalty::Kl => losses::kl_to_teacher(student, teacher, mask, positions),
+            Penalty::Qkl => losses::qkl_to_teacher(student, teacher, mask, positions),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct MeanTeacherCfg {
@@ -88,10 +106,7 @@ impl MethodConfig for MeanTeacherCfg {
             ForgetLoss::Ga => LossKind::Nll,
             ForgetLoss::Npo => LossKind::Npo,
         };
-        let retain = match self.penalty {
-            Penalty::Kl => LossKind::Kl,
-            Penalty::Qkl => LossKind::Qkl,
-        };
+        let retain = self.penalty.loss_kind();
         // (f + r)·c, then + (θ − θ̄)·λc: two temporaries next to d; EMA: θ·δc.
         let update = UpdateShape {
             direction_aliases: false,
@@ -102,7 +117,7 @@ impl MethodConfig for MeanTeacherCfg {
             teacher_on: Some(Objective::Retain),
             reference: (self.forget_loss == ForgetLoss::Npo).then(|| self.npo.reference_pass()),
             clips_itself: true,
-            ..Spec::new(vec![(Objective::Forget, forget), (Objective::Retain, retain)], Gradients::WeightedSum { forget: 1.0, retain: 1.0 }, update)
+            ..Spec::new(vec![(Objective::Forget, forget), (Objective::Retain, retain)], Gradients::WeightedSum { forget: 1.0, retain: 1.0 }, update, Trainable::Matrices)
         }
     }
     fn data_words(&self, obj: Objective) -> &'static str {
@@ -153,10 +168,7 @@ impl Method for MeanTeacher {
             Objective::Retain => {
                 let teacher = aux.teacher_logits.as_ref().ok_or_else(|| crate::other!("mean teacher needs teacher logits"))?;
                 let positions = batch.global.positions as f64;
-                let d = match self.cfg.penalty {
-                    Penalty::Kl => losses::kl_to_teacher(logits, teacher, &b.attention_mask, positions),
-                    Penalty::Qkl => losses::qkl_to_teacher(logits, teacher, &b.attention_mask, positions),
-                };
+                let d = self.cfg.penalty.divergence(logits, teacher, &b.attention_mask, positions);
                 Ok(LossOut { value: d.double_value(&[]), loss: d * self.cfg.beta })
             }
         }

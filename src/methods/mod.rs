@@ -21,19 +21,21 @@ pub mod autolr;
 pub mod finetune;
 pub mod ga;
 pub mod graddiff;
+pub mod it;
+pub mod lossnorm;
 pub mod losses;
 pub mod mean_teacher;
 pub mod ngdiff;
 pub mod npo;
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Serialize;
 use tch::Tensor;
 
-use crate::config::Section;
+use crate::config::{Section, Trainable};
 use crate::data::loader::LocalBatch;
 use crate::data::Batch;
 use crate::Result;
@@ -46,6 +48,8 @@ pub const REGISTRY: &[Registration] = &[
     npo::REGISTRATION,
     ngdiff::REGISTRATION,
     mean_teacher::REGISTRATION,
+    it::REGISTRATION,
+    lossnorm::REGISTRATION,
 ];
 
 /// The registry's names, in its order.
@@ -125,6 +129,17 @@ pub struct ReferencePass {
     pub separate_model: bool,
 }
 
+/// A frozen model loaded whole on every rank beside the student, whose no-grad logits on the
+/// batches of `on` reach [`Method::loss`] as [`Aux::frozen_logits`] (IT's small teacher). Its
+/// vocabulary must be the student's: the trainer checks both files before loading any weights.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FrozenModel {
+    pub on: Objective,
+    /// The `method.*` key that names it, for errors.
+    pub key: &'static str,
+    pub dir: PathBuf,
+}
+
 /// The memory of a method's update, in shard-sized buffers, for the planner.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct UpdateShape {
@@ -146,6 +161,12 @@ pub struct Spec {
     pub teacher_on: Option<Objective>,
     pub gradients: Gradients,
     pub reference: Option<ReferencePass>,
+    /// A separately loaded frozen model run on one objective's batches (IT).
+    pub frozen_model: Option<FrozenModel>,
+    /// The trainable set when `model.trainable` is not given: what the method's own recipe trains
+    /// (every weight for the NGDiff paper's, TOFU's and open-unlearning's baselines; attention and
+    /// MLP matrices for mt-unlearn's mean teacher and its baselines).
+    pub trainable: Trainable,
     /// NGDiff's AutoLR probe (three extra forwards around a trial step).
     pub autolr: bool,
     /// The method clips its own update and scales other state by the clip factor, so a global
@@ -155,9 +176,10 @@ pub struct Spec {
 }
 
 impl Spec {
-    /// A method that needs nothing beyond its objectives and the gradients it reads.
-    pub fn new(losses: Vec<(Objective, LossKind)>, gradients: Gradients, update: UpdateShape) -> Self {
-        Spec { losses, teacher_on: None, gradients, reference: None, autolr: false, clips_itself: false, update }
+    /// A method that needs nothing beyond its objectives, the gradients it reads and its default
+    /// trainable set.
+    pub fn new(losses: Vec<(Objective, LossKind)>, gradients: Gradients, update: UpdateShape, trainable: Trainable) -> Self {
+        Spec { losses, teacher_on: None, gradients, reference: None, frozen_model: None, trainable, autolr: false, clips_itself: false, update }
     }
 
     pub fn objectives(&self) -> Vec<Objective> {
@@ -250,6 +272,8 @@ impl Serialize for MethodCfg {
 pub struct Aux {
     /// Teacher logits `[b, t, v]` (on the objective [`Spec::teacher_on`] names), without grad.
     pub teacher_logits: Option<Tensor>,
+    /// The frozen model's logits `[b, t, v]` (on the objective [`Spec::frozen_model`] names).
+    pub frozen_logits: Option<Tensor>,
 }
 
 /// Which weights a [`Passes::per_example`] pass runs.
@@ -295,6 +319,10 @@ pub struct Grads<'a> {
     pub forget: Option<&'a Tensor>,
     pub retain: Option<&'a Tensor>,
     pub stats: GradStats,
+    /// The step's logged losses (summed over ranks, averaged over accumulation steps), identical
+    /// on every rank; 0 for an objective the method does not use (LossNorm divides by them).
+    pub loss_forget: f64,
+    pub loss_retain: f64,
     /// This rank's shard of the current fp32 parameters.
     pub params: &'a Tensor,
 }
@@ -377,6 +405,7 @@ mod tests {
             ("npo", ""),
             ("npo", "retain_weight = 0.5"),
             ("mean-teacher", "damp = 0.0\nclip = 1e9"),
+            ("it", "teacher_model = \"small\""),
         ];
         let f = Tensor::from_slice(&[1.0f32, -2.0, 0.5]);
         let r = Tensor::from_slice(&[0.25f32, 4.0, -1.0]);
@@ -387,13 +416,69 @@ mod tests {
             let Gradients::WeightedSum { forget, retain } = spec.gradients else { panic!("{name}: expected a weighted sum") };
             let mut m = cfg.build(&p, 0.1).unwrap();
             let stats = GradStats { sq_forget: 5.25, sq_retain: 17.0625, dot: -8.25 };
-            let grads = Grads { forget: spec.uses(Objective::Forget).then_some(&f), retain: spec.uses(Objective::Retain).then_some(&r), stats, params: &p };
+            let (forget_g, retain_g) = (spec.uses(Objective::Forget).then_some(&f), spec.uses(Objective::Retain).then_some(&r));
+            let grads = Grads { forget: forget_g, retain: retain_g, stats, loss_forget: 2.0, loss_retain: 0.5, params: &p };
             let d = m.direction(&grads).unwrap().d;
             let want = &f * forget + &r * retain;
             let err = (&d - &want).abs().max().double_value(&[]);
             assert!(err < 1e-6, "{name} {keys:?}: direction {d:?} is not {forget}·g_F + {retain}·g_R");
         }
         assert_eq!(settings("ngdiff", "").spec().gradients, Gradients::Separate);
+        assert_eq!(settings("lossnorm", "").spec().gradients, Gradients::Separate);
+    }
+
+    /// LossNorm weighs each reduced gradient by the inverse of its step loss.
+    #[test]
+    fn lossnorm_divides_each_gradient_by_its_loss() {
+        let f = Tensor::from_slice(&[1.0f32, -2.0, 0.5]);
+        let r = Tensor::from_slice(&[0.25f32, 4.0, -1.0]);
+        let p = Tensor::from_slice(&[0.1f32, 0.2, 0.3]);
+        let mut m = settings("lossnorm", "eps = 1e-8").build(&p, 0.1).unwrap();
+        let grads = Grads { forget: Some(&f), retain: Some(&r), stats: GradStats::default(), loss_forget: 2.0, loss_retain: 0.5, params: &p };
+        let d = m.direction(&grads).unwrap().d;
+        let want = &r * (1.0 / (0.5 + 1e-8)) - &f * (1.0 / (2.0 + 1e-8));
+        assert!((&d - &want).abs().max().double_value(&[]) < 1e-6, "{d:?} vs {want:?}");
+    }
+
+    /// Each method declares its own default trainable set (issue 14: every weight for the NGDiff
+    /// paper's, TOFU's and open-unlearning's baselines, matrices for mt-unlearn's mean teacher and
+    /// IT), the config applies it when `model.trainable` is absent, and an explicit value wins.
+    #[test]
+    fn the_trainable_default_is_the_methods_and_an_explicit_value_wins() {
+        use crate::config::Trainable;
+        let cases = [
+            ("finetune", "", Trainable::All),
+            ("ga", "", Trainable::All),
+            ("graddiff", "", Trainable::All),
+            ("npo", "", Trainable::All),
+            ("ngdiff", "", Trainable::All),
+            ("lossnorm", "", Trainable::All),
+            ("mean-teacher", "", Trainable::Matrices),
+            ("it", "teacher_model = \"small\"", Trainable::Matrices),
+        ];
+        assert_eq!(cases.len(), REGISTRY.len(), "a method without a case here");
+        for (name, keys, want) in cases {
+            assert_eq!(settings(name, keys).spec().trainable, want, "{name}");
+            let resolved = |model_keys: &str| {
+                let text = format!(
+                    "[model]\npath = \"m\"\n{model_keys}\n[data]\nforget = \"f\"\nretain = \"r\"\n[method]\nname = \"{name}\"\n{keys}\n\
+                     [optim]\nname = \"sgd\"\nlr = 0.1\n[train]\nsteps = 1\nbatch_size = 1\nout_dir = \"o\"\n"
+                );
+                RunConfig::from_table(&text.parse().unwrap(), "test", false).unwrap().model.trainable
+            };
+            assert_eq!(resolved(""), want, "{name}: default");
+            assert_eq!(resolved("trainable = \"all\""), Trainable::All, "{name}: explicit all");
+            assert_eq!(resolved("trainable = \"matrices\""), Trainable::Matrices, "{name}: explicit matrices");
+        }
+    }
+
+    /// NPO's retain term is on by default with open-unlearning's α = 1; 0 turns it off.
+    #[test]
+    fn npo_retain_weight_defaults_to_one() {
+        let spec = settings("npo", "").spec();
+        assert_eq!(spec.gradients, Gradients::WeightedSum { forget: 1.0, retain: 1.0 });
+        assert!(spec.uses(Objective::Retain));
+        assert!(!settings("npo", "retain_weight = 0.0").spec().uses(Objective::Retain));
     }
 
     #[test]

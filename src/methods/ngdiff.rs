@@ -10,7 +10,7 @@ use tch::Tensor;
 
 use super::autolr::AutoLr;
 use super::{Direction, Gradients, Grads, LossKind, Method, MethodCfg, MethodConfig, Objective, Registration, Spec, UpdateShape};
-use crate::config::{Bound, Section};
+use crate::config::{Bound, Section, Trainable};
 use crate::Result;
 
 pub const REGISTRATION: Registration = Registration { name: "ngdiff", parse: NgDiffCfg::parse };
@@ -41,7 +41,7 @@ impl MethodConfig for NgDiffCfg {
     fn spec(&self) -> Spec {
         let losses = vec![(Objective::Forget, LossKind::Nll), (Objective::Retain, LossKind::Nll)];
         // r/‖r‖ and f/‖f‖, then their difference; the norms need each reduced gradient on its own.
-        Spec { autolr: self.autolr, ..Spec::new(losses, Gradients::Separate, UpdateShape::built(2.0)) }
+        Spec { autolr: self.autolr, ..Spec::new(losses, Gradients::Separate, UpdateShape::built(2.0), Trainable::All) }
     }
     fn build(&self, _params: &Tensor, lr: f64) -> Result<Box<dyn Method>> {
         let autolr = self.autolr.then(|| AutoLr::new(lr, self.autolr_period, self.autolr_smoothing));

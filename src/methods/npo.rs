@@ -1,5 +1,7 @@
 //! Negative preference optimisation (Zhang et al. 2024) against the frozen original model, with
-//! an optional retain NLL term (NPO+GDR when `retain_weight > 0`).
+//! a retain NLL term: `NPO_F + retain_weight·NLL_R` (NPO+GDR). `retain_weight` defaults to 1,
+//! open-unlearning's recipe (configs/trainer/NPO.yaml: γ·NPO + α·NLL_R, γ = α = 1); 0 is plain
+//! NPO, which then needs no retain data.
 //!
 //! The reference enters only through `Σ_t log p_ref` per forget example, which the method
 //! computes once before training ([`ReferenceSums`], through the trainer's [`Passes`]); no
@@ -15,7 +17,7 @@ use super::{
     batch_logprobs, nll_loss, Aux, Direction, Gradients, Grads, LossKind, LossOut, Method, MethodCfg, MethodConfig, Objective, PassModel,
     Passes, ReferencePass, Registration, Spec, UpdateShape,
 };
-use crate::config::{choice, Bound, Section};
+use crate::config::{choice, Bound, Section, Trainable};
 use crate::data::loader::LocalBatch;
 use crate::Result;
 
@@ -55,13 +57,14 @@ impl NpoSettings {
 pub struct NpoCfg {
     #[serde(flatten)]
     pub npo: NpoSettings,
+    /// open-unlearning's α (default 1).
     pub retain_weight: f64,
 }
 
 impl NpoCfg {
     fn parse(s: &Section) -> Result<MethodCfg> {
         let npo = NpoSettings::parse(s, NpoVariant::Standard)?;
-        Ok(MethodCfg::new(NpoCfg { npo, retain_weight: s.float("retain_weight", 0.0, Bound::NonNegative)? }))
+        Ok(MethodCfg::new(NpoCfg { npo, retain_weight: s.float("retain_weight", 1.0, Bound::NonNegative)? }))
     }
 }
 
@@ -78,7 +81,7 @@ impl MethodConfig for NpoCfg {
         // f + r·w (one scaled copy), or f itself without a retain term.
         let update = if with_retain { UpdateShape::built(1.0) } else { UpdateShape::ALIAS };
         let gradients = Gradients::WeightedSum { forget: 1.0, retain: self.retain_weight };
-        Spec { reference: Some(self.npo.reference_pass()), ..Spec::new(losses, gradients, update) }
+        Spec { reference: Some(self.npo.reference_pass()), ..Spec::new(losses, gradients, update, Trainable::All) }
     }
     fn model_dirs(&self) -> Vec<(&'static str, &Path)> {
         self.npo.model_dirs()

@@ -58,6 +58,9 @@ pub struct PlanInput {
     /// What the method declares about itself (objectives and their losses, teacher, reference
     /// pass, AutoLR, the update's temporaries).
     pub method_spec: Spec,
+    /// The config of the method's frozen side model (IT's `method.teacher_model`), read from its
+    /// directory: the plan needs its size.
+    pub frozen_model: Option<Config>,
     pub zero: u8,
     /// Global micro-batch (sequences per micro-step over all ranks), as `train.batch_size`.
     pub batch: usize,
@@ -94,6 +97,18 @@ impl PlanInput {
             return Err(crate::other!("--world-size must be at least 1"));
         }
         layout::check_batch_split(cfg.train.batch_size, world_size, "plan")?;
+        let spec = cfg.method.spec();
+        let frozen_model = match &spec.frozen_model {
+            Some(fm) if !fm.dir.join("config.json").exists() => {
+                return Err(crate::other!(
+                    "`method.{}`: {} is not a model directory here; the plan reads its config.json for its size",
+                    fm.key,
+                    fm.dir.display()
+                ))
+            }
+            Some(fm) => Some(Config::from_model_dir(&fm.dir)?),
+            None => None,
+        };
         Ok(PlanInput {
             model_name,
             model,
@@ -101,7 +116,8 @@ impl PlanInput {
             device,
             dtype: cfg.model.dtype,
             method: cfg.method.name(),
-            method_spec: cfg.method.spec(),
+            method_spec: spec,
+            frozen_model,
             zero: cfg.dist.zero,
             batch: cfg.train.batch_size,
             seq: cfg.train.max_len,

@@ -105,6 +105,8 @@ pub(super) struct Sizes<'a> {
     cpu_mpi: bool,
     bsv: String,
     shard_words: String,
+    /// fp32 compute on one shard below ZeRO-3: the compute replicas are the fp32 shards (train/mod.rs).
+    replicas_are_shards: bool,
 }
 
 impl<'a> Sizes<'a> {
@@ -152,6 +154,7 @@ impl<'a> Sizes<'a> {
             } else {
                 format!("shard {} (flat/{shards})", count(shard))
             },
+            replicas_are_shards: c == 4.0 && shards == 1 && p.zero < 3,
             layout,
         }
     }
@@ -212,7 +215,9 @@ impl<'a> Sizes<'a> {
             },
             self.frozen_n * c,
         ));
-        res.push(if p.zero < 3 {
+        res.push(if self.replicas_are_shards {
+            row("student compute replica", "the fp32 master itself (fp32, one shard)", 0.0)
+        } else if p.zero < 3 {
             row("student compute replica", format!("student_full: flat {} × {cw}, replicated", count(flat)), flat * c)
         } else {
             row("student compute replica", "absent at ZeRO-3 (one layer gathered at a time, see forward/backward)", 0.0)
@@ -229,7 +234,9 @@ impl<'a> Sizes<'a> {
         }
         if m.teacher() {
             res.push(row("EMA teacher shard", "fp32 θ̄: shard × 4 B", shard * 4.0));
-            res.push(if p.teacher == TeacherMode::Replica {
+            res.push(if p.teacher == TeacherMode::Replica && self.replicas_are_shards {
+                row("teacher compute replica", "the EMA teacher shard itself (fp32, one shard)", 0.0)
+            } else if p.teacher == TeacherMode::Replica {
                 row("teacher compute replica", format!("teacher_full (dist.teacher = replica): flat {} × {cw}", count(flat)), flat * c)
             } else {
                 row("teacher compute replica", "none (dist.teacher = gather: one layer gathered per teacher forward)", 0.0)
@@ -240,6 +247,10 @@ impl<'a> Sizes<'a> {
         res.push(row("gradient accumulators", format!("{n_obj} objective(s) × {words} × 4 B"), n_obj * one));
         if m.reference.is_some() {
             res.push(row("NPO reference sums", "8 B per forget example (host Vec<f64>), negligible", 0.0));
+        }
+        if let (Some(fm), Some(fc)) = (&m.frozen_model, &p.frozen_model) {
+            let n = param_specs(fc).iter().map(ParamSpec::numel).sum::<i64>() as f64;
+            res.push(row("frozen side model", format!("method.{} loaded whole: {} × {cw}, replicated", fm.key, count(n)), n * c));
         }
         let total_bytes = res.iter().map(|r| r.bytes).sum();
         Phase { name: "resident (whole run)".into(), note: String::new(), on_top_of_resident: false, rows: res, total_bytes }
@@ -273,7 +284,9 @@ impl<'a> Sizes<'a> {
                 self.master_row(),
             ],
         );
-        ctx.phase("init (load, flatten, shard)", false, vec![], vec![load, master])
+        // With replicas that are the shards, the master is the flat buffer: nothing is read again.
+        let moments = if self.replicas_are_shards { vec![load] } else { vec![load, master] };
+        ctx.phase("init (load, flatten, shard)", false, vec![], moments)
     }
 
     /// NPO's reference log-likelihoods: `reference_sums` runs the per-rank micro-batch's worth of
@@ -325,6 +338,12 @@ impl<'a> Sizes<'a> {
                         self.gathered_layer_row("one gathered teacher layer", p.teacher == TeacherMode::Gather),
                     ],
                 ));
+            }
+            if let (Some(fm), Some(fc)) = (m.frozen_model.as_ref().filter(|f| f.on == obj), &p.frozen_model) {
+                common.push(row(format!("method.{} logits", fm.key), format!("{} × {cw}, held through the student pass", self.bsv), logits * c));
+                let nograd = Widths::new(fc, c, false).block_nograd_peak();
+                let working = row("its block working set (no grad)", format!("b·s = {} tokens × {nograd:.0} B", count(tokens)), tokens * nograd);
+                moments.push(Moment::new(format!("method.{} forward", fm.key), vec![working]));
             }
             let per = loss.peak_per_logit(c);
             let loss_row = row(format!("logits and {} loss", loss.name()), format!("{} × {per:.0} B: {}", self.bsv, loss.peak_words()), logits * per);
@@ -424,12 +443,13 @@ impl<'a> Sizes<'a> {
         if p.clip_norm {
             moments.push(Moment::new("clip", vec![d_row(), dot_row("fp64 temporaries of ‖d‖² (optim.clip_norm)")]));
         }
-        let (name, temps) = match (p.optim, p.weight_decay) {
-            (OptimName::AdamW, _) => ("AdamW step temporaries", 3.0),
-            (_, true) => ("SGD step temporaries", 2.0),
-            _ => ("SGD step temporaries", 1.0),
+        let step_row = match (p.optim, p.weight_decay) {
+            // optim/adamw.rs updates the shard in pieces through two persistent scratch buffers.
+            (OptimName::AdamW, _) => row("AdamW step scratch", "2 × 1 Mi elements × 4 B", 2.0 * shard.min(1048576.0) * 4.0),
+            (_, true) => row("SGD step temporaries", "2 × shard × 4 B", 2.0 * shard * 4.0),
+            _ => row("SGD step temporaries", "1 × shard × 4 B", shard * 4.0),
         };
-        moments.push(Moment::new("optimizer step", vec![d_row(), row(name, format!("{temps} × shard × 4 B"), temps * shard * 4.0)]));
+        moments.push(Moment::new("optimizer step", vec![d_row(), step_row]));
         if m.update.after_step_temps > 0.0 {
             moments.push(Moment::new("EMA update", vec![d_row(), row("EMA temporary", "θ·δc: shard × 4 B", m.update.after_step_temps * shard * 4.0)]));
         }

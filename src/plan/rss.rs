@@ -73,6 +73,7 @@ pub fn cpu_baseline() -> (f64, String) {
     )
 }
 
+/// Builds without the `jemalloc` feature only (jemalloc is the allocator otherwise, see main.rs).
 /// Make glibc hand freed tensors back to the OS: serve every allocation of 1 MiB or more with its
 /// own mmap, as `MALLOC_MMAP_THRESHOLD_=1048576` does (main calls this first thing). glibc's adaptive
 /// threshold otherwise rises to 32 MiB after the first large free, so that activations of a few

@@ -17,6 +17,7 @@
 pub mod backward;
 mod eval_hook;
 mod final_model;
+mod frozen;
 pub mod layout;
 mod net;
 pub mod out_dir;
@@ -44,6 +45,7 @@ use crate::model::{load_model, param_specs};
 use crate::optim::{self, Optimizer, Schedule};
 use crate::Result;
 use backward::{forward_backward, forward_logits};
+use frozen::Frozen;
 use net::{teacher_net, Net, Residency};
 use sink::{Accumulator, Sink};
 
@@ -59,6 +61,9 @@ pub struct StepLog {
     pub clip: f64,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
+    /// Seconds of this step spent in collectives (only with `UNLEARN_COMM_TIMING=1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub autolr: Option<methods::autolr::Fit>,
     /// A non-finite loss or gradient norm: no update was applied.
@@ -92,6 +97,8 @@ pub struct Trainer {
     student: Net,
     /// The EMA teacher's model, for methods whose spec asks for one.
     teacher: Option<Net>,
+    /// The method's frozen side model (IT's small teacher).
+    frozen: Option<Frozen>,
     layout: FlatLayout,
     shard_rank: usize,
     /// This rank's fp32 master shard of the trainable weights.
@@ -124,8 +131,10 @@ impl Trainer {
         }
 
         // Tokenizer and prompt template first: a bad template stops the run before the weights load.
-        let tok = Tokenizer::from_model_dir(&cfg.model.path, &crate::model::Config::from_model_dir(&cfg.model.path)?)?;
+        let student_cfg = crate::model::Config::from_model_dir(&cfg.model.path)?;
+        let tok = Tokenizer::from_model_dir(&cfg.model.path, &student_cfg)?;
         let template = Template::load(cfg.data.template, &cfg.model.path, &tok)?;
+        let frozen = Frozen::load(cfg.method.spec().frozen_model.as_ref(), &cfg.model.path, &student_cfg, &tok, kind, device)?;
         let mut loaded = load_model(&cfg.model.path, kind, device)?;
         let specs = param_specs(&loaded.config);
         let layout = layout::flat_layout(&layout::trainable_specs(&specs, cfg.model.trainable), zero, world, cfg.dist.bucket_mb);
@@ -133,10 +142,16 @@ impl Trainer {
 
         let mut model = loaded.model;
         let full = params::flatten_and_bind(&mut model, &layout, kind, true);
-        // The fp32 master comes from the checkpoint's own values, not from the compute-dtype copy:
-        // a bf16 run keeps the full precision of an fp32/fp16 checkpoint in its master weights.
-        let master = params::master_shard(&cfg.model.path, &layout, shard_rank, device)?;
-        let student = if zero < 3 {
+        // fp32 compute with one shard: the compute replica *is* the master (one copy of the weights,
+        // nothing to copy back after a step), as in a plain PyTorch loop. Otherwise the fp32 master
+        // comes from the checkpoint's own values, not from the compute-dtype copy: a bf16 run keeps
+        // the full precision of an fp32/fp16 checkpoint in its master weights.
+        let replicas_are_shards = kind == Kind::Float && layout.shards == 1 && zero < 3;
+        let master =
+            if replicas_are_shards { full.shallow_clone() } else { params::master_shard(&cfg.model.path, &layout, shard_rank, device)? };
+        let student = if replicas_are_shards {
+            Net { model, residency: Residency::Shard(full) }
+        } else if zero < 3 {
             Net { model, residency: Residency::Replica(full) }
         } else {
             drop(full);
@@ -151,7 +166,10 @@ impl Trainer {
         let optim = optim::build(&cfg.optim, &master);
         let schedule = Schedule::new(&cfg.optim, cfg.train.steps);
         let teacher = match spec.teacher() {
-            true => Some(teacher_net(&student, cfg.dist.teacher, &layout, &*comm, &master, kind, device)?),
+            true => {
+                let own_shard = method.teacher_shard().filter(|_| replicas_are_shards);
+                Some(teacher_net(&student, cfg.dist.teacher, own_shard, &layout, &*comm, &master, kind, device)?)
+            }
             false => None,
         };
 
@@ -186,6 +204,7 @@ impl Trainer {
             device,
             student,
             teacher,
+            frozen,
             layout,
             shard_rank,
             master,
@@ -252,6 +271,9 @@ impl Trainer {
             let shard = self.method.teacher_shard().expect("teacher shard");
             let w = teacher.weights(&*self.comm, shard, self.kind);
             aux.teacher_logits = Some(forward_logits(&mut teacher.model, &self.layout, &w, &batch.batch)?);
+        }
+        if let Some(frozen) = self.frozen.as_mut().filter(|f| f.on == obj) {
+            aux.frozen_logits = Some(frozen.logits(&self.layout, &batch.batch)?);
         }
         let accum = self.cfg.train.grad_accum as f64;
         let step = self.step + 1;
@@ -345,7 +367,8 @@ impl Trainer {
         let (comm, layout) = (&*self.comm, &self.layout);
         let dot = crate::dist::zero::dot;
         let stats = GradStats { sq_forget: sq[0], sq_retain: sq[1], dot: sq[2] };
-        let grads = Grads { forget: g_f.as_ref(), retain: g_r.as_ref(), stats, params: &self.master };
+        let (loss_forget, loss_retain) = (losses[Objective::Forget as usize], losses[Objective::Retain as usize]);
+        let grads = Grads { forget: g_f.as_ref(), retain: g_r.as_ref(), stats, loss_forget, loss_retain, params: &self.master };
         let mut dir = self.method.direction(&grads)?;
         if self.cfg.optim.clip_norm > 0.0 {
             let mut n = [dot(&dir.d, &dir.d)];
@@ -389,6 +412,7 @@ impl Trainer {
             clip: dir.clip,
             tokens_per_s: tokens as f64 / elapsed.max(1e-9),
             elapsed_s: elapsed,
+            comm_s: self.comm.take_collective_seconds(),
             autolr: fit,
             skipped: false,
             stop_requested,
@@ -462,6 +486,7 @@ impl Trainer {
             autolr: None,
             skipped: true,
             stop_requested,
+            comm_s: self.comm.take_collective_seconds(),
         })
     }
 

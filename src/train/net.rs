@@ -15,6 +15,10 @@ pub(super) enum Residency {
     /// A compute-dtype replica of the whole flat buffer, bound to the model (ZeRO 0–2; the
     /// teacher with `dist.teacher = "replica"`).
     Replica(Tensor),
+    /// Bound to the fp32 shard itself, updated in place by the optimizer or the method (fp32
+    /// compute, one shard, ZeRO 0–2): one copy of the weights, as in a plain PyTorch loop, and
+    /// nothing to copy after a step.
+    Shard(Tensor),
     /// Nowhere: gathered layer by layer from the fp32 shards for each pass.
     Gathered,
 }
@@ -29,19 +33,20 @@ impl Net {
     /// How a pass gets the trainable weights: resident, or gathered per layer from `shard`.
     pub fn weights<'a>(&self, comm: &'a dyn Collective, shard: &'a Tensor, kind: Kind) -> Weights<'a> {
         match self.residency {
-            Residency::Replica(_) => Weights::Resident,
+            Residency::Replica(_) | Residency::Shard(_) => Weights::Resident,
             Residency::Gathered => Weights::Gathered { comm, shard, kind },
         }
     }
 
     pub fn replica(&self) -> Option<&Tensor> {
         match &self.residency {
-            Residency::Replica(t) => Some(t),
+            Residency::Replica(t) | Residency::Shard(t) => Some(t),
             Residency::Gathered => None,
         }
     }
 
-    /// Copy `shard` into the compute replica (all-gather when sharded); nothing when gathered.
+    /// Copy `shard` into the compute replica (all-gather when sharded); nothing when gathered or
+    /// when the replica is the shard.
     pub fn sync(&mut self, layout: &FlatLayout, comm: &dyn Collective, shard: &Tensor) -> Result<()> {
         if let Residency::Replica(full) = &mut self.residency {
             let all: Vec<usize> = (0..layout.buckets.len()).collect();
@@ -52,10 +57,13 @@ impl Net {
 }
 
 /// The teacher's model: a shallow copy of the student's frozen weights, with its trainable
-/// weights in a compute replica (gathered once from the initial master) or gathered per pass.
+/// weights in a compute replica (gathered once from the initial master), bound to `own_shard` (the
+/// method's fp32 teacher shard, where the replicas are the shards) or gathered per pass.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn teacher_net(
     student: &Net,
     mode: TeacherMode,
+    own_shard: Option<&Tensor>,
     layout: &FlatLayout,
     comm: &dyn Collective,
     master: &Tensor,
@@ -63,8 +71,13 @@ pub(super) fn teacher_net(
     device: Device,
 ) -> Result<Net> {
     let mut model = student.model.shallow_copy();
-    match mode {
-        TeacherMode::Replica => {
+    match (mode, own_shard) {
+        (TeacherMode::Replica, Some(shard)) => {
+            let shard = shard.shallow_clone();
+            params::bind(&mut model, layout, &shard, 0, None, false);
+            Ok(Net { model, residency: Residency::Shard(shard) })
+        }
+        (TeacherMode::Replica, None) => {
             let full = match student.replica() {
                 Some(f) => f.copy(),
                 None => gathered_replica(layout, comm, master, kind, device)?,
@@ -72,7 +85,7 @@ pub(super) fn teacher_net(
             params::bind(&mut model, layout, &full, 0, None, false);
             Ok(Net { model, residency: Residency::Replica(full) })
         }
-        TeacherMode::Gather => {
+        (TeacherMode::Gather, _) => {
             for l in layout.layers() {
                 params::release(&mut model, layout, l);
             }

@@ -1,5 +1,5 @@
-"""Independent PyTorch implementation (in fp32, or fp64 as a high-precision yardstick) of a few optimizer steps of NGDiff(+AutoLR) and of mean
-teacher (NLUL + KL/QKL), written from algorithms.md, for the Rust step-equivalence test.
+"""Independent PyTorch implementation (in fp32, or fp64 as a high-precision yardstick) of a few optimizer steps of NGDiff(+AutoLR), of mean
+teacher (NLUL + KL/QKL), of LossNorm and of IT, written from algorithms.md, for the Rust step-equivalence test.
 
 Every step uses the whole forget set and the whole retain set as its batch (the test makes
 batch_size equal to the dataset sizes, so the order the Rust loader draws does not matter).
@@ -52,6 +52,22 @@ def flat(ts):
     return torch.cat([t.reshape(-1) for t in ts])
 
 
+def kl_positions(zs, zt, am):
+    """KL(softmax(zt) || softmax(zs)) at every position under the mask, over all B x T positions."""
+    per = F.kl_div(F.log_softmax(zs, -1), F.softmax(zt, -1), reduction="none").sum(-1)
+    return (per * am).sum() / (am.shape[0] * am.shape[1])
+
+
+def adamw(params, c):
+    return torch.optim.AdamW(params, lr=c["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+
+def adam_state(opt, params, out):
+    st = [opt.state[p] for p in params]
+    out["optim.exp_avg"] = flat([s["exp_avg"] for s in st])
+    out["optim.exp_avg_sq"] = flat([s["exp_avg_sq"] for s in st])
+
+
 def main(cfg_path, out_path):
     c = json.load(open(cfg_path))
     if c.get("dtype") == "float64":
@@ -70,8 +86,41 @@ def main(cfg_path, out_path):
     bf = batch(tok, c["forget"], eos, c["max_len"])
     br = batch(tok, c["retain"], eos, c["max_len"])
     out = {}
-    if c["method"] == "ngdiff":
-        opt = torch.optim.AdamW(params, lr=c["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    if c["method"] == "lossnorm":
+        # NGDiff paper's LossNorm: each task gradient divided by its own (detached) loss.
+        opt = adamw(params, c)
+        for step in range(1, c["steps"] + 1):
+            l_f, l_r = nll(model, bf), nll(model, br)
+            g_f = torch.autograd.grad(l_f, params)
+            g_r = torch.autograd.grad(l_r, params)
+            for p, a, b in zip(params, g_f, g_r):
+                p.grad = b / (l_r.item() + 1e-8) - a / (l_f.item() + 1e-8)
+            opt.step()
+        adam_state(opt, params, out)
+    elif c["method"] == "it":
+        # mt-unlearn's IT: alpha * KL(small || theta) on the forget text + beta * KL(theta_0 || theta)
+        # on the retain text, the sum clipped to norm C, AdamW.
+        original = AutoModelForCausalLM.from_pretrained(c["model"], dtype=dtype).eval()
+        small = AutoModelForCausalLM.from_pretrained(c["small"], dtype=dtype).eval()
+        tparams = [dict(original.named_parameters())[n] for n in names]
+        opt = adamw(params, c)
+        (ids_f, am_f, _), (ids_r, am_r, _) = bf, br
+        for step in range(1, c["steps"] + 1):
+            with torch.no_grad():
+                z_small = small(input_ids=ids_f, attention_mask=am_f).logits
+                z_orig = original(input_ids=ids_r, attention_mask=am_r).logits
+            loss_f = c["alpha"] * kl_positions(model(input_ids=ids_f, attention_mask=am_f).logits, z_small, am_f)
+            loss_r = c["beta"] * kl_positions(model(input_ids=ids_r, attention_mask=am_r).logits, z_orig, am_r)
+            g = [a + b for a, b in zip(torch.autograd.grad(loss_f, params), torch.autograd.grad(loss_r, params))]
+            cf = min(1.0, c["clip_norm"] / (flat(g).double().norm().item() + 1e-6))
+            for p, gi in zip(params, g):
+                p.grad = cf * gi
+            opt.step()
+            out[f"clip.step{step}"] = torch.tensor([cf])
+        out["teacher"] = flat(tparams)
+        adam_state(opt, params, out)
+    elif c["method"] == "ngdiff":
+        opt = adamw(params, c)
         lr = c["lr"]
         for step in range(1, c["steps"] + 1):
             g_f = torch.autograd.grad(nll(model, bf), params)
@@ -104,9 +153,7 @@ def main(cfg_path, out_path):
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.step()
-        st = [opt.state[p] for p in params]
-        out["optim.exp_avg"] = flat([s["exp_avg"] for s in st])
-        out["optim.exp_avg_sq"] = flat([s["exp_avg_sq"] for s in st])
+        adam_state(opt, params, out)
     else:
         teacher_model = AutoModelForCausalLM.from_pretrained(c["model"], dtype=dtype).eval()
         tparams = [dict(teacher_model.named_parameters())[n] for n in names]
@@ -129,14 +176,13 @@ def main(cfg_path, out_path):
             with torch.no_grad():
                 zt = teacher_model(input_ids=ids_r, attention_mask=am_r).logits
             if c["penalty"] == "kl":
-                per = F.kl_div(F.log_softmax(zs, -1), F.softmax(zt, -1), reduction="none").sum(-1)
+                loss_r = b_ * kl_positions(zs, zt, am_r)
             else:
                 delta = zs - zt
                 pb = F.softmax(zt, -1)
                 dd = delta.detach()
                 fd = (pb * dd - pb * (pb * dd).sum(-1, keepdim=True)).detach()
-                per = (delta * fd).sum(-1)
-            loss_r = b_ * (per * am_r).sum() / (ids_r.shape[0] * ids_r.shape[1])
+                loss_r = b_ * ((delta * fd).sum(-1) * am_r).sum() / (ids_r.shape[0] * ids_r.shape[1])
             g_r = torch.autograd.grad(loss_r, params)
             # (3) clip the sum, (4) proximal pull after clipping, (5) SGD, (6) EMA at rate d*c.
             g = [x + y for x, y in zip(g_f, g_r)]
