@@ -39,7 +39,7 @@ fn write_config(dir: &Path, model: &Path, out: &Path, lr: f64, steps: u64, extra
     std::fs::write(
         &cfg,
         format!(
-            "[model]\npath = {model:?}\n[data]\nforget = {forget:?}\nretain = {retain:?}\nforget_limit = 8\nretain_limit = 8\n\
+            "[model]\npath = {model:?}\ntrainable = \"matrices\"\n[data]\nforget = {forget:?}\nretain = {retain:?}\nforget_limit = 8\nretain_limit = 8\n\
              [method]\nname = \"ga\"\n[optim]\nname = \"sgd\"\nlr = {lr}\n\
              [train]\nsteps = {steps}\nbatch_size = 4\nmax_len = 256\nseed = 3\nout_dir = {out:?}\n\
              [eval]\nevery = 1\nsave_models = true\n\
