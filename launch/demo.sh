@@ -2,9 +2,15 @@
 # The main job, end to end on the embedded SmolLM2-135M-Instruct (CPU, fp32):
 #   1. import the model (setup.sh does it once) and score the TOFU forget01 answers;
 #   2. fine-tune a TOFU *target* on forget01 + 40 retained QA, and a *retain* model on the 40 alone;
-#   3. unlearn forget01 from the target with NGDiff + AutoLR and with mean teacher + NLUL;
-#   4. print forget/retain NLL before and after;
-#   5. evaluate target, retain and both unlearned models on TOFU forget01 and print the table;
+#   3. evaluate the retain model on TOFU forget01 (all 40 questions): its forget truth statistics
+#      are what Forget Quality and the stop rule compare with;
+#   4. unlearn forget01 from the target with NGDiff + AutoLR and with mean teacher + NLUL, each
+#      evaluating itself every few steps (forget-set scoring only) and stopping by the rule "reach
+#      the retain model": the state with the highest Forget Quality is kept as best/, and the run
+#      stops once it has not improved for `patience` evaluations;
+#   5. evaluate target and both best/ models on TOFU forget01 and print the table, then say for
+#      each method whether it beat the target's Forget Quality with Model Utility >= 0.95 x the
+#      target's, and by how much it missed if not;
 #   6. export the mean-teacher model to ONNX (KV cache, genai_config.json: optimum and
 #      onnxruntime-genai load the directory as is) and verify it with onnxruntime against our logits.
 # Everything lands in $UNLEARN_DEMO_OUT (default runs/demo), recreated on every run.
@@ -24,7 +30,7 @@ rm -rf "$OUT" && mkdir -p "$OUT"
 say() { printf '\n== %s (%ds)\n' "$*" $(( $(date +%s) - START )); }
 q() { printf '"%s"' "$1"; }
 
-# Small data so that the whole demo fits in about 20 minutes on 2 CPU cores.
+# Small data so that the whole demo fits in 20 minutes on 2 CPU cores.
 "$UNLEARN_PYTHON" - "$TOFU" "$OUT" <<'PY'
 import json, sys
 tofu, out = sys.argv[1], sys.argv[2]
@@ -58,34 +64,59 @@ FT=(--config configs/tofu-finetune.toml --set "model.path=$(q "$MODEL")" --set o
 "$BIN" run "${FT[@]}" --set "data.retain=$(q "$RETAIN")" --set train.steps=10 --set "train.out_dir=$(q "$OUT/retain")"
 TARGET=$OUT/target/final
 
-say "3a. unlearn forget01 with NGDiff + AutoLR"
-"$BIN" run --config configs/tofu-ngdiff.toml --set "model.path=$(q "$TARGET")" --set "data.retain=$(q "$RETAIN")" \
-  --set optim.lr=1e-4 --set train.batch_size=4 --set train.steps=8 --set "train.out_dir=$(q "$OUT/ngdiff")"
-say "3b. unlearn forget01 with mean teacher + NLUL"
-"$BIN" run --config configs/tofu-mean-teacher.toml --set "model.path=$(q "$TARGET")" --set "data.retain=$(q "$RETAIN")" \
-  --set method.alpha=1.0 --set method.beta=3 --set method.delta=0.1 --set optim.lr=0.05 --set train.batch_size=4 \
-  --set train.grad_accum=1 --set train.steps=16 --set train.checkpoint_every=0 --set "train.out_dir=$(q "$OUT/mean-teacher")"
-
-say "4. forget / retain NLL before and after"
-printf '%-14s %12s %12s\n' model forget_NLL retain_NLL
-for m in target ngdiff mean-teacher retain; do
-  f=$(mean_nll "$OUT/$m/final" "$FORGET" "f-$m")
-  r=$(mean_nll "$OUT/$m/final" "$RETAIN" "r-$m")
-  printf '%-14s %12s %12s\n' "$m" "$f" "$r"
-done
-
-say "5. TOFU evaluation (forget quality against the retain model, model utility)"
-EVAL=(--forget forget01 --data "$TOFU" --max-samples 15 --max-new-tokens 48)
+say "3. TOFU evaluation of the retain model (all 40 forget01 questions)"
+EVAL=(--forget forget01 --data "$TOFU" --max-samples 40 --max-new-tokens 48)
 "$BIN" eval tofu --model "$OUT/retain/final" "${EVAL[@]}" --out "$OUT/eval-retain"
-for m in target ngdiff mean-teacher; do
-  "$BIN" eval tofu --model "$OUT/$m/final" "${EVAL[@]}" --retain-stats "$OUT/eval-retain/report.json" --out "$OUT/eval-$m"
+RSTATS=$OUT/eval-retain/report.json
+
+# In-run evaluation: TOFU forget01, all 40 questions, scoring only (Forget Quality against the
+# retain model's statistics needs no generation: 40 x 7 answers scored), every $EVERY steps;
+# stop rule "reach the retain model" on Forget Quality itself; best/ = the evaluated state with
+# the highest Forget Quality.
+EVERY=${UNLEARN_DEMO_EVAL_EVERY:-3}
+STOP=(--set eval.every=$EVERY --set 'eval.tofu.forget="forget01"' --set "eval.tofu.data=$(q "$TOFU")"
+      --set "eval.tofu.retain_stats=$(q "$RSTATS")" --set eval.tofu.max_samples=40 --set 'eval.tofu.sets=["forget"]'
+      --set eval.tofu.no_rouge=true --set 'stop.reach="tofu.forget_quality"' --set stop.patience=2)
+
+say "4a. unlearn forget01 with NGDiff + AutoLR (stop: reach the retain model)"
+"$BIN" run --config configs/tofu-ngdiff.toml --set "model.path=$(q "$TARGET")" --set "data.forget=$(q "$FORGET")" --set "data.retain=$(q "$RETAIN")" \
+  --set optim.lr=${NGDIFF_LR:-1e-4} --set train.batch_size=4 --set train.steps=${NGDIFF_STEPS:-9} "${STOP[@]}" \
+  --set "train.out_dir=$(q "$OUT/ngdiff")"
+say "4b. unlearn forget01 with mean teacher + NLUL (stop: reach the retain model)"
+"$BIN" run --config configs/tofu-mean-teacher.toml --set "model.path=$(q "$TARGET")" --set "data.forget=$(q "$FORGET")" --set "data.retain=$(q "$RETAIN")" \
+  --set method.alpha=1.0 --set method.beta=3 --set method.delta=0.1 --set optim.lr=${MT_LR:-0.05} --set train.batch_size=4 \
+  --set train.grad_accum=1 --set train.steps=${MT_STEPS:-12} --set train.checkpoint_every=0 "${STOP[@]}" \
+  --set "train.out_dir=$(q "$OUT/mean-teacher")"
+
+say "5. TOFU evaluation of the target and of each method's best/ (forget quality against the retain model, model utility)"
+"$BIN" eval tofu --model "$OUT/target/final" "${EVAL[@]}" --retain-stats "$RSTATS" --out "$OUT/eval-target"
+for m in ngdiff mean-teacher; do
+  # best/ is absent only if no evaluated state after step 0 existed (it always does here).
+  "$BIN" eval tofu --model "$OUT/$m/best" "${EVAL[@]}" --retain-stats "$RSTATS" --out "$OUT/eval-$m"
 done
 "$BIN" report --reports "$OUT/eval-target" "$OUT/eval-ngdiff" "$OUT/eval-mean-teacher" "$OUT/eval-retain" \
   --names target ngdiff mean-teacher retain --runs "$OUT/ngdiff" "$OUT/mean-teacher" --out "$OUT/report"
 cat "$OUT/report/report.md"
+"$UNLEARN_PYTHON" - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+m = lambda name: {k: v["value"] for k, v in json.load(open(f"{out}/eval-{name}/report.json"))["metrics"].items()}
+t = m("target")
+print(f"\ntarget: forget quality {t['forget_quality']:.4g}, model utility {t['model_utility']:.4f} (floor 0.95 x = {0.95 * t['model_utility']:.4f})")
+for name in ["ngdiff", "mean-teacher"]:
+    r = m(name)
+    rec = json.load(open(f"{out}/{name}/final/record.json")).get("outcome", {})
+    stop = rec.get("stop", {})
+    fq_ok = r["forget_quality"] > t["forget_quality"]
+    mu_ok = r["model_utility"] >= 0.95 * t["model_utility"]
+    verdict = "forgetting worked" if fq_ok and mu_ok else "NOT reached at demo size"
+    print(f"{name}: best/ = step {rec.get('best_step')} (stopped by {stop.get('rule')} at step {stop.get('step')}): "
+          f"forget quality {r['forget_quality']:.4g} vs target {t['forget_quality']:.4g} ({'above' if fq_ok else 'short by %.3g' % (t['forget_quality'] - r['forget_quality'])}), "
+          f"model utility {r['model_utility']:.4f} vs 0.95 x target {0.95 * t['model_utility']:.4f} ({'ok' if mu_ok else 'short by %.4f' % (0.95 * t['model_utility'] - r['model_utility'])}): {verdict}")
+PY
 
 say "6. export the mean-teacher model to ONNX and verify it with onnxruntime"
-"$BIN" export --model "$OUT/mean-teacher/final" --out "$OUT/onnx" --dtype fp32
-"$BIN" verify --model "$OUT/mean-teacher/final" --onnx "$OUT/onnx" --prompts "$FORGET" --out "$OUT/onnx/verify.json"
+"$BIN" export --model "$OUT/mean-teacher/best" --out "$OUT/onnx" --dtype fp32
+"$BIN" verify --model "$OUT/mean-teacher/best" --onnx "$OUT/onnx" --prompts "$FORGET" --out "$OUT/onnx/verify.json"
 
 say "done: outputs in $OUT"

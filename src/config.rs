@@ -37,6 +37,9 @@ pub struct RunConfig {
     pub optim: OptimCfg,
     pub train: TrainCfg,
     pub dist: DistCfg,
+    /// `[eval]`, `[stop]` and `[best]`: evaluation inside the run and what it decides.
+    #[serde(flatten)]
+    pub monitor: crate::monitor::config::MonitorCfg,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -294,7 +297,7 @@ impl RunConfig {
     /// directory (configs are run from the repository root, as README shows).
     pub fn from_table(t: &Table, file: &str, check_paths: bool) -> Result<Self> {
         let root = Section::new(file, "", t);
-        root.only(&["model", "data", "method", "optim", "train", "dist"])?;
+        root.only(&["model", "data", "method", "optim", "train", "dist", "eval", "stop", "best"])?;
         let model = root.section("model")?;
         let data = root.section("data")?;
         let method = root.section("method")?;
@@ -443,7 +446,8 @@ impl RunConfig {
             overlap: dist.boolean("overlap", true)?,
             timeout_s: dist.float("timeout_s", crate::dist::watchdog::DEFAULT_TIMEOUT_S, Bound::Positive)?,
         };
-        Ok(RunConfig { model: model_cfg, data: data_cfg, method: method_cfg, optim: optim_cfg, train: train_cfg, dist: dist_cfg })
+        let monitor = crate::monitor::config::parse(&root, &model_cfg.path, &train_cfg.out_dir, check_paths)?;
+        Ok(RunConfig { model: model_cfg, data: data_cfg, method: method_cfg, optim: optim_cfg, train: train_cfg, dist: dist_cfg, monitor })
     }
 
     /// The resolved config as TOML, written next to the run's outputs (and read back by
@@ -569,20 +573,28 @@ impl<'a> Section<'a> {
         }
     }
     /// The value of `k`, noting that the key is known.
-    fn get(&self, k: &str) -> Option<&'a Value> {
+    pub(crate) fn get(&self, k: &str) -> Option<&'a Value> {
         let mut read = self.read.borrow_mut();
         if !read.iter().any(|r| r == k) {
             read.push(k.to_string());
         }
         self.table.get(k)
     }
+    /// The config file (for errors about keys below this section).
+    pub(crate) fn file(&self) -> &'a str {
+        self.file
+    }
+    /// The section's own keys and values.
+    pub(crate) fn table(&self) -> &'a Table {
+        self.table
+    }
     pub fn err(&self, k: &str, msg: impl Into<String>) -> Error {
         Error::config(self.file, self.key(k), msg)
     }
-    fn missing(&self, k: &str) -> Error {
+    pub(crate) fn missing(&self, k: &str) -> Error {
         self.err(k, "is required")
     }
-    fn section(&self, name: &'a str) -> Result<Section<'a>> {
+    pub(crate) fn section(&self, name: &'a str) -> Result<Section<'a>> {
         let table = match self.table.get(name) {
             None => &*EMPTY,
             Some(Value::Table(t)) => t,
@@ -590,7 +602,7 @@ impl<'a> Section<'a> {
         };
         Ok(Section::new(self.file, name, table))
     }
-    fn only(&self, allowed: &[&str]) -> Result<()> {
+    pub(crate) fn only(&self, allowed: &[&str]) -> Result<()> {
         self.only_for(allowed, "")
     }
     fn only_for(&self, allowed: &[&str], context: &str) -> Result<()> {
@@ -706,7 +718,7 @@ impl<'a> Section<'a> {
 /// `$VAR` and `${VAR}` expansion in paths, so shipped configs can say `${UNLEARN_CACHE}/models/...`
 /// (`UNLEARN_CACHE` defaults to `~/.cache/unlearn`, as in launch/setup.sh). An unset variable is an
 /// error: silently expanding it to nothing would only show up later as a puzzling missing file.
-fn expand(s: &str) -> std::result::Result<PathBuf, String> {
+pub(crate) fn expand(s: &str) -> std::result::Result<PathBuf, String> {
     let mut out = String::new();
     let mut rest = s;
     while let Some(i) = rest.find('$') {

@@ -155,8 +155,10 @@ pub const RUN_OUTPUT: OutputDir = OutputDir {
     marker: Some("config.toml"),
     writes: |n| {
         let ours = |base: &str| n == base || n.strip_prefix(base).is_some_and(|rest| rest.starts_with(".tmp-"));
-        ["config.toml", "metrics.jsonl", "checkpoints", "final"].iter().any(|b| ours(b))
+        // best/ and evals/ are the in-run evaluation's (monitor/).
+        ["config.toml", "metrics.jsonl", "checkpoints", "final", "best", "evals"].iter().any(|b| ours(b))
             || n.starts_with("final.old-")
+            || n.starts_with("best.old-")
             || n.starts_with("events.out.tfevents.")
     },
 };

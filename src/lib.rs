@@ -19,6 +19,7 @@ pub mod gguf;
 pub mod logging;
 pub mod methods;
 pub mod model;
+pub mod monitor;
 pub mod optim;
 pub mod plan;
 pub mod progress;

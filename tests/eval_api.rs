@@ -102,6 +102,8 @@ fn in_memory_evaluation_equals_unlearn_eval() {
         retain_stats: None,
         max_samples: Some(3),
         max_new_tokens: 8,
+        sets: None,
+        no_rouge: false,
     };
     let outcome = evaluate_in_memory(&tofu, &model, Some(&retain));
     let out = tmp.path().join("tofu");

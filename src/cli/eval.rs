@@ -72,14 +72,14 @@ pub fn run(args: &EvalArgs) -> Result<()> {
 }
 
 /// A model directory's config and tokenizer, without loading the weights.
-fn config_and_tokenizer(dir: &Path) -> Result<(Config, Tokenizer)> {
+pub fn config_and_tokenizer(dir: &Path) -> Result<(Config, Tokenizer)> {
     let cfg = Config::from_model_dir(dir)?;
     let tok = Tokenizer::from_model_dir(dir, &cfg)?;
     Ok((cfg, tok))
 }
 
 /// The retain model must tokenize exactly as the evaluated one, or its numbers are not comparable.
-fn check_same_tokenizer(main: &Tokenizer, main_dir: &Path, other: &Tokenizer, other_dir: &Path) -> Result<()> {
+pub fn check_same_tokenizer(main: &Tokenizer, main_dir: &Path, other: &Tokenizer, other_dir: &Path) -> Result<()> {
     if main.vocab_fingerprint() != other.vocab_fingerprint() {
         return Err(Error::format(
             other.path(),

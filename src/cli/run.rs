@@ -8,7 +8,10 @@ use crate::config::RunConfig;
 use crate::dist::{self, watchdog};
 use crate::fault::{self, Fault};
 use crate::progress::Progress;
+use crate::monitor::{write_record, Monitor};
+use crate::record::Record;
 use crate::signals;
+use crate::tensorboard::EventWriter;
 use crate::train::out_dir::{self, Start};
 use crate::train::{append_metrics, Trainer};
 use crate::Result;
@@ -89,6 +92,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
     barrier(&*comm, "rank 0 preparing the output directory")?;
 
     let mut events = (rank == 0).then(|| crate::tensorboard::EventWriter::create(&out, trainer.step() + 1)).transpose()?;
+    // rank 0 hashes the inputs once; final/ and best/ carry the record.
+    let record = (rank == 0).then(|| Record::for_run(&cfg, comm.world())).transpose()?;
+    let mut monitor = Monitor::new(&cfg, &mut trainer)?;
+    if let Some(m) = monitor.as_mut() {
+        log_lines(rank, &metrics, &mut events, &m.evaluate(&mut trainer, record.as_ref())?.0)?;
+    }
     let total = cfg.train.steps;
     let every = cfg.train.checkpoint_every;
     let keep = cfg.train.keep_checkpoints;
@@ -102,11 +111,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let log = trainer.train_step()?;
         if rank == 0 {
             fault::check_io(Fault::Metrics, log.step, &metrics)?;
-            append_metrics(&metrics, &log)?;
-            events.as_mut().map_or(Ok(()), |e| e.scalars(log.step, &log))?;
-            if log.step % log_every == 0 || log.step == total {
-                tracing::info!("{}", format_log(&log, total));
-            }
+        }
+        log_line(rank, &metrics, &mut events, log.step, &log)?;
+        if rank == 0 && (log.step % log_every == 0 || log.step == total) {
+            tracing::info!("{}", format_log(&log, total));
         }
         bar.inc(1);
         if log.stop_requested && log.step < total {
@@ -118,6 +126,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 tracing::info!("checkpoint {}", dir.display());
             }
         }
+        if let Some(m) = monitor.as_mut().filter(|m| m.due(log.step, total)) {
+            let (lines, stop) = m.evaluate(&mut trainer, record.as_ref())?;
+            log_lines(rank, &metrics, &mut events, &lines)?;
+            if stop {
+                break;
+            }
+        }
     }
     bar.finish();
     let final_ckpt = checkpoint::step_dir(&ckpt_root, trainer.step());
@@ -125,13 +140,35 @@ pub fn run(args: &RunArgs) -> Result<()> {
         watchdog::set_phase("writing the last checkpoint");
         trainer.save_checkpoint(&ckpt_root, keep)?;
     }
+    let outcome = match monitor.as_mut() {
+        Some(m) => {
+            let (line, outcome) = m.finish(&mut trainer, total)?;
+            log_lines(rank, &metrics, &mut events, &line.into_iter().collect::<Vec<_>>())?;
+            Some(outcome.to_json())
+        }
+        None => None,
+    };
     let final_dir = out.join("final");
-    trainer.save_final(&final_dir)?;
+    trainer.save_model(&final_dir, &|tmp| write_record(tmp, record.as_ref(), outcome.as_ref()))?;
     if rank == 0 {
         let rss = crate::plan::rss::peak_rss_bytes().map_or(String::new(), |b| format!(", peak RSS {} MiB on rank 0", b >> 20));
         tracing::info!("done: {} steps, model in {}{rss}", trainer.step(), final_dir.display());
     }
     Ok(())
+}
+
+/// One line of metrics.jsonl and its TensorBoard scalars (rank 0).
+fn log_line(rank: usize, metrics: &Path, events: &mut Option<EventWriter>, step: u64, line: &impl serde::Serialize) -> Result<()> {
+    if rank == 0 {
+        append_metrics(metrics, line)?;
+        events.as_mut().map_or(Ok(()), |e| e.scalars(step, line))?;
+    }
+    Ok(())
+}
+
+/// The in-run evaluation's lines (each has its `step`).
+fn log_lines(rank: usize, metrics: &Path, events: &mut Option<EventWriter>, lines: &[serde_json::Value]) -> Result<()> {
+    lines.iter().try_for_each(|l| log_line(rank, metrics, events, l["step"].as_u64().unwrap_or(0), l))
 }
 
 fn barrier(comm: &dyn dist::Collective, what: &'static str) -> Result<()> {

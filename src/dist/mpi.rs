@@ -457,7 +457,11 @@ impl Collective for Mpi {
             let mut len = buf.len() as u64;
             root_proc.broadcast_into(&mut len);
             buf.resize(len as usize, 0);
-            root_proc.broadcast_into(&mut buf[..]);
+            // An empty payload (a rank with no evaluation batch) has nothing to send, and Open MPI
+            // rejects the dangling pointer of an empty slice (MPI_ERR_ARG); every rank knows `len`.
+            if len > 0 {
+                root_proc.broadcast_into(&mut buf[..]);
+            }
             buf
         })?;
         Ok(())

@@ -120,6 +120,12 @@ pub fn read_metrics_jsonl(path: &Path) -> Result<Vec<StepPoint>> {
                 }
             }
         }
+        // The in-run evaluation's lines: {"step", "eval": {"tofu.forget_quality": ..}, "eval_s"}.
+        for (k, x) in v.get("eval").and_then(Value::as_object).into_iter().flatten() {
+            if let Some(x) = x.as_f64() {
+                p.values.insert(format!("{EVAL_PREFIX}{k}"), x);
+            }
+        }
         out.push(p);
     }
     if out.is_empty() {
@@ -128,15 +134,23 @@ pub fn read_metrics_jsonl(path: &Path) -> Result<Vec<StepPoint>> {
     Ok(out)
 }
 
+const EVAL_PREFIX: &str = "eval/";
+
 /// Loss, gradient-norm and lr/clip curves of a training run, one panel each (log scale where the
-/// values span orders of magnitude and are positive).
+/// values span orders of magnitude and are positive), and a panel of the in-run evaluation's
+/// metrics when the run evaluated.
 pub fn training_svg(path: &Path, title: &str, points: &[StepPoint]) -> Result<()> {
-    let root = SVGBackend::new(path, (900, 720)).into_drawing_area();
+    let mut panels: Vec<(&str, Vec<&str>, bool)> = CURVE_PANELS.iter().map(|(c, k, l)| (*c, k.to_vec(), *l)).collect();
+    let eval_keys: std::collections::BTreeSet<&str> = points.iter().flat_map(|p| p.values.keys()).map(String::as_str).filter(|k| k.starts_with(EVAL_PREFIX)).collect();
+    if !eval_keys.is_empty() {
+        panels.push(("in-run evaluation", eval_keys.into_iter().collect(), false));
+    }
+    let root = SVGBackend::new(path, (900, 240 * panels.len() as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
     let root = root.titled(title, ("sans-serif", 18)).map_err(|e| plot_err(path, e))?;
     let x_max = points.iter().map(|p| p.step).fold(1.0f64, f64::max);
     let x_min = points.iter().map(|p| p.step).fold(x_max, f64::min);
-    for (panel, (caption, keys, log)) in root.split_evenly((3, 1)).iter().zip(CURVE_PANELS) {
+    for (panel, (caption, keys, log)) in root.split_evenly((panels.len(), 1)).iter().zip(panels) {
         let series: Vec<(&str, Vec<(f64, f64)>)> = keys
             .iter()
             .map(|k| (*k, points.iter().filter_map(|p| p.values.get(*k).map(|v| (p.step, *v))).filter(|(_, v)| v.is_finite()).collect()))

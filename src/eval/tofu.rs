@@ -54,6 +54,14 @@ pub struct TofuArgs {
     /// Greedy answer length limit for ROUGE.
     #[arg(long, default_value_t = 200)]
     pub max_new_tokens: usize,
+    /// Sets to evaluate (comma separated) [default: all four]. Model Utility needs the three
+    /// utility sets; Forget Quality needs the forget set.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub sets: Option<Vec<SetKind>>,
+    /// Score only: no greedy generation, so no ROUGE and no Model Utility (the probabilities and
+    /// truth ratios, Forget Quality included, need only teacher-forced scoring, which is much cheaper).
+    #[arg(long)]
+    pub no_rouge: bool,
 }
 
 impl BenchmarkArgs for TofuArgs {
@@ -71,8 +79,14 @@ impl BenchmarkArgs for TofuArgs {
             max_samples: self.max_samples,
             max_new_tokens: self.max_new_tokens,
             max_len: model.config.max_position_embeddings.max(2) as usize,
+            rouge: !self.no_rouge,
         };
-        let sets = load_sets(&self.data, &self.forget, self.max_samples)?;
+        let kinds = self.sets.clone().unwrap_or(SetKind::ALL.to_vec());
+        let has_forget = kinds.contains(&SetKind::Forget);
+        if !has_forget && (self.retain_model.is_some() || self.retain_stats.is_some()) {
+            return Err(crate::other!("--sets: the retain model's statistics are compared on the forget set, which --sets leaves out"));
+        }
+        let sets = load_sets(&self.data, &self.forget, self.max_samples, &kinds)?;
         let retain_stats = self.retain_stats.clone();
         Ok(Box::new(Tofu { forget: self.forget.clone(), data: self.data.clone(), opts, sets, retain, retain_stats, retain_model: self.retain_model.clone() }))
     }
@@ -124,7 +138,8 @@ impl Benchmark for Tofu {
     }
     fn measure_reference(&mut self, ctx: &EvalCtx) -> Result<()> {
         let Some(dir) = &self.retain_model else { return Ok(()) };
-        let values = forget_truth_stats(ctx, &self.sets[0], self.opts.max_len)?;
+        let forget = self.sets.iter().find(|s| s.kind == SetKind::Forget).expect("prepare keeps the forget set when a retain model is given");
+        let values = forget_truth_stats(ctx, forget, self.opts.max_len)?;
         self.retain = Some(RetainStats { values, source: format!("retain model {}, evaluated in this run", dir.display()) });
         Ok(())
     }
@@ -141,7 +156,7 @@ impl Benchmark for Tofu {
 }
 
 /// The four TOFU evaluation sets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SetKind {
     Forget,
     Retain,
@@ -207,12 +222,13 @@ pub fn load_set(dir: &Path, forget: &str, kind: SetKind, limit: Option<usize>) -
     Ok(TofuSet { kind, file, items: take(items, limit) })
 }
 
-/// All four sets (the forget split name, e.g. "forget01", picks the forget file).
-pub fn load_sets(dir: &Path, forget: &str, limit: Option<usize>) -> Result<Vec<TofuSet>> {
+/// The sets of `kinds`, in TOFU's order whatever the order given (the forget split name, e.g.
+/// "forget01", picks the forget file).
+pub fn load_sets(dir: &Path, forget: &str, limit: Option<usize>, kinds: &[SetKind]) -> Result<Vec<TofuSet>> {
     if !dir.is_dir() {
         return Err(Error::format(dir, "TOFU data directory not found"));
     }
-    SetKind::ALL.iter().map(|&k| load_set(dir, forget, k, limit)).collect()
+    SetKind::ALL.iter().filter(|k| kinds.contains(k)).map(|&k| load_set(dir, forget, k, limit)).collect()
 }
 
 /// Mean NLL of the answer (+EOS) tokens of every item's answer, paraphrase (if any) and perturbed
@@ -277,15 +293,21 @@ pub struct TofuOptions {
     pub max_new_tokens: usize,
     /// Token limit of a scored question + answer.
     pub max_len: usize,
+    /// Generate answers for ROUGE (and so Model Utility).
+    pub rouge: bool,
 }
 
 impl TofuOptions {
     pub fn limits(&self) -> BTreeMap<String, serde_json::Value> {
-        BTreeMap::from([
+        let mut limits = BTreeMap::from([
             ("max_samples".into(), json!(self.max_samples)),
             ("max_new_tokens".into(), json!(self.max_new_tokens)),
             ("max_len".into(), json!(self.max_len)),
-        ])
+        ]);
+        if !self.rouge {
+            limits.insert("rouge".into(), json!(false));
+        }
+        limits
     }
 }
 
@@ -307,14 +329,15 @@ pub fn evaluate_sets(ctx: &EvalCtx, sets: &[TofuSet], o: &TofuOptions, retain: O
         let key = set.kind.key();
         let losses = set_losses(ctx, set, o.max_len)?;
         let prompts: Vec<Vec<i64>> = set.items.iter().map(|it| ctx.template.prompt_ids(ctx.tok, &it.question)).collect::<Result<_>>()?;
-        let gens = ctx.generate(&prompts, o.max_new_tokens, &format!("{key} gen"))?;
+        let gens = if o.rouge { Some(ctx.generate(&prompts, o.max_new_tokens, &format!("{key} gen"))?) } else { None };
         let stats = truth_stats(&losses);
         let mut recalls = vec![];
         let mut probs = vec![];
-        for (i, (it, gen)) in set.items.iter().zip(&gens).enumerate() {
-            let generation = decode(ctx.tok, gen, false)?;
-            let r = scorer.score(&it.answer, &generation);
-            recalls.push(r.recall);
+        for (i, it) in set.items.iter().enumerate() {
+            let gen = gens.as_ref().map(|g| &g[i]);
+            let generation = gen.map(|g| decode(ctx.tok, g, false)).transpose()?;
+            let recall = generation.as_ref().map(|g| scorer.score(&it.answer, g).recall);
+            recalls.extend(recall);
             let prob = if set.kind.has_paraphrase() {
                 answer_prob(losses.answer[i])
             } else {
@@ -326,15 +349,15 @@ pub fn evaluate_sets(ctx: &EvalCtx, sets: &[TofuSet], o: &TofuOptions, retain: O
                 i,
                 &ctx.template.prompt_text(&[], &it.question)?,
                 Some(&it.answer),
-                Some(&generation),
+                generation.as_deref(),
                 json!({
-                    "rouge_l_recall": r.recall,
+                    "rouge_l_recall": recall,
                     "answer_loss": losses.answer[i],
                     "paraphrased_loss": losses.paraphrased.as_ref().map(|p| p[i]),
                     "perturbed_losses": losses.perturbed[i],
                     "prob": prob,
                     "truth_stat": stats[i],
-                    "generated_tokens": gen.len(),
+                    "generated_tokens": gen.map(Vec::len),
                 }),
             ));
         }
@@ -369,15 +392,19 @@ pub fn evaluate_sets(ctx: &EvalCtx, sets: &[TofuSet], o: &TofuOptions, retain: O
                 }
                 out.metrics.push(("forget_truth_ratio".into(), Metric::new(tr, format!("TOFU forget Truth Ratio on {what}: mean over questions of min(R, 1/R), R = GM_j P(pert_j|q)^(1/|pert_j|) / P(para|q)^(1/|para|)"), n, "toward retain")));
                 out.metrics.push(("forget_prob".into(), Metric::new(prob, prob_def, n, "lower")));
-                out.metrics.push(("forget_rouge".into(), Metric::new(rouge, rouge_def, n, "lower")));
+                if o.rouge {
+                    out.metrics.push(("forget_rouge".into(), Metric::new(rouge, rouge_def, n, "lower")));
+                }
                 forget_stats = stats;
             }
             _ => {
                 let tr = utility_truth_ratio(&stats);
                 let tr_base = if set.kind.has_paraphrase() { "para" } else { "a" };
-                triples.insert(key, UtilityTriple { rouge, prob, truth_ratio: tr });
                 out.metrics.push((format!("{key}_prob"), Metric::new(prob, prob_def, n, "higher")));
-                out.metrics.push((format!("{key}_rouge"), Metric::new(rouge, rouge_def, n, "higher")));
+                if o.rouge {
+                    triples.insert(key, UtilityTriple { rouge, prob, truth_ratio: tr });
+                    out.metrics.push((format!("{key}_rouge"), Metric::new(rouge, rouge_def, n, "higher")));
+                }
                 out.metrics.push((
                     format!("{key}_truth_ratio"),
                     Metric::new(tr, format!("TOFU Truth Ratio on {what}: mean over questions of max(0, 1 - R), R = GM_j P(pert_j|q)^(1/|pert_j|) / P({tr_base}|q)^(1/|{tr_base}|)"), n, "higher"),

@@ -352,7 +352,12 @@ impl HfWriter {
     }
 
     /// Write the index (if sharded), copy tokenizer files from `copy_from`, fsync and rename into place.
-    pub fn finish(mut self, copy_from: Option<&Path>) -> Result<PathBuf> {
+    pub fn finish(self, copy_from: Option<&Path>) -> Result<PathBuf> {
+        self.finish_with(copy_from, &|_| Ok(()))
+    }
+
+    /// [`HfWriter::finish`], with `extra` writing more files into the directory before it is published.
+    pub fn finish_with(mut self, copy_from: Option<&Path>, extra: &dyn Fn(&Path) -> Result<()>) -> Result<PathBuf> {
         if self.next_slot().is_some() {
             let missing = match self.next_slot() {
                 Some((s, p)) => self.plan[s].1[p].clone(),
@@ -378,6 +383,7 @@ impl HfWriter {
         if let Some(src) = copy_from {
             copy_tokenizer_files(src, &self.tmp)?;
         }
+        extra(&self.tmp)?;
         publish_dir(&self.tmp, &self.out)?;
         self.finished = true;
         Ok(self.out.clone())

@@ -48,6 +48,10 @@ pub struct Record {
     pub software: Software,
     pub models: Vec<ModelDigest>,
     pub data: Vec<DataDigest>,
+    /// What the run's in-run evaluation decided about the model directory this record is in
+    /// (the rule that stopped the run, the step the weights are from, their evaluation).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub outcome: Option<Value>,
 }
 
 /// Something a command read, to be hashed into its record.
@@ -74,6 +78,7 @@ impl Record {
             software: Software::detect(),
             models: vec![],
             data: vec![],
+            outcome: None,
         }
     }
 

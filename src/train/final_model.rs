@@ -14,7 +14,13 @@ impl Trainer {
     /// Write the current student as an HF model directory (rank 0 writes; every rank takes part
     /// in the per-bucket gathers, so no rank ever holds the fp32 model twice).
     pub fn save_final(&mut self, out: &Path) -> Result<()> {
-        watchdog::set_phase("writing the final model");
+        self.save_model(out, &|_| Ok(()))
+    }
+
+    /// [`Trainer::save_final`], with `extra` adding files (record.json, README.md) to the
+    /// directory before it is published: the directory appears complete or not at all.
+    pub fn save_model(&mut self, out: &Path, extra: &dyn Fn(&Path) -> Result<()>) -> Result<()> {
+        watchdog::set_phase(format!("writing the model directory {}", out.display()));
         let cfg = self.student.model.config().clone();
         let specs = param_specs(&cfg);
         let index = params::param_index(&self.layout);
@@ -51,9 +57,9 @@ impl Trainer {
             }
         }
         if let Some(w) = writer {
-            w.finish(Some(&self.cfg.model.path))?;
+            w.finish_with(Some(&self.cfg.model.path), extra)?;
         }
-        let _g = watchdog::enter("barrier after rank 0 wrote the final model");
+        let _g = watchdog::enter("barrier after rank 0 wrote a model directory");
         self.comm.barrier()
     }
 }

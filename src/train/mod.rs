@@ -20,6 +20,7 @@
 //! update of weights, optimizer, teacher or AutoLR), up to `train.max_skipped_steps` in a row.
 
 pub mod backward;
+mod eval_hook;
 mod final_model;
 mod frozen;
 pub mod layout;
@@ -736,7 +737,7 @@ fn check_same_data(comm: &dyn Collective, cfg: &RunConfig, objectives: &[Objecti
 }
 
 /// Append one JSON line to metrics.jsonl (rank 0).
-pub fn append_metrics(path: &Path, log: &StepLog) -> Result<()> {
+pub fn append_metrics(path: &Path, log: &impl Serialize) -> Result<()> {
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| crate::Error::io(path, e))?;
     writeln!(f, "{}", serde_json::to_string(log).expect("metrics serialize")).map_err(|e| crate::Error::io(path, e))
 }

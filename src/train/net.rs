@@ -80,11 +80,7 @@ pub(super) fn teacher_net(
         (TeacherMode::Replica, None) => {
             let full = match student.replica() {
                 Some(f) => f.copy(),
-                None => {
-                    let full = Tensor::zeros([layout.total], (kind, device));
-                    layout.gather_buckets(comm, master, &mut full.shallow_clone(), &(0..layout.buckets.len()).collect::<Vec<_>>(), 0)?;
-                    full
-                }
+                None => gathered_replica(layout, comm, master, kind, device)?,
             };
             params::bind(&mut model, layout, &full, 0, None, false);
             Ok(Net { model, residency: Residency::Replica(full) })
@@ -111,4 +107,11 @@ pub(super) fn probe_model(student: &Llama, layout: &FlatLayout) -> Llama {
         })
     });
     model
+}
+
+/// The whole flat buffer in the compute dtype, all-gathered from the fp32 shards (collective).
+pub(super) fn gathered_replica(layout: &FlatLayout, comm: &dyn Collective, master: &Tensor, kind: Kind, device: Device) -> Result<Tensor> {
+    let full = Tensor::zeros([layout.total], (kind, device));
+    tch::no_grad(|| layout.gather_buckets(comm, master, &mut full.shallow_clone(), &(0..layout.buckets.len()).collect::<Vec<_>>(), 0))?;
+    Ok(full)
 }

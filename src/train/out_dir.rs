@@ -71,7 +71,7 @@ pub fn decide(out: &Path, resume: bool, overwrite: bool) -> Result<Start> {
 /// or `checkpoints/`, e.g. an earlier run's `final/` unlearned again into the same directory.
 /// `final/` is replaced at the end, and frozen weights are read from `model.path` on every resume.
 pub fn check_inputs_outside(out: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
-    for sub in ["final", "checkpoints"] {
+    for sub in ["final", "checkpoints", "best", "evals"] {
         let Ok(dir) = std::fs::canonicalize(out.join(sub)) else { continue };
         for (key, input) in inputs {
             let Ok(p) = std::fs::canonicalize(input) else { continue }; // a hub id, or missing: its loader says
@@ -88,7 +88,7 @@ pub fn check_inputs_outside(out: &Path, inputs: &[(&str, &Path)]) -> Result<()> 
 }
 
 /// Remove an earlier run's files from `out` before a fresh start (rank 0): its checkpoints,
-/// metrics and TensorBoard events; `final/` is replaced when the new run writes its own, and
+/// metrics, TensorBoard events, best/ and evals/step-N/; `final/` is replaced when the new run writes its own, and
 /// `config.toml` is rewritten. Nothing a run does not write is touched.
 pub fn clear_earlier_run(out: &Path) -> Result<()> {
     let ckpts = out.join("checkpoints");
@@ -109,6 +109,16 @@ pub fn clear_earlier_run(out: &Path) -> Result<()> {
             let p = out.join(&name);
             std::fs::remove_file(&p).at(&p)?;
         }
+    }
+    // The in-run evaluation's model directories describe the earlier run's states.
+    let best = out.join("best");
+    if best.join("config.json").is_file() {
+        std::fs::remove_dir_all(&best).at(&best)?;
+    }
+    let evals = out.join("evals");
+    for name in entries(&evals)?.into_iter().filter(|n| n.starts_with("step-")) {
+        let p = evals.join(&name);
+        std::fs::remove_dir_all(&p).at(&p)?;
     }
     Ok(())
 }
