@@ -86,15 +86,13 @@ fn run_measured(cmd: &mut Command) -> Measured {
 }
 
 fn dir_mb(dir: &Path) -> f64 {
-    std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum::<u64>() as f64 / 1e6)
-        .unwrap_or(0.0)
+    std::fs::read_dir(dir).map(|rd| rd.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum::<u64>() as f64 / 1e6).unwrap_or(0.0)
 }
 
 fn python() -> PathBuf {
-    std::env::var_os("UNLEARN_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/unlearn/venv/bin/python")
-    })
+    std::env::var_os("UNLEARN_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/unlearn/venv/bin/python"))
 }
 
 /// CPU seconds (user + system, all threads) this process has used so far.
@@ -153,9 +151,9 @@ fn ort_throughput(dec: &mut Decoder, prompts: &[Vec<i64>], n: usize) -> Throughp
 }
 
 fn main() {
-    let model = std::env::var_os("UNLEARN_BENCH_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/unlearn/models/smollm2-135m-instruct")
-    });
+    let model = std::env::var_os("UNLEARN_BENCH_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/unlearn/models/smollm2-135m-instruct"));
     let threads: usize = std::env::var("UNLEARN_BENCH_THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(2);
     if !model.join("config.json").exists() {
         println!("export bench: no model at {} (set UNLEARN_BENCH_MODEL); nothing measured", model.display());

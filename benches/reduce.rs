@@ -84,9 +84,28 @@ fn main() {
 
     let mut lines = vec![];
     let gbs = |t: f64| bytes / t / 1e9;
-    lines.push(format!("{:<40} {:>8} {:>10} {:>10} {:>10} {:>9}", "operation (fp32, CPU)", "buckets", "ms", "alg GB/s", "bus GB/s", "vs plain"));
-    lines.push(format!("{:<40} {:>8} {:>10.2} {:>10.2} {:>10.2} {:>9}", "MPI all_reduce_into, one buffer", 1, t_ar * 1e3, gbs(t_ar), gbs(t_ar) * ring_ar, "1.00"));
-    lines.push(format!("{:<40} {:>8} {:>10.2} {:>10.2} {:>10.2} {:>9}", "MPI reduce_scatter_block, one buffer", 1, t_rs * 1e3, gbs(t_rs), gbs(t_rs) * ring_rs, "1.00"));
+    lines.push(format!(
+        "{:<40} {:>8} {:>10} {:>10} {:>10} {:>9}",
+        "operation (fp32, CPU)", "buckets", "ms", "alg GB/s", "bus GB/s", "vs plain"
+    ));
+    lines.push(format!(
+        "{:<40} {:>8} {:>10.2} {:>10.2} {:>10.2} {:>9}",
+        "MPI all_reduce_into, one buffer",
+        1,
+        t_ar * 1e3,
+        gbs(t_ar),
+        gbs(t_ar) * ring_ar,
+        "1.00"
+    ));
+    lines.push(format!(
+        "{:<40} {:>8} {:>10.2} {:>10.2} {:>10.2} {:>9}",
+        "MPI reduce_scatter_block, one buffer",
+        1,
+        t_rs * 1e3,
+        gbs(t_rs),
+        gbs(t_rs) * ring_rs,
+        "1.00"
+    ));
     for bucket_mib in [1usize, 4, 25] {
         let layout = FlatLayout::new(&refs, n, (bucket_mib * MIB / 4) as i64);
         let mut full = Tensor::ones([layout.total], (Kind::Float, Device::Cpu));

@@ -30,8 +30,8 @@ use tch::{Kind, Tensor};
 use crate::data::loader::{Loader, LoaderState};
 use crate::dist::zero::FlatLayout;
 use crate::dist::{watchdog, Collective};
-use crate::fault::{self, Fault};
 use crate::error::{Error, IoContext, Result};
+use crate::fault::{self, Fault};
 use crate::methods::autolr::AutoLr;
 use crate::methods::{Method, Objective};
 use crate::model::weights::{publish_dir, write_atomic, SafetensorsFile};
@@ -304,8 +304,7 @@ impl Loaded {
     pub fn open(dir: &Path) -> Result<Self> {
         let meta_path = dir.join("meta.json");
         let text = crate::files::read_text(&meta_path)?;
-        let meta: Meta =
-            serde_json::from_str(&text).map_err(|e| Error::format(&meta_path, format!("not a checkpoint meta file: {e}")))?;
+        let meta: Meta = serde_json::from_str(&text).map_err(|e| Error::format(&meta_path, format!("not a checkpoint meta file: {e}")))?;
         check_meta(&meta, dir).map_err(|msg| Error::format(&meta_path, msg))?;
         let n = meta.layout.shards;
         let shard_len = meta.layout.shard_len() as usize;
@@ -324,7 +323,11 @@ impl Loaded {
                 if view.dtype() != safetensors::Dtype::F32 || view.shape() != [shard_len] {
                     return Err(Error::format(
                         &path,
-                        format!("state `{name}` is {:?} of shape {:?}; meta.json's layout needs F32 of shape [{shard_len}]", view.dtype(), view.shape()),
+                        format!(
+                            "state `{name}` is {:?} of shape {:?}; meta.json's layout needs F32 of shape [{shard_len}]",
+                            view.dtype(),
+                            view.shape()
+                        ),
                     ));
                 }
             }
@@ -374,7 +377,9 @@ impl Loaded {
                 let (a, b) = (lo.max(p_off), hi.min(p_off + len));
                 if a < b {
                     let src = (s_off + a - p_off) as usize * 4..(s_off + b - p_off) as usize * 4;
-                    let bytes = views[r].get(src).ok_or_else(|| Error::format(&self.shards[r].0, format!("`{name}` is shorter than meta.json's layout")))?;
+                    let bytes = views[r]
+                        .get(src)
+                        .ok_or_else(|| Error::format(&self.shards[r].0, format!("`{name}` is shorter than meta.json's layout")))?;
                     let dst = &mut host[(seg.shard_offset + a - lo) as usize..(seg.shard_offset + b - lo) as usize];
                     for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
                         *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);

@@ -319,7 +319,17 @@ impl RunConfig {
             trainable: model.choice("trainable", spec.trainable)?,
         };
 
-        data.only(&["forget", "retain", "forget_limit", "retain_limit", "retain_max_len", "forget_overflow", "retain_overflow", "sampling", "template"])?;
+        data.only(&[
+            "forget",
+            "retain",
+            "forget_limit",
+            "retain_limit",
+            "retain_max_len",
+            "forget_overflow",
+            "retain_overflow",
+            "sampling",
+            "template",
+        ])?;
         let data_cfg = DataCfg {
             forget: data.paths("forget")?,
             retain: data.paths("retain")?,
@@ -344,7 +354,10 @@ impl RunConfig {
             for p in paths.iter().filter(|_| check_paths) {
                 if !p.exists() {
                     let hint = if p.is_relative() {
-                        format!(" (relative paths are taken from the current directory, {})", std::env::current_dir().unwrap_or_default().display())
+                        format!(
+                            " (relative paths are taken from the current directory, {})",
+                            std::env::current_dir().unwrap_or_default().display()
+                        )
                     } else {
                         String::new()
                     };
@@ -357,7 +370,11 @@ impl RunConfig {
         }
         for (key, dir) in method_cfg.model_dirs() {
             if check_paths && !dir.join("config.json").exists() {
-                return Err(Error::config(file, format!("method.{key}"), format!("{} is not an HF model directory (no config.json)", dir.display())));
+                return Err(Error::config(
+                    file,
+                    format!("method.{key}"),
+                    format!("{} is not an HF model directory (no config.json)", dir.display()),
+                ));
             }
         }
         if check_paths && !model_cfg.path.join("config.json").exists() {
@@ -397,8 +414,17 @@ impl RunConfig {
         }
 
         train.only(&[
-            "steps", "batch_size", "grad_accum", "max_len", "seed", "out_dir", "log_every", "checkpoint_every",
-            "keep_checkpoints", "max_skipped_steps", "recompute",
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "max_len",
+            "seed",
+            "out_dir",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "max_skipped_steps",
+            "recompute",
         ])?;
         let train_cfg = TrainCfg {
             steps: train.int("steps", 0, 1)?,
@@ -468,11 +494,15 @@ pub const MAX_LEN: u64 = 1 << 20;
 
 fn check_batch_bounds(train: &Section, t: &TrainCfg, retain_max_len: Option<usize>) -> Result<()> {
     if t.batch_size as u64 > MAX_BATCH_SEQUENCES {
-        return Err(train.err("batch_size", format!("{} is above the limit of {MAX_BATCH_SEQUENCES} sequences per micro-batch", t.batch_size)));
+        return Err(
+            train.err("batch_size", format!("{} is above the limit of {MAX_BATCH_SEQUENCES} sequences per micro-batch", t.batch_size))
+        );
     }
     let longest = t.max_len.max(retain_max_len.unwrap_or(0)) as u64;
     if longest > MAX_LEN {
-        return Err(train.err("max_len", format!("{longest} tokens (train.max_len or data.retain_max_len) is above the limit of {MAX_LEN}")));
+        return Err(
+            train.err("max_len", format!("{longest} tokens (train.max_len or data.retain_max_len) is above the limit of {MAX_LEN}"))
+        );
     }
     if t.batch_size as u64 * longest > MAX_BATCH_TOKENS {
         return Err(train.err(
@@ -492,7 +522,11 @@ fn check_forget_is_not_retain(file: &str, d: &DataCfg) -> Result<()> {
                 return Err(Error::config(
                     file,
                     "data.retain",
-                    format!("{} has the same content as the forget file {}; the forget and retain sets must differ", r.display(), f.display()),
+                    format!(
+                        "{} has the same content as the forget file {}; the forget and retain sets must differ",
+                        r.display(),
+                        f.display()
+                    ),
                 ));
             }
         }
@@ -517,15 +551,10 @@ pub fn read_table(path: &Path) -> Result<Table> {
 /// and taken as a bare string if that fails (`--set data.forget=a.json`).
 pub fn apply_overrides(table: &mut Table, overrides: &[String]) -> Result<()> {
     for o in overrides {
-        let (key, raw) = o
-            .split_once('=')
-            .ok_or_else(|| Error::config("--set", o.clone(), "expected key=value"))?;
+        let (key, raw) = o.split_once('=').ok_or_else(|| Error::config("--set", o.clone(), "expected key=value"))?;
         let key = key.trim();
-        let value: Value = format!("v = {raw}")
-            .parse::<Table>()
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| Value::String(raw.to_string()));
+        let value: Value =
+            format!("v = {raw}").parse::<Table>().ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| Value::String(raw.to_string()));
         let mut parts: Vec<&str> = key.split('.').collect();
         let last = parts.pop().filter(|s| !s.is_empty()).ok_or_else(|| Error::config("--set", key, "empty key"))?;
         let mut cur = &mut *table;

@@ -109,9 +109,7 @@ impl Error {
             // Files that are not there, not readable or not what they should be are the user's to
             // fix; a full disk or a failing device is not.
             Error::Io { source, .. } => match source.kind() {
-                K::NotFound | K::PermissionDenied | K::InvalidData | K::InvalidInput | K::IsADirectory | K::NotADirectory => {
-                    Exit::BadInput
-                }
+                K::NotFound | K::PermissionDenied | K::InvalidData | K::InvalidInput | K::IsADirectory | K::NotADirectory => Exit::BadInput,
                 _ => Exit::Runtime,
             },
             Error::Mismatch(_) => Exit::Mismatch,

@@ -208,7 +208,10 @@ pub fn check_output_dir(out: &Path, spec: &OutputDir, inputs: &[&Path], overwrit
     if let Some(d) = subdirs.first() {
         return Err(Error::format(
             out,
-            format!("--out is not empty and holds the directory `{d}`; `{}` replaces --out as a whole, so choose a new or empty directory", spec.command),
+            format!(
+                "--out is not empty and holds the directory `{d}`; `{}` replaces --out as a whole, so choose a new or empty directory",
+                spec.command
+            ),
         ));
     }
     if overwrite {
@@ -265,7 +268,10 @@ fn check_disjoint(out: &Path, inputs: &[&Path]) -> Result<()> {
         } else {
             continue;
         };
-        return Err(Error::format(out, format!("--out {relation} the input {}; choose an output directory apart from the inputs", input.display())));
+        return Err(Error::format(
+            out,
+            format!("--out {relation} the input {}; choose an output directory apart from the inputs", input.display()),
+        ));
     }
     if let Ok(cwd) = std::env::current_dir().and_then(std::fs::canonicalize) {
         if cwd.starts_with(&target) {
@@ -366,7 +372,9 @@ mod tests {
         std::fs::create_dir_all(prev.join("sub")).unwrap();
         assert!(check_output_dir(&prev, &EXPORT_OUTPUT, &inputs, true).unwrap_err().to_string().contains("`sub`"));
         // Equal to, containing, or inside the model: always refused.
-        for (out, word) in [(model.clone(), "is the input"), (tmp.path().to_path_buf(), "contains the input"), (model.join("onnx"), "is inside")] {
+        for (out, word) in
+            [(model.clone(), "is the input"), (tmp.path().to_path_buf(), "contains the input"), (model.join("onnx"), "is inside")]
+        {
             let e = check_output_dir(&out, &EXPORT_OUTPUT, &inputs, true).unwrap_err().to_string();
             assert!(e.contains(word), "{out:?}: {e}");
         }

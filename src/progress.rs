@@ -150,7 +150,8 @@ impl LineReporter {
         let secs = now.duration_since(self.start).as_secs_f64();
         let pct = if self.total == 0 { 100.0 } else { 100.0 * self.done as f64 / self.total as f64 };
         let rate = if secs > 0.0 { self.done as f64 / secs } else { 0.0 };
-        let mut s = format!("{}: {}/{} ({pct:.0}%), {}, elapsed {}", self.label, self.done, self.total, format_rate(rate), format_secs(secs));
+        let mut s =
+            format!("{}: {}/{} ({pct:.0}%), {}, elapsed {}", self.label, self.done, self.total, format_rate(rate), format_secs(secs));
         if self.done < self.total && rate > 0.0 {
             s += &format!(", ETA {}", format_secs((self.total - self.done) as f64 / rate));
         }

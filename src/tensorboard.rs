@@ -78,7 +78,12 @@ impl EventWriter {
         let file = File::options().write(true).create_new(true).open(&path).at(&path)?;
         let mut w = EventWriter { path, file };
         w.write(&Event { wall_time: now, file_version: Some("brain.Event:2".into()), ..Default::default() })?;
-        w.write(&Event { wall_time: now, step: first_step as i64, session_log: Some(SessionLog { status: SESSION_START }), ..Default::default() })?;
+        w.write(&Event {
+            wall_time: now,
+            step: first_step as i64,
+            session_log: Some(SessionLog { status: SESSION_START }),
+            ..Default::default()
+        })?;
         Ok(w)
     }
 
@@ -169,7 +174,11 @@ fn hostname() -> String {
     let name = if ok { String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == 0).unwrap_or(0)]).into_owned() } else { String::new() };
     // The name goes into a file name: keep it to characters that are safe there.
     let clean: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')).collect();
-    if clean.is_empty() { "localhost".into() } else { clean }
+    if clean.is_empty() {
+        "localhost".into()
+    } else {
+        clean
+    }
 }
 
 #[cfg(test)]

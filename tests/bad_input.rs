@@ -5,10 +5,10 @@
 
 mod common;
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use common::tiny::*;
@@ -392,92 +392,159 @@ fn model_directories() {
     case("no-config", &|m| std::fs::remove_file(m.join("config.json")).unwrap(), &["no config.json"]);
     case("garbled-config", &|m| std::fs::write(m.join("config.json"), "{\"model_type\": ").unwrap(), &["config.json", "not valid JSON"]);
     case("mistral", &|m| edit_json(&m.join("config.json"), |v| v["model_type"] = json!("gpt2")), &["config.json", "model_type `gpt2`"]);
-    case("config-fifo", &|m| {
-        std::fs::remove_file(m.join("config.json")).unwrap();
-        mkfifo(&m.join("config.json"));
-    }, &["config.json", "FIFO"]);
-    case("heads", &|m| edit_json(&m.join("config.json"), |v| {
-        v["num_attention_heads"] = json!(3);
-        v["num_key_value_heads"] = json!(3);
-        v.as_object_mut().unwrap().remove("head_dim");
-    }), &["config.json", "hidden_size (32) must be a multiple of num_attention_heads (3)"]);
-    case("vocab-vs-embedding", &|m| edit_json(&m.join("config.json"), |v| v["vocab_size"] = json!(300)),
-        &["model.safetensors", "model.embed_tokens.weight", "[258, 32]", "[300, 32]"]);
-    case("eos-outside-vocab", &|m| edit_json(&m.join("config.json"), |v| v["eos_token_id"] = json!(999)),
-        &["config.json", "token id 999", "outside the vocabulary"]);
-    case("absurd-sizes", &|m| edit_json(&m.join("config.json"), |v| v["intermediate_size"] = json!(1i64 << 40)),
-        &["config.json", "2^42 parameters"]);
-    case("absurd-layers", &|m| edit_json(&m.join("config.json"), |v| v["num_hidden_layers"] = json!(1 << 20)),
-        &["config.json", "`num_hidden_layers` is 1048576"]);
-    case("tokenizer-bigger", &|m| {
-        let small = unlearn::model::Config { vocab_size: 100, bos_token_id: Some(1), eos_token_ids: vec![2], ..tiny_config() };
-        std::fs::write(m.join("config.json"), small.to_hf_json().to_string()).unwrap();
-        write_tensors(&st(m), &tiny_tensors(&small, 1));
-    }, &["tokenizer.json", "258 tokens", "vocab_size 100"]);
+    case(
+        "config-fifo",
+        &|m| {
+            std::fs::remove_file(m.join("config.json")).unwrap();
+            mkfifo(&m.join("config.json"));
+        },
+        &["config.json", "FIFO"],
+    );
+    case(
+        "heads",
+        &|m| {
+            edit_json(&m.join("config.json"), |v| {
+                v["num_attention_heads"] = json!(3);
+                v["num_key_value_heads"] = json!(3);
+                v.as_object_mut().unwrap().remove("head_dim");
+            })
+        },
+        &["config.json", "hidden_size (32) must be a multiple of num_attention_heads (3)"],
+    );
+    case(
+        "vocab-vs-embedding",
+        &|m| edit_json(&m.join("config.json"), |v| v["vocab_size"] = json!(300)),
+        &["model.safetensors", "model.embed_tokens.weight", "[258, 32]", "[300, 32]"],
+    );
+    case(
+        "eos-outside-vocab",
+        &|m| edit_json(&m.join("config.json"), |v| v["eos_token_id"] = json!(999)),
+        &["config.json", "token id 999", "outside the vocabulary"],
+    );
+    case(
+        "absurd-sizes",
+        &|m| edit_json(&m.join("config.json"), |v| v["intermediate_size"] = json!(1i64 << 40)),
+        &["config.json", "2^42 parameters"],
+    );
+    case(
+        "absurd-layers",
+        &|m| edit_json(&m.join("config.json"), |v| v["num_hidden_layers"] = json!(1 << 20)),
+        &["config.json", "`num_hidden_layers` is 1048576"],
+    );
+    case(
+        "tokenizer-bigger",
+        &|m| {
+            let small = unlearn::model::Config { vocab_size: 100, bos_token_id: Some(1), eos_token_ids: vec![2], ..tiny_config() };
+            std::fs::write(m.join("config.json"), small.to_hf_json().to_string()).unwrap();
+            write_tensors(&st(m), &tiny_tensors(&small, 1));
+        },
+        &["tokenizer.json", "258 tokens", "vocab_size 100"],
+    );
     case("no-tokenizer", &|m| std::fs::remove_file(m.join("tokenizer.json")).unwrap(), &["no tokenizer.json"]);
-    case("garbled-tokenizer", &|m| std::fs::write(m.join("tokenizer.json"), "{\"model\": 3}").unwrap(), &["tokenizer.json", "cannot load tokenizer"]);
-    case("truncated", &|m| {
-        let b = std::fs::read(st(m)).unwrap();
-        std::fs::write(st(m), &b[..b.len() / 2]).unwrap();
-    }, &["model.safetensors", "truncated or corrupt"]);
+    case(
+        "garbled-tokenizer",
+        &|m| std::fs::write(m.join("tokenizer.json"), "{\"model\": 3}").unwrap(),
+        &["tokenizer.json", "cannot load tokenizer"],
+    );
+    case(
+        "truncated",
+        &|m| {
+            let b = std::fs::read(st(m)).unwrap();
+            std::fs::write(st(m), &b[..b.len() / 2]).unwrap();
+        },
+        &["model.safetensors", "truncated or corrupt"],
+    );
     // A header claiming a 100 GB tensor, and a header length of 2^62: refused from the file size,
     // before anything is allocated (and fast).
-    let elapsed = case("100gb-tensor", &|m| {
-        let rows = 100_000_000_000u64 / (4 * 32);
-        edit_json(&m.join("config.json"), |v| v["vocab_size"] = json!(rows));
-        let header = json!({"model.embed_tokens.weight": {"dtype": "F32", "shape": [rows, 32], "data_offsets": [0, rows * 32 * 4]}});
-        std::fs::write(st(m), raw_safetensors(&header, &[0u8; 64], 0)).unwrap();
-    }, &["model.safetensors", "not a valid safetensors file"]);
+    let elapsed = case(
+        "100gb-tensor",
+        &|m| {
+            let rows = 100_000_000_000u64 / (4 * 32);
+            edit_json(&m.join("config.json"), |v| v["vocab_size"] = json!(rows));
+            let header = json!({"model.embed_tokens.weight": {"dtype": "F32", "shape": [rows, 32], "data_offsets": [0, rows * 32 * 4]}});
+            std::fs::write(st(m), raw_safetensors(&header, &[0u8; 64], 0)).unwrap();
+        },
+        &["model.safetensors", "not a valid safetensors file"],
+    );
     assert!(elapsed < Duration::from_secs(60), "the 100 GB claim took {elapsed:?}");
-    case("huge-header-length", &|m| {
-        let mut b = std::fs::read(st(m)).unwrap();
-        b[..8].copy_from_slice(&(1u64 << 62).to_le_bytes());
-        std::fs::write(st(m), b).unwrap();
-    }, &["model.safetensors", "not a valid safetensors file"]);
-    case("unsupported-dtype", &|m| {
-        let ts: Vec<_> = tiny_tensors(&cfg, 1).into_iter().map(|(n, t)| (n, t.to_kind(Kind::Int64))).collect();
-        write_tensors(&st(m), &ts);
-    }, &["model.safetensors", "unsupported dtype"]);
+    case(
+        "huge-header-length",
+        &|m| {
+            let mut b = std::fs::read(st(m)).unwrap();
+            b[..8].copy_from_slice(&(1u64 << 62).to_le_bytes());
+            std::fs::write(st(m), b).unwrap();
+        },
+        &["model.safetensors", "not a valid safetensors file"],
+    );
+    case(
+        "unsupported-dtype",
+        &|m| {
+            let ts: Vec<_> = tiny_tensors(&cfg, 1).into_iter().map(|(n, t)| (n, t.to_kind(Kind::Int64))).collect();
+            write_tensors(&st(m), &ts);
+        },
+        &["model.safetensors", "unsupported dtype"],
+    );
     // Regression: NaN weights scored "mean_nll NaN" with exit 0.
-    case("nan-weights", &|m| {
-        let ts: Vec<_> = tiny_tensors(&cfg, 7)
-            .into_iter()
-            .map(|(n, t)| {
-                if n == "model.norm.weight" {
-                    let _ = t.get(0).fill_(f64::NAN);
-                }
-                (n, t)
-            })
-            .collect();
-        write_tensors(&st(m), &ts);
-    }, &["forget.json", "the NLL is NaN", "weight `model.norm.weight`", "nothing written"]);
+    case(
+        "nan-weights",
+        &|m| {
+            let ts: Vec<_> = tiny_tensors(&cfg, 7)
+                .into_iter()
+                .map(|(n, t)| {
+                    if n == "model.norm.weight" {
+                        let _ = t.get(0).fill_(f64::NAN);
+                    }
+                    (n, t)
+                })
+                .collect();
+            write_tensors(&st(m), &ts);
+        },
+        &["forget.json", "the NLL is NaN", "weight `model.norm.weight`", "nothing written"],
+    );
 
     // PyTorch pickles are refused with the reason and the conversion.
     for (name, file) in [("pickle-bin", "pytorch_model.bin"), ("pickle-pt", "model.pt")] {
-        case(name, &|m| {
-            std::fs::remove_file(st(m)).unwrap();
-            std::fs::write(m.join(file), b"PK\x03\x04 pickled").unwrap();
-        }, &[file, "PyTorch pickle", "execute arbitrary code", "save_pretrained"]);
+        case(
+            name,
+            &|m| {
+                std::fs::remove_file(st(m)).unwrap();
+                std::fs::write(m.join(file), b"PK\x03\x04 pickled").unwrap();
+            },
+            &[file, "PyTorch pickle", "execute arbitrary code", "save_pretrained"],
+        );
     }
 
     // Sharded index entries: outside the directory, absolute, a FIFO (hung in open()), missing.
     let index = |m: &Path, target: &str| {
         std::fs::remove_file(st(m)).unwrap();
-        let names: serde_json::Map<String, Value> = unlearn::model::param_specs(&cfg).into_iter().map(|p| (p.name, json!(target))).collect();
+        let names: serde_json::Map<String, Value> =
+            unlearn::model::param_specs(&cfg).into_iter().map(|p| (p.name, json!(target))).collect();
         std::fs::write(m.join("model.safetensors.index.json"), json!({"metadata": {}, "weight_map": names}).to_string()).unwrap();
     };
     let outside = f.root.join("inputs/outside.safetensors");
     std::fs::copy(st(&f.model), &outside).unwrap();
-    case("index-dotdot", &|m| index(m, "../../../inputs/outside.safetensors"), &["model.safetensors.index.json", "../../../inputs/outside.safetensors", "refused"]);
+    case(
+        "index-dotdot",
+        &|m| index(m, "../../../inputs/outside.safetensors"),
+        &["model.safetensors.index.json", "../../../inputs/outside.safetensors", "refused"],
+    );
     case("index-absolute", &|m| index(m, s(&outside)), &["model.safetensors.index.json", "outside.safetensors", "refused"]);
-    case("index-fifo", &|m| {
-        index(m, "weights.safetensors");
-        mkfifo(&m.join("weights.safetensors"));
-    }, &["weights.safetensors", "FIFO"]);
+    case(
+        "index-fifo",
+        &|m| {
+            index(m, "weights.safetensors");
+            mkfifo(&m.join("weights.safetensors"));
+        },
+        &["weights.safetensors", "FIFO"],
+    );
     case("index-missing-shard", &|m| index(m, "model-00001-of-00002.safetensors"), &["model-00001-of-00002.safetensors", "No such file"]);
-    case("index-not-names", &|m| {
-        std::fs::write(m.join("model.safetensors.index.json"), json!({"weight_map": {"model.norm.weight": 3}}).to_string()).unwrap();
-    }, &["model.safetensors.index.json", "`model.norm.weight`", "must be a file name"]);
+    case(
+        "index-not-names",
+        &|m| {
+            std::fs::write(m.join("model.safetensors.index.json"), json!({"weight_map": {"model.norm.weight": 3}}).to_string()).unwrap();
+        },
+        &["model.safetensors.index.json", "`model.norm.weight`", "must be a file name"],
+    );
     report("model_directories");
 }
 
@@ -500,7 +567,11 @@ fn score_export_verify_import_report_eval_plan() {
     refused(&d, &["score", "--model", s(&f.model), "--data", s(&data_copy), "--out", s(&d)], &["is a directory"]);
     let mine = d.join("model");
     copy_dir(&f.model, &mine);
-    refused(&d, &["score", "--model", s(&mine), "--data", s(&data_copy), "--out", s(&mine.join("config.json"))], &["config.json", "input directory"]);
+    refused(
+        &d,
+        &["score", "--model", s(&mine), "--data", s(&data_copy), "--out", s(&mine.join("config.json"))],
+        &["config.json", "input directory"],
+    );
     let bad = d.join("bad.jsonl");
     std::fs::write(&bad, b"{\"text\": \"fine\"}\n{\"text\": \"caf\xc3\"}\n").unwrap();
     refused(&d, &["score", "--model", s(&f.model), "--data", s(&bad), "--out", s(&out)], &["bad.jsonl", "line 2", "UTF-8"]);
@@ -516,7 +587,11 @@ fn score_export_verify_import_report_eval_plan() {
     let user = d.join("userdir");
     std::fs::create_dir_all(&user).unwrap();
     std::fs::write(user.join("notes.txt"), "precious").unwrap();
-    refused(&d, &["export", "--model", s(&f.model), "--out", s(&user)], &["userdir", "not the output of an earlier `export`", "--overwrite"]);
+    refused(
+        &d,
+        &["export", "--model", s(&f.model), "--out", s(&user)],
+        &["userdir", "not the output of an earlier `export`", "--overwrite"],
+    );
     std::fs::write(user.join("export.json"), "{}").unwrap();
     refused(&d, &["export", "--model", s(&f.model), "--out", s(&user)], &["userdir", "holds files `export` does not write: notes.txt"]);
     std::fs::create_dir_all(user.join("sub")).unwrap();
@@ -585,7 +660,10 @@ fn score_export_verify_import_report_eval_plan() {
     let muse = d.join("muse-empty");
     std::fs::create_dir_all(&muse).unwrap();
     let common = |bench: &'static str, out: &Path| -> Vec<String> {
-        ["eval", bench, "--model", s(&f.model), "--out", s(out), "--device", "cpu", "--dist", "none"].iter().map(|x| x.to_string()).collect()
+        ["eval", bench, "--model", s(&f.model), "--out", s(out), "--device", "cpu", "--dist", "none"]
+            .iter()
+            .map(|x| x.to_string())
+            .collect()
     };
     let eval = |mut a: Vec<String>, extra: &[&str], needles: &[&str]| {
         a.extend(extra.iter().map(|x| x.to_string()));
@@ -598,7 +676,11 @@ fn score_export_verify_import_report_eval_plan() {
     eval(common("muse", &d.join("o")), &["--data", s(&muse), "--parts", "verbmem"], &["verbmem/forget.json", "requested part `verbmem`"]);
     let tofu = d.join("tofu");
     std::fs::create_dir_all(&tofu).unwrap();
-    eval(common("tofu", &d.join("o")), &["--data", s(&tofu), "--forget", "forget01", "--max-samples", "0"], &["--max-samples", "must be at least 1"]);
+    eval(
+        common("tofu", &d.join("o")),
+        &["--data", s(&tofu), "--forget", "forget01", "--max-samples", "0"],
+        &["--max-samples", "must be at least 1"],
+    );
     eval(common("tofu", &d.join("o")), &["--data", s(&tofu), "--forget", "forget01"], &["tofu/forget01"]);
     let user = d.join("mine");
     std::fs::create_dir_all(&user).unwrap();
@@ -610,7 +692,11 @@ fn score_export_verify_import_report_eval_plan() {
     // plan: the same config checks as run.
     let d = f.case("plan");
     let cfg = f.run_config(&d, &f.model, &d.join("out"));
-    refused(&d, &["plan", "--config", s(&cfg), "--world-size", "2", "--set", "train.batch_size=1000000000"], &["train.batch_size", "limit"]);
+    refused(
+        &d,
+        &["plan", "--config", s(&cfg), "--world-size", "2", "--set", "train.batch_size=1000000000"],
+        &["train.batch_size", "limit"],
+    );
     refused(&d, &["plan", "--config", s(&cfg), "--world-size", "2", "--set", "dist.zero=7"], &["dist.zero"]);
     report("score_export_verify_import_report_eval_plan");
 }

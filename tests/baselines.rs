@@ -65,13 +65,18 @@ fn it_refuses_a_small_teacher_with_another_vocabulary_naming_both_files() {
     refused(dir, &model, &wider, &["vocab_size", s(&wider.join("config.json")), s(&model.join("config.json"))]);
 
     // Same size, two token ids swapped: the two tokenizer.json files are named.
-    let swapped = copy_model(&small, &dir.join("swapped"), |_| {}, |t| {
-        let vocab = t["model"]["vocab"].as_object_mut().unwrap();
-        let (a, b) = ("a".to_string(), "b".to_string());
-        let (ia, ib) = (vocab[&a].clone(), vocab[&b].clone());
-        vocab.insert(a, ib);
-        vocab.insert(b, ia);
-    });
+    let swapped = copy_model(
+        &small,
+        &dir.join("swapped"),
+        |_| {},
+        |t| {
+            let vocab = t["model"]["vocab"].as_object_mut().unwrap();
+            let (a, b) = ("a".to_string(), "b".to_string());
+            let (ia, ib) = (vocab[&a].clone(), vocab[&b].clone());
+            vocab.insert(a, ib);
+            vocab.insert(b, ia);
+        },
+    );
     refused(dir, &model, &swapped, &["vocabulary", s(&swapped.join("tokenizer.json")), s(&model.join("tokenizer.json"))]);
 }
 
@@ -107,7 +112,8 @@ fn the_planner_counts_the_small_teacher_and_plans_every_new_method() {
     let teacher = format!("method.teacher_model={:?}", s(&small));
     let it = plan(&["--model", s(&model), "--method", "it", "--set", &teacher]);
     // Its weights, counted from the safetensors file (fp32 on the CPU plan).
-    let small_params: i64 = tch::Tensor::read_safetensors(small.join("model.safetensors")).unwrap().iter().map(|(_, t)| t.numel() as i64).sum();
+    let small_params: i64 =
+        tch::Tensor::read_safetensors(small.join("model.safetensors")).unwrap().iter().map(|(_, t)| t.numel() as i64).sum();
     let bytes = resident_row(&it, "frozen side model").expect("no row for the small teacher");
     println!("it: frozen side model {bytes} B for {small_params} parameters; peak {} B", it["peak_bytes"]);
     assert_eq!(bytes, small_params as f64 * 4.0);
@@ -165,7 +171,8 @@ fn the_relearning_recipe_runs_end_to_end() {
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 2);
     // The weights moved.
-    let w0: std::collections::HashMap<String, tch::Tensor> = tch::Tensor::read_safetensors(unlearned.join("model.safetensors")).unwrap().into_iter().collect();
+    let w0: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(unlearned.join("model.safetensors")).unwrap().into_iter().collect();
     let w1 = tch::Tensor::read_safetensors(run.join("final/model.safetensors")).unwrap();
     let moved = w1.iter().map(|(k, t)| (t - &w0[k]).abs().max().double_value(&[])).fold(0.0, f64::max);
     assert!(moved > 0.0, "the relearning fine-tune did not change the model");

@@ -28,7 +28,8 @@ fn check_against_transformers(name: &str, dir: &Path, max_len: usize, bos: Optio
     let tok = load_tokenizer(dir);
     let mut line = format!("{name} ({}), {} articles, max_len {max_len}:", reference["tokenizer_class"], records.len());
     for (mode, key) in [(Overflow::Chunk, "chunk"), (Overflow::ChunkExact, "chunk_exact"), (Overflow::Truncate, "truncate")] {
-        let ours: Vec<Vec<i64>> = tokenize_all(&tok, &Template::phi_qa(), &records, max_len, mode).unwrap().into_iter().map(|e| e.ids).collect();
+        let ours: Vec<Vec<i64>> =
+            tokenize_all(&tok, &Template::phi_qa(), &records, max_len, mode).unwrap().into_iter().map(|e| e.ids).collect();
         let theirs: Vec<Vec<i64>> = serde_json::from_value(reference[key].clone()).unwrap();
         assert_eq!(ours.len(), theirs.len(), "{name} {key}: {} chunks vs transformers' {}", ours.len(), theirs.len());
         for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {

@@ -156,14 +156,16 @@ fn kill_tree(pid: u32) {
 
 /// The `unlearn` process of rank `rank` below `pid`.
 fn rank_pid(pid: u32, rank: usize) -> Option<u32> {
-    descendants(pid).into_iter().find(|&p| {
-        std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "unlearn") && rank_of(p) == Some(rank)
-    })
+    descendants(pid)
+        .into_iter()
+        .find(|&p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "unlearn") && rank_of(p) == Some(rank))
 }
 
 fn no_rank_left() -> bool {
     // A process gone between listing and reading is not a survivor.
-    descendants(std::process::id()).iter().all(|&p| std::fs::read_to_string(format!("/proc/{p}/comm")).map_or(true, |c| c.trim() != "unlearn"))
+    descendants(std::process::id())
+        .iter()
+        .all(|&p| std::fs::read_to_string(format!("/proc/{p}/comm")).map_or(true, |c| c.trim() != "unlearn"))
 }
 
 fn metrics_lines(out: &Path) -> usize {
@@ -216,7 +218,12 @@ fn a_failing_or_silent_rank_ends_the_whole_job_quickly_and_says_why() {
         let cases: Vec<(String, &str, &str, String)> = vec![
             (format!("backward:{last}:3"), "steps = 6", "zero = 2", "forward/backward failed".into()),
             ("metrics:0:3".into(), "steps = 6", "zero = 0", "metrics.jsonl: write failed".into()),
-            (format!("checkpoint:{last}:2"), "steps = 6\ncheckpoint_every = 2", "zero = 1", format!("shard-{last:05}-of-{np:05}.safetensors: write failed")),
+            (
+                format!("checkpoint:{last}:2"),
+                "steps = 6\ncheckpoint_every = 2",
+                "zero = 1",
+                format!("shard-{last:05}-of-{np:05}.safetensors: write failed"),
+            ),
             ("final:0:4".into(), "steps = 4", "zero = 3", "writing the final model failed".into()),
         ];
         for (fault, train, dist, says) in cases {
@@ -242,10 +249,29 @@ fn a_failing_or_silent_rank_ends_the_whole_job_quickly_and_says_why() {
 
         // The evaluation: rank `last` fails before the first gather, its peers wait in it.
         let out = inp.path(&format!("eval-np{np}"));
-        let mut cmd = mpirun(np, &[
-            "eval", "tofu", "--model", inp.model.to_str().unwrap(), "--out", out.to_str().unwrap(), "--data", tofu.to_str().unwrap(), "--forget", "forget01",
-            "--max-samples", "6", "--max-new-tokens", "4", "--batch-size", "1", "--device", "cpu",
-        ]);
+        let mut cmd = mpirun(
+            np,
+            &[
+                "eval",
+                "tofu",
+                "--model",
+                inp.model.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--data",
+                tofu.to_str().unwrap(),
+                "--forget",
+                "forget01",
+                "--max-samples",
+                "6",
+                "--max-new-tokens",
+                "4",
+                "--batch-size",
+                "1",
+                "--device",
+                "cpu",
+            ],
+        );
         cmd.env("UNLEARN_FAULT", format!("eval:{last}:1"));
         let mut job = spawn(cmd);
         let (st, ended) = job.wait(Duration::from_secs(180));
@@ -272,7 +298,8 @@ fn a_failing_or_silent_rank_ends_the_whole_job_quickly_and_says_why() {
         let text = job.text();
         let at = job.seen("fault injection: hanging at step 3").unwrap_or_else(|| panic!("{name}: the rank never hung:\n{text}"));
         let after = ended.duration_since(at).as_secs_f64();
-        let report = text.lines().find(|l| l.contains("did not complete within")).unwrap_or_else(|| panic!("{name}: no watchdog report:\n{text}"));
+        let report =
+            text.lines().find(|l| l.contains("did not complete within")).unwrap_or_else(|| panic!("{name}: no watchdog report:\n{text}"));
         println!("np={np} hang:{last}:3 (timeout {timeout} s): exit {} {after:.2} s after the rank stopped; {report}", code(st));
         assert!(report.contains("step 3") && report.contains("`the step's losses and stop requests` > `mpi all_reduce_f64"), "{report}");
         assert!(report.starts_with("rank ") && !report.starts_with(&format!("rank {last}:")), "{report}");
@@ -380,7 +407,12 @@ fn non_finite_steps_are_skipped_on_every_rank_and_too_many_stop_the_run() {
 
     // Every step from 3 on: two skips, then the run stops.
     let out = inp.path("nan-forever");
-    let cfg = inp.config("nan-forever", &out, "batch_size = 2\nsteps = 8\ncheckpoint_every = 1\nkeep_checkpoints = 10\nmax_skipped_steps = 2", "zero = 1");
+    let cfg = inp.config(
+        "nan-forever",
+        &out,
+        "batch_size = 2\nsteps = 8\ncheckpoint_every = 1\nkeep_checkpoints = 10\nmax_skipped_steps = 2",
+        "zero = 1",
+    );
     let mut cmd = mpirun(2, &["run", "--config", cfg.to_str().unwrap()]);
     cmd.env("UNLEARN_FAULT", "nan:1:3+");
     let mut job = spawn(cmd);
@@ -397,7 +429,9 @@ fn non_finite_steps_are_skipped_on_every_rank_and_too_many_stop_the_run() {
     let mut job = spawn(mpirun(2, &["run", "--resume", out.to_str().unwrap()]));
     let (st, _) = job.wait(Duration::from_secs(180));
     assert!(st.success() && job.text().contains("resumed from"), "{}", job.text());
-    println!("nan:1:3+ with max_skipped_steps = 2: stopped at step 5 (exit {RUNTIME}), latest checkpoint = step 2's state, resumed to the end");
+    println!(
+        "nan:1:3+ with max_skipped_steps = 2: stopped at step 5 (exit {RUNTIME}), latest checkpoint = step 2's state, resumed to the end"
+    );
 }
 
 /// `run` never clobbers an output directory: a user's file there is refused (and kept), an earlier
@@ -425,7 +459,8 @@ fn the_output_directory_is_never_clobbered_and_old_checkpoints_are_pruned() {
     assert!(!out.join("config.toml").exists(), "a refused run wrote into the directory");
     let (rc, text) = run(&["--overwrite"]);
     assert_eq!(rc, 0, "{text}");
-    let mut kept: Vec<String> = std::fs::read_dir(out.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut kept: Vec<String> =
+        std::fs::read_dir(out.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     kept.sort();
     assert_eq!(kept, ["latest", "step-000004", "step-000005"]);
     let (rc, text) = run(&[]);
@@ -439,7 +474,11 @@ fn the_output_directory_is_never_clobbered_and_old_checkpoints_are_pruned() {
     assert_eq!(metrics_lines(&out), 3);
     // Unlearning the run's own final/ again into the same directory would replace its input.
     let again = inp.path("again.toml");
-    std::fs::write(&again, std::fs::read_to_string(&cfg).unwrap().replace(&format!("{:?}", inp.model), &format!("{:?}", out.join("final")))).unwrap();
+    std::fs::write(
+        &again,
+        std::fs::read_to_string(&cfg).unwrap().replace(&format!("{:?}", inp.model), &format!("{:?}", out.join("final"))),
+    )
+    .unwrap();
     let mut job = spawn(direct(&["run", "--config", again.to_str().unwrap(), "--overwrite"]));
     let (st, _) = job.wait(Duration::from_secs(120));
     let text = job.text();
@@ -499,10 +538,13 @@ fn a_full_disk_names_the_path_and_keeps_the_previous_checkpoint_loadable() {
             let _ = Command::new("umount").arg(&self.0).status();
         }
     }
-    for (size_kib, says, kept) in [(200, "no room for the checkpoint of step 4", "step-000002"), (320, "No space left on device", "step-000004")] {
+    for (size_kib, says, kept) in
+        [(200, "no room for the checkpoint of step 4", "step-000002"), (320, "No space left on device", "step-000004")]
+    {
         let mnt = inp.path(&format!("small-{size_kib}"));
         std::fs::create_dir_all(&mnt).unwrap();
-        let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size_kib}k"), "tmpfs", mnt.to_str().unwrap()]).status();
+        let mounted =
+            Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size_kib}k"), "tmpfs", mnt.to_str().unwrap()]).status();
         if !mounted.is_ok_and(|s| s.success()) {
             println!("tmpfs part skipped: this test cannot mount a filesystem here (needs root)");
             return;
@@ -517,8 +559,11 @@ fn a_full_disk_names_the_path_and_keeps_the_previous_checkpoint_loadable() {
         let line = text.lines().find(|l| l.contains(says)).unwrap_or_else(|| panic!("{size_kib} KiB: no `{says}`:\n{text}"));
         assert!(line.contains(&out.display().to_string()), "{line}");
         assert_eq!(latest(&out), kept, "{text}");
-        let leftovers: Vec<String> =
-            std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("final")).collect();
+        let leftovers: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("final"))
+            .collect();
         assert!(leftovers.is_empty(), "{leftovers:?} left behind");
         let copy = inp.path(&format!("copied-{size_kib}"));
         assert!(Command::new("cp").args(["-a", out.to_str().unwrap(), copy.to_str().unwrap()]).status().unwrap().success());
@@ -553,7 +598,9 @@ fn a_miswired_launch_and_ranks_with_different_data_are_refused() {
     let c = cfg.to_str().unwrap();
     let set = format!("data.forget={:?}", other.display().to_string());
     let mut cmd = Command::new("mpirun");
-    cmd.args(["--allow-run-as-root", "--oversubscribe", "-x", "OMP_NUM_THREADS", "-np", "1"]).arg(unlearn_bin()).args(["run", "--config", c]);
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-x", "OMP_NUM_THREADS", "-np", "1"])
+        .arg(unlearn_bin())
+        .args(["run", "--config", c]);
     cmd.args([":", "-np", "1"]).arg(unlearn_bin()).args(["run", "--config", c, "--set", &set]);
     let mut job = spawn(cmd);
     let (st, _) = job.wait(Duration::from_secs(60));
@@ -573,8 +620,26 @@ fn an_uneven_evaluation_split_finishes_and_equals_one_process() {
     let report = |np: usize| -> serde_json::Value {
         let out = inp.path(&format!("eval-np{np}"));
         let args = [
-            "eval", "tofu", "--model", inp.model.to_str().unwrap(), "--out", out.to_str().unwrap(), "--data", tofu.to_str().unwrap(), "--forget", "forget01",
-            "--max-samples", "5", "--max-new-tokens", "4", "--batch-size", "2", "--gen-batch-size", "2", "--device", "cpu",
+            "eval",
+            "tofu",
+            "--model",
+            inp.model.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--data",
+            tofu.to_str().unwrap(),
+            "--forget",
+            "forget01",
+            "--max-samples",
+            "5",
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            "2",
+            "--gen-batch-size",
+            "2",
+            "--device",
+            "cpu",
         ];
         let mut job = spawn(mpirun(np, &args));
         let (st, _) = job.wait(Duration::from_secs(300));
@@ -585,7 +650,10 @@ fn an_uneven_evaluation_split_finishes_and_equals_one_process() {
     let (one, three) = (report(1), report(3));
     assert!(one.as_object().is_some_and(|m| !m.is_empty()), "{one}");
     assert_eq!(one, three, "np=3 differs from np=1");
-    println!("TOFU eval of 5 samples in batches of 2 (3 batches per split) at np=3 equals np=1: {} metrics", one.as_object().unwrap().len());
+    println!(
+        "TOFU eval of 5 samples in batches of 2 (3 batches per split) at np=3 equals np=1: {} metrics",
+        one.as_object().unwrap().len()
+    );
 }
 
 /// The soak: a 500-step run killed with SIGKILL at 10 random moments (some inside checkpoint
@@ -606,9 +674,10 @@ fn a_run_killed_ten_times_at_random_resumes_to_the_same_bytes() {
     let out = inp.path("soak");
     let cfg = inp.config("soak", &out, &train, "");
     let args = ["run", "--config", cfg.to_str().unwrap(), "--resume", out.to_str().unwrap()];
-    let seed = std::env::var("UNLEARN_SOAK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
+    let seed = std::env::var("UNLEARN_SOAK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
     let mut rng = seed | 1;
     let mut next = move || {
         rng ^= rng << 13;
@@ -639,9 +708,15 @@ fn a_run_killed_ten_times_at_random_resumes_to_the_same_bytes() {
             break; // it had just finished
         }
         kills += 1;
-        let tmp = std::fs::read_dir(out.join("checkpoints")).is_ok_and(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".tmp")));
+        let tmp = std::fs::read_dir(out.join("checkpoints"))
+            .is_ok_and(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".tmp")));
         in_writes += tmp as usize;
-        println!("kill {kills}: at step {} (latest checkpoint {}){}", metrics_lines(&out), latest(&out), if tmp { ", inside a checkpoint write" } else { "" });
+        println!(
+            "kill {kills}: at step {} (latest checkpoint {}){}",
+            metrics_lines(&out),
+            latest(&out),
+            if tmp { ", inside a checkpoint write" } else { "" }
+        );
     }
     let mut job = spawn(direct(&args));
     let (st, _) = job.wait(Duration::from_secs(600));

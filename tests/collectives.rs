@@ -71,7 +71,8 @@ struct Layout {
 }
 
 fn layout(out: &Path, steps: u64) -> Layout {
-    let meta: Value = serde_json::from_str(&std::fs::read_to_string(out.join(format!("checkpoints/step-{steps:06}/meta.json"))).unwrap()).unwrap();
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join(format!("checkpoints/step-{steps:06}/meta.json"))).unwrap()).unwrap();
     let l = &meta["layout"];
     let mut layers: HashMap<Option<u64>, (f64, f64)> = HashMap::new();
     for b in l["buckets"].as_array().unwrap() {
@@ -166,7 +167,8 @@ fn every_method_and_zero_stage_moves_the_promised_collectives_and_bytes() {
     cases.push(Expect { method: "ngdiff", zero: 0, accum: 2, micro: false, bf16: true });
     let mut failures = vec![];
     for e in &cases {
-        let name = format!("{}-z{}-a{}{}{}", e.method, e.zero, e.accum, if e.micro { "-micro" } else { "" }, if e.bf16 { "-bf16" } else { "" });
+        let name =
+            format!("{}-z{}-a{}{}{}", e.method, e.zero, e.accum, if e.micro { "-micro" } else { "" }, if e.bf16 { "-bf16" } else { "" });
         let mut sets = vec![format!("dist.zero={}", e.zero), format!("train.grad_accum={}", e.accum)];
         sets.push(format!("dist.reduce=\"{}\"", if e.micro { "micro-batch" } else { "step" }));
         if e.bf16 {
@@ -211,9 +213,30 @@ fn planned(model: &Path, e: &Expect) -> HashMap<String, (f64, f64)> {
     };
     let (zero, accum) = (e.zero.to_string(), e.accum.to_string());
     let mut args = vec![
-        "plan", "--model", model.to_str().unwrap(), "--world-size", "2", "--device", "cpu", "--method", e.method, "--zero", &zero,
-        "--grad-accum", &accum, "--batch", "4", "--seq", "128", "--set", "dist.bucket_mb=0.04", "--json",
-        "--reduce", if e.micro { "micro-batch" } else { "step" }, "--reduce-dtype", if e.bf16 { "bf16" } else { "fp32" },
+        "plan",
+        "--model",
+        model.to_str().unwrap(),
+        "--world-size",
+        "2",
+        "--device",
+        "cpu",
+        "--method",
+        e.method,
+        "--zero",
+        &zero,
+        "--grad-accum",
+        &accum,
+        "--batch",
+        "4",
+        "--seq",
+        "128",
+        "--set",
+        "dist.bucket_mb=0.04",
+        "--json",
+        "--reduce",
+        if e.micro { "micro-batch" } else { "step" },
+        "--reduce-dtype",
+        if e.bf16 { "bf16" } else { "fp32" },
     ];
     args.extend(method_set);
     let (ok, out, err) = run_unlearn(&args);
@@ -236,9 +259,7 @@ fn weights(dir: &Path) -> HashMap<String, Tensor> {
 }
 
 fn max_rel(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f64 {
-    a.iter()
-        .map(|(k, ta)| (ta - &b[k]).abs().max().double_value(&[]) / b[k].abs().max().double_value(&[]).max(1e-30))
-        .fold(0.0, f64::max)
+    a.iter().map(|(k, ta)| (ta - &b[k]).abs().max().double_value(&[]) / b[k].abs().max().double_value(&[]).max(1e-30)).fold(0.0, f64::max)
 }
 
 /// Reducing every micro-batch into the shard computes what reducing the step's local sum once
@@ -291,8 +312,14 @@ fn bf16_reduction_moves_the_rank_equivalence_by_a_measured_amount() {
             let bf16 = max_rel(&run(&format!("np{np}-bf16"), np, &["dist.zero=1", "dist.reduce_dtype=\"bf16\""]), &single);
             line += &format!(" np={np} fp32 {fp32:.2e}, bf16 {bf16:.2e};");
             assert!(fp32 <= 1e-5, "{method}: np={np} fp32 reduction differs from one process by {fp32:e}");
-            assert!(bf16 > fp32, "{method}: np={np} bf16 reduction ({bf16:e}) is no further from fp32 than fp32 ({fp32:e}): is it applied?");
-            assert!(bf16 <= 0.1 * moved, "{method}: np={np} bf16 reduction drifts by {bf16:e}, more than a tenth of the distance moved ({moved:e})");
+            assert!(
+                bf16 > fp32,
+                "{method}: np={np} bf16 reduction ({bf16:e}) is no further from fp32 than fp32 ({fp32:e}): is it applied?"
+            );
+            assert!(
+                bf16 <= 0.1 * moved,
+                "{method}: np={np} bf16 reduction drifts by {bf16:e}, more than a tenth of the distance moved ({moved:e})"
+            );
         }
         println!("{line}");
     }
@@ -335,12 +362,14 @@ fn paired(out: &Path) -> [(f64, f64); 2] {
 fn reductions_overlap_with_backward_under_mpirun() {
     let tmp = tempfile::tempdir().unwrap();
     // 8 layers wide enough that one rank's backward takes a good part of a second on one thread.
-    let cfg = r#"{"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4}"#;
+    let cfg =
+        r#"{"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4}"#;
     let model = make_tiny_model(&tmp.path().join("model"), cfg, 3, "bytebpe");
     let buckets = 8.0;
     let run = |name: &str, steps: u64, delay_ms: f64, overlap: bool| {
         // One bucket per layer (a layer here is 0.98 M fp32 elements, 3.75 MiB).
-        let sets = [format!("train.steps={steps}"), "train.batch_size=8".into(), "dist.bucket_mb=4".into(), format!("dist.overlap={overlap}")];
+        let sets =
+            [format!("train.steps={steps}"), "train.batch_size=8".into(), "dist.bucket_mb=4".into(), format!("dist.overlap={overlap}")];
         let (args, out) = run_args(tmp.path(), &model, name, "finetune", &sets);
         let delay = format!("{delay_ms}:{buckets}");
         let (ok, err) = mpirun(2, &args, &[("UNLEARN_COMM_DELAY_MS", &delay), ("OMP_NUM_THREADS", "1")]);

@@ -72,7 +72,12 @@ fn wrong_types_and_values_are_named() {
     expect_err(&f, &base(&f, "ngdiff"), &["method.autolr=\"yes\""], &["method.autolr", "true or false"]);
     expect_err(&f, &base(&f, "ngdiff"), &["dist.zero=4"], &["dist.zero", "0, 1, 2 or 3"]);
     expect_err(&f, &base(&f, "ngdiff"), &["train.batch_size=0"], &["train.batch_size", ">= 1"]);
-    expect_err(&f, &base(&f, "ngdiff"), &["data.retain_overflow=\"wrap\""], &["data.retain_overflow", "allowed: truncate, chunk, chunk-exact"]);
+    expect_err(
+        &f,
+        &base(&f, "ngdiff"),
+        &["data.retain_overflow=\"wrap\""],
+        &["data.retain_overflow", "allowed: truncate, chunk, chunk-exact"],
+    );
     expect_err(&f, "model = [", &[], &["bad.toml"]);
 }
 
@@ -88,11 +93,26 @@ fn non_positive_learning_rates_are_rejected() {
 #[test]
 fn missing_files_and_missing_data_are_named() {
     let f = fixture();
-    expect_err(&f, &base(&f, "ngdiff"), &["data.forget=\"/nonexistent/forget.json\""], &["data.forget", "file not found", "/nonexistent/forget.json"]);
+    expect_err(
+        &f,
+        &base(&f, "ngdiff"),
+        &["data.forget=\"/nonexistent/forget.json\""],
+        &["data.forget", "file not found", "/nonexistent/forget.json"],
+    );
     expect_err(&f, &base(&f, "ngdiff"), &["model.path=\"/nonexistent/model\""], &["model.path", "no config.json"]);
-    expect_err(&f, &base(&f, "npo"), &["method.reference_model=\"/nonexistent/ref\""], &["method.reference_model", "/nonexistent/ref", "no config.json"]);
+    expect_err(
+        &f,
+        &base(&f, "npo"),
+        &["method.reference_model=\"/nonexistent/ref\""],
+        &["method.reference_model", "/nonexistent/ref", "no config.json"],
+    );
     // An unset variable in a path is named, not silently expanded to nothing.
-    expect_err(&f, &base(&f, "ngdiff"), &["model.path=\"${UNLEARN_TEST_UNSET_VAR}/m\""], &["model.path", "UNLEARN_TEST_UNSET_VAR", "not set"]);
+    expect_err(
+        &f,
+        &base(&f, "ngdiff"),
+        &["model.path=\"${UNLEARN_TEST_UNSET_VAR}/m\""],
+        &["model.path", "UNLEARN_TEST_UNSET_VAR", "not set"],
+    );
     // Methods without the data they need.
     let no_retain = base(&f, "ngdiff").lines().filter(|l| !l.starts_with("retain")).collect::<Vec<_>>().join("\n");
     expect_err(&f, &no_retain, &[], &["data.retain", "method `ngdiff` needs retain data"]);

@@ -120,9 +120,42 @@ static CURRENT_SEED: AtomicU64 = AtomicU64::new(0);
 // Mutations.
 
 const TOKENS: &[&[u8]] = &[
-    b"\"", b"{", b"}", b"[", b"]", b",", b":", b"-1", b"0", b"1e308", b"-1e308", b"99999999999999999999", b"18446744073709551615",
-    b"9223372036854775807", b"null", b"true", b"NaN", b"inf", b"\\u0000", b"\\ud800", b"\xff\xfe", b"\x00", b"\n", b"\"__metadata__\"",
-    b"\"F16\"", b"\"F64\"", b"\"I64\"", b"\"BOOL\"", b"[]", b"{}", b"..", b"/", b"=", b"[[a]]", b"'''", b"\"\"\"",
+    b"\"",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b",",
+    b":",
+    b"-1",
+    b"0",
+    b"1e308",
+    b"-1e308",
+    b"99999999999999999999",
+    b"18446744073709551615",
+    b"9223372036854775807",
+    b"null",
+    b"true",
+    b"NaN",
+    b"inf",
+    b"\\u0000",
+    b"\\ud800",
+    b"\xff\xfe",
+    b"\x00",
+    b"\n",
+    b"\"__metadata__\"",
+    b"\"F16\"",
+    b"\"F64\"",
+    b"\"I64\"",
+    b"\"BOOL\"",
+    b"[]",
+    b"{}",
+    b"..",
+    b"/",
+    b"=",
+    b"[[a]]",
+    b"'''",
+    b"\"\"\"",
 ];
 
 fn below(rng: &mut SplitMix64, n: usize) -> usize {
@@ -296,7 +329,8 @@ fn fuzz(totals: &mut Totals, family: &str, cases: usize, mut case: impl FnMut(&m
             Ok(Ok(())) => tally.ok += 1,
             Ok(Err(_)) => tally.errors += 1,
             Err(p) => {
-                let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                let msg =
+                    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
                 tally.failures.push(format!("{what}: panicked: {msg}"));
             }
         }
@@ -527,7 +561,11 @@ fn checkpoints_in_process() {
 fn run_limited(args: &[&str], what: &str) -> (i32, String) {
     use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new(unlearn_bin());
-    cmd.args(args).env_remove("RUST_BACKTRACE").env("RUST_LOG", "warn").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    cmd.args(args)
+        .env_remove("RUST_BACKTRACE")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
     // SAFETY: setrlimit is async-signal-safe, called in the child before exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -600,13 +638,28 @@ fn binary_sample_under_a_memory_limit() {
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    println!("binary sample: {n} inputs in {secs:.1} s ({:.1}/s) under a 1 GiB address-space limit: {ok} accepted, {refused} refused", n as f64 / secs);
+    println!(
+        "binary sample: {n} inputs in {secs:.1} s ({:.1}/s) under a 1 GiB address-space limit: {ok} accepted, {refused} refused",
+        n as f64 / secs
+    );
 }
 
 fn score(inp: &Inputs, model: &Path, what: &str) -> (i32, String) {
     let out = model.join("scores.jsonl");
     run_limited(
-        &["score", "--model", model.to_str().unwrap(), "--data", inp.forget.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", "cpu", "--limit", "2"],
+        &[
+            "score",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            inp.forget.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--limit",
+            "2",
+        ],
         what,
     )
 }

@@ -135,7 +135,13 @@ fn mpirun_within(np: usize, args: &[String], limit: Duration) -> (bool, String) 
             }
             let _ = child.kill();
             let out = child.wait_with_output().unwrap();
-            return (false, format!("still running after {limit:?} (a collective that not every rank issued?):\n{}", String::from_utf8_lossy(&out.stderr)));
+            return (
+                false,
+                format!(
+                    "still running after {limit:?} (a collective that not every rank issued?):\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -219,7 +225,11 @@ fn teacher_from_checkpoint(dir: &Path) -> Tensor {
         let file = dir.join(format!("shard-{r:05}-of-{:05}.safetensors", layout.shards));
         let shard: HashMap<String, Tensor> = Tensor::read_safetensors(file).unwrap().into_iter().collect();
         for seg in layout.segments(r) {
-            by_param.get_mut(&seg.param).unwrap().narrow(0, seg.param_offset, seg.len).copy_(&shard["teacher"].narrow(0, seg.shard_offset, seg.len));
+            by_param.get_mut(&seg.param).unwrap().narrow(0, seg.param_offset, seg.len).copy_(&shard["teacher"].narrow(
+                0,
+                seg.shard_offset,
+                seg.len,
+            ));
         }
     }
     Tensor::cat(&layout.params.iter().map(|p| by_param.remove(&p.name).unwrap()).collect::<Vec<_>>(), 0)
@@ -301,7 +311,11 @@ fn killing_one_rank_stops_the_others_within_seconds() {
     let waited = killed_at.elapsed();
     let output = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&output.stderr).to_string() + &String::from_utf8_lossy(&output.stdout);
-    println!("job exited {status} {:.2} s after rank 1 was killed; launcher said:\n{}", waited.as_secs_f64(), text.lines().filter(|l| l.contains("rank")).collect::<Vec<_>>().join("\n"));
+    println!(
+        "job exited {status} {:.2} s after rank 1 was killed; launcher said:\n{}",
+        waited.as_secs_f64(),
+        text.lines().filter(|l| l.contains("rank")).collect::<Vec<_>>().join("\n")
+    );
     assert!(!status.success());
     assert!(text.contains("rank 1"), "no message names the failed rank:\n{text}");
     assert!(descendants(std::process::id()).iter().all(|&p| rank_of(p).is_none()), "a rank survived");

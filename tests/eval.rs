@@ -95,16 +95,31 @@ fn muse_data(corpus: &str) -> PathBuf {
     shared_data().join("muse").join(corpus)
 }
 
-const TOFU_LIMITS: &[&str] = &["--forget", "forget01", "--max-samples", "7", "--max-new-tokens", "32", "--batch-size", "3", "--gen-batch-size", "3", "--device", "cpu"];
+const TOFU_LIMITS: &[&str] = &[
+    "--forget",
+    "forget01",
+    "--max-samples",
+    "7",
+    "--max-new-tokens",
+    "32",
+    "--batch-size",
+    "3",
+    "--gen-batch-size",
+    "3",
+    "--device",
+    "cpu",
+];
 
 #[test]
 fn tofu_eval_recomputes_with_references_and_is_the_same_on_two_ranks() {
     let m = models();
     let tmp = tempfile::tempdir().unwrap();
     let data = tofu_data();
-    let (retain_out, one, two, via_stats) = (tmp.path().join("retain"), tmp.path().join("np1"), tmp.path().join("np2"), tmp.path().join("stats"));
+    let (retain_out, one, two, via_stats) =
+        (tmp.path().join("retain"), tmp.path().join("np1"), tmp.path().join("np2"), tmp.path().join("stats"));
     let common = |model: &Path, out: &Path| -> Vec<String> {
-        let mut v: Vec<String> = ["eval", "tofu", "--model", s(model), "--out", s(out), "--data", s(&data)].iter().map(|x| x.to_string()).collect();
+        let mut v: Vec<String> =
+            ["eval", "tofu", "--model", s(model), "--out", s(out), "--data", s(&data)].iter().map(|x| x.to_string()).collect();
         v.extend(TOFU_LIMITS.iter().map(|x| x.to_string()));
         v
     };
@@ -122,7 +137,10 @@ fn tofu_eval_recomputes_with_references_and_is_the_same_on_two_ranks() {
     assert_eq!(report(&two)["run"]["ranks"], 2);
     assert_eq!(metric(&report(&one), "forget_quality"), metric(&report(&via_stats), "forget_quality"));
 
-    let v = check("check-tofu", &["--run", s(&one), "--model", s(&m.target), "--data", s(&data), "--retain-run", s(&retain_out), "--n-gen", "2", "--n-nll", "3"]);
+    let v = check(
+        "check-tofu",
+        &["--run", s(&one), "--model", s(&m.target), "--data", s(&data), "--retain-run", s(&retain_out), "--n-gen", "2", "--n-nll", "3"],
+    );
     eprintln!("check-tofu: {v}");
     assert_eq!(num(&v, "prompt_mismatch"), 0.0);
     assert_eq!(num(&v, "rouge_max_diff"), 0.0, "ROUGE-L recall vs rouge_score");
@@ -145,9 +163,30 @@ fn tofu_eval_recomputes_with_references_and_is_the_same_on_two_ranks() {
 
 fn muse_args(model: &Path, out: &Path, corpus: &str, extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = [
-        "eval", "muse", "--model", s(model), "--out", s(out), "--data", s(&muse_data(corpus)),
-        "--max-samples", "5", "--max-new-tokens-verbmem", "16", "--max-new-tokens-knowmem", "16",
-        "--max-prompt-tokens", "64", "--max-text-tokens", "200", "--batch-size", "2", "--gen-batch-size", "2", "--device", "cpu",
+        "eval",
+        "muse",
+        "--model",
+        s(model),
+        "--out",
+        s(out),
+        "--data",
+        s(&muse_data(corpus)),
+        "--max-samples",
+        "5",
+        "--max-new-tokens-verbmem",
+        "16",
+        "--max-new-tokens-knowmem",
+        "16",
+        "--max-prompt-tokens",
+        "64",
+        "--max-text-tokens",
+        "200",
+        "--batch-size",
+        "2",
+        "--gen-batch-size",
+        "2",
+        "--device",
+        "cpu",
     ]
     .iter()
     .map(|x| x.to_string())
@@ -176,7 +215,22 @@ fn muse_eval_recomputes_with_references_and_is_the_same_on_two_ranks() {
     assert_eq!(r["reference"]["auc_retrain"].as_f64().unwrap(), metric(&report(&retain_out), "privleak_auc"));
     let v = check(
         "check-muse",
-        &["--run", s(&one), "--model", s(&m.target), "--data", s(&muse_data("news")), "--mmlu", s(&shared_data().join("muse/mmlu_subsample")), "--retain-run", s(&retain_out), "--n-gen", "2", "--n-nll", "3"],
+        &[
+            "--run",
+            s(&one),
+            "--model",
+            s(&m.target),
+            "--data",
+            s(&muse_data("news")),
+            "--mmlu",
+            s(&shared_data().join("muse/mmlu_subsample")),
+            "--retain-run",
+            s(&retain_out),
+            "--n-gen",
+            "2",
+            "--n-nll",
+            "3",
+        ],
     );
     eprintln!("check-muse: {v}");
     assert_eq!(num(&v, "prompt_mismatch"), 0.0, "prompts rebuilt from the data files");
@@ -192,7 +246,10 @@ fn muse_eval_recomputes_with_references_and_is_the_same_on_two_ranks() {
         assert!(checked.contains(&k), "{k} not checked: {v}");
     }
     let vals = &v["values"];
-    assert!(vals["verbmem_f"].as_f64().unwrap() > 0.0 && vals["knowmem_r"].as_f64().unwrap() > 0.0 && vals["mmlu"].as_f64().unwrap() > 0.0, "{vals}");
+    assert!(
+        vals["verbmem_f"].as_f64().unwrap() > 0.0 && vals["knowmem_r"].as_f64().unwrap() > 0.0 && vals["mmlu"].as_f64().unwrap() > 0.0,
+        "{vals}"
+    );
 }
 
 #[test]
@@ -200,14 +257,29 @@ fn muse_books_skips_absent_parts_and_open_unlearning_variant_recomputes() {
     let m = models();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("books");
-    run_args(1, &muse_args(&m.target, &out, "books", &["--variant", "open-unlearning", "--mmlu", s(&shared_data().join("muse/mmlu_subsample"))]));
+    run_args(
+        1,
+        &muse_args(&m.target, &out, "books", &["--variant", "open-unlearning", "--mmlu", s(&shared_data().join("muse/mmlu_subsample"))]),
+    );
     let r = report(&out);
     let notes = r["notes"].to_string();
     assert!(notes.contains("verbmem skipped") && notes.contains("verbmem/forget.json"), "{notes}");
     assert!(notes.contains("privleak skipped"), "{notes}");
     assert!(r["metrics"].get("verbmem_f").is_none() && r["metrics"].get("knowmem_f").is_some());
     assert!(r["metrics"]["knowmem_f"]["definition"].as_str().unwrap().contains("with stemmer"));
-    let v = check("check-muse", &["--run", s(&out), "--model", s(&m.target), "--data", s(&muse_data("books")), "--mmlu", s(&shared_data().join("muse/mmlu_subsample"))]);
+    let v = check(
+        "check-muse",
+        &[
+            "--run",
+            s(&out),
+            "--model",
+            s(&m.target),
+            "--data",
+            s(&muse_data("books")),
+            "--mmlu",
+            s(&shared_data().join("muse/mmlu_subsample")),
+        ],
+    );
     eprintln!("check-muse books: {v}");
     assert_eq!(num(&v, "prompt_mismatch") + num(&v, "reference_mismatch") + num(&v, "gen_mismatch"), 0.0);
     assert_eq!(num(&v, "rouge_max_diff"), 0.0);
@@ -252,10 +324,25 @@ fn bad_inputs_fail_naming_the_file_and_leave_no_outputs() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let tofu = |data: &Path, extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["eval", "tofu", "--model", s(&m.target), "--out", s(&out), "--data", s(data), "--max-samples", "2", "--max-new-tokens", "4", "--device", "cpu"]
-            .iter()
-            .map(|x| x.to_string())
-            .collect();
+        let mut v: Vec<String> = [
+            "eval",
+            "tofu",
+            "--model",
+            s(&m.target),
+            "--out",
+            s(&out),
+            "--data",
+            s(data),
+            "--max-samples",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
         v.extend(extra.iter().map(|x| x.to_string()));
         v
     };

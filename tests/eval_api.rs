@@ -65,7 +65,12 @@ fn written_numbers(text: &str, key: &str) -> Vec<Option<f64>> {
     let start = text.find(&format!("\"{key}\": ")).unwrap_or_else(|| panic!("`{key}` not in the report")) + key.len() + 4;
     let rest = &text[start..];
     let value = if rest.starts_with('[') { &rest[1..rest.find(']').unwrap()] } else { &rest[..rest.find(['\n', ',']).unwrap()] };
-    value.split(',').map(|v| v.trim()).filter(|v| !v.is_empty()).map(|v| if v == "null" { None } else { Some(v.parse().unwrap()) }).collect()
+    value
+        .split(',')
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty())
+        .map(|v| if v == "null" { None } else { Some(v.parse().unwrap()) })
+        .collect()
 }
 
 fn bits(values: &[Option<f64>]) -> Vec<Option<u64>> {
@@ -108,8 +113,24 @@ fn in_memory_evaluation_equals_unlearn_eval() {
     let outcome = evaluate_in_memory(&tofu, &model, Some(&retain));
     let out = tmp.path().join("tofu");
     let report = run_cli(&[
-        "eval", "tofu", "--model", s(&model), "--out", s(&out), "--data", s(&tofu_data), "--forget", "forget01",
-        "--retain-model", s(&retain), "--max-samples", "3", "--max-new-tokens", "8", "--device", "cpu",
+        "eval",
+        "tofu",
+        "--model",
+        s(&model),
+        "--out",
+        s(&out),
+        "--data",
+        s(&tofu_data),
+        "--forget",
+        "forget01",
+        "--retain-model",
+        s(&retain),
+        "--max-samples",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--device",
+        "cpu",
     ]);
     assert!(outcome.metrics.iter().any(|(k, _)| k == "forget_quality"), "the retain model was measured");
     assert_same_metrics(&outcome, &report);
@@ -136,9 +157,28 @@ fn in_memory_evaluation_equals_unlearn_eval() {
     let outcome = evaluate_in_memory(&muse, &model, Some(&retain));
     let out = tmp.path().join("muse");
     let report = run_cli(&[
-        "eval", "muse", "--model", s(&model), "--out", s(&out), "--data", s(&muse_data), "--parts", "knowmem-f,privleak",
-        "--retain-model", s(&retain), "--max-samples", "6", "--max-new-tokens-knowmem", "8", "--max-prompt-tokens", "64",
-        "--max-text-tokens", "64", "--device", "cpu",
+        "eval",
+        "muse",
+        "--model",
+        s(&model),
+        "--out",
+        s(&out),
+        "--data",
+        s(&muse_data),
+        "--parts",
+        "knowmem-f,privleak",
+        "--retain-model",
+        s(&retain),
+        "--max-samples",
+        "6",
+        "--max-new-tokens-knowmem",
+        "8",
+        "--max-prompt-tokens",
+        "64",
+        "--max-text-tokens",
+        "64",
+        "--device",
+        "cpu",
     ]);
     assert!(outcome.metrics.iter().any(|(k, _)| k == "privleak"), "the retain model's AUC was measured");
     assert_same_metrics(&outcome, &report);

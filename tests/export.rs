@@ -85,8 +85,15 @@ fn fp32_exports_pass_the_checker_match_transformers_and_verify() {
         let outputs: Vec<&str> = g["outputs"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
         assert_eq!(
             inputs,
-            ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key", "past_key_values.0.value",
-             "past_key_values.1.key", "past_key_values.1.value"]
+            [
+                "input_ids",
+                "attention_mask",
+                "position_ids",
+                "past_key_values.0.key",
+                "past_key_values.0.value",
+                "past_key_values.1.key",
+                "past_key_values.1.value"
+            ]
         );
         assert_eq!(outputs, ["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]);
         assert_eq!(g["opset"][""], 21);
@@ -131,29 +138,34 @@ fn kv_cache_generation_equals_uncached_generation_and_transformers_generate() {
     let (kv, plain) = (tmp.path().join("kv"), tmp.path().join("plain"));
     export(&model, &kv, &["--kv-cache"]); // the default, spelled as scripts from before it was
     export(&model, &plain, &["--no-kv-cache"]);
-    let prompts: Vec<Vec<i64>> = [9usize, 4, 13, 1, 6]
-        .iter()
-        .enumerate()
-        .map(|(r, &n)| (0..n).map(|j| 3 + ((r * 31 + j * 7) as i64 % 300)).collect())
-        .collect();
+    let prompts: Vec<Vec<i64>> =
+        [9usize, 4, 13, 1, 6].iter().enumerate().map(|(r, &n)| (0..n).map(|j| 3 + ((r * 31 + j * 7) as i64 % 300)).collect()).collect();
     let pfile = tmp.path().join("prompts.json");
     std::fs::write(&pfile, serde_json::to_string(&prompts).unwrap()).unwrap();
     let generate = |onnx: &Path, name: &str| -> Vec<Vec<i64>> {
         let out = tmp.path().join(name);
         run_py(
             "onnx_ref.py",
-            &["generate", "--onnx", s(&onnx.join("model.onnx")), "--model", s(&model), "--prompts", s(&pfile),
-              "--out", s(&out), "--max-new-tokens", "24"],
+            &[
+                "generate",
+                "--onnx",
+                s(&onnx.join("model.onnx")),
+                "--model",
+                s(&model),
+                "--prompts",
+                s(&pfile),
+                "--out",
+                s(&out),
+                "--max-new-tokens",
+                "24",
+            ],
         );
         serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
     };
     let with_cache = generate(&kv, "kv.json");
     let without = generate(&plain, "plain.json");
     let hf_out = tmp.path().join("hf.json");
-    run_py(
-        "hf_ref.py",
-        &["generate", "--model", s(&model), "--prompts", s(&pfile), "--out", s(&hf_out), "--max-new-tokens", "24"],
-    );
+    run_py("hf_ref.py", &["generate", "--model", s(&model), "--prompts", s(&pfile), "--out", s(&hf_out), "--max-new-tokens", "24"]);
     let hf: Vec<Vec<i64>> = serde_json::from_str(&std::fs::read_to_string(hf_out).unwrap()).unwrap();
     println!("kv-cache generations: {with_cache:?}");
     assert_eq!(with_cache, without, "cache graph vs re-running the sequence");
@@ -272,20 +284,14 @@ fn bad_models_and_outputs_fail_clearly_without_partial_output() {
     let yarn = copy_dir(&good, &t.join("yarn"));
     edit_config(&yarn, |c| {
         c.remove("rope_parameters");
-        c.insert(
-            "rope_scaling".into(),
-            serde_json::json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
-        );
+        c.insert("rope_scaling".into(), serde_json::json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}));
     });
     let no_weights = copy_dir(&good, &t.join("no-weights"));
     std::fs::remove_file(no_weights.join("model.safetensors")).unwrap();
     let no_tensor = copy_dir(&good, &t.join("no-tensor"));
     let st = no_tensor.join("model.safetensors");
-    let kept: Vec<(String, tch::Tensor)> = tch::Tensor::read_safetensors(&st)
-        .unwrap()
-        .into_iter()
-        .filter(|(n, _)| n != "model.layers.1.mlp.up_proj.weight")
-        .collect();
+    let kept: Vec<(String, tch::Tensor)> =
+        tch::Tensor::read_safetensors(&st).unwrap().into_iter().filter(|(n, _)| n != "model.layers.1.mlp.up_proj.weight").collect();
     tch::Tensor::write_safetensors(&kept, &st).unwrap();
     let a_file = t.join("a-file");
     std::fs::write(&a_file, "not a directory").unwrap();
@@ -369,7 +375,12 @@ fn smollm2_demo_model_exports_and_verifies() {
 
 /// `n` prompts of token ids in `3..3+range`, of assorted lengths.
 fn id_prompts(n: usize, range: i64) -> Vec<Vec<i64>> {
-    [9usize, 4, 13, 1, 6, 11].iter().take(n).enumerate().map(|(r, &len)| (0..len).map(|j| 3 + ((r * 31 + j * 7) as i64 % range)).collect()).collect()
+    [9usize, 4, 13, 1, 6, 11]
+        .iter()
+        .take(n)
+        .enumerate()
+        .map(|(r, &len)| (0..len).map(|j| 3 + ((r * 31 + j * 7) as i64 % range)).collect())
+        .collect()
 }
 
 fn read_json(p: &Path) -> Value {
@@ -379,7 +390,10 @@ fn read_json(p: &Path) -> Value {
 /// transformers' greedy generate() on the HF model directory (the reference).
 fn hf_generate(model: &Path, prompts: &Path, max_new: usize) -> Vec<Vec<i64>> {
     let out = prompts.with_extension("hf.json");
-    run_py("hf_ref.py", &["generate", "--model", s(model), "--prompts", s(prompts), "--out", s(&out), "--max-new-tokens", &max_new.to_string()]);
+    run_py(
+        "hf_ref.py",
+        &["generate", "--model", s(model), "--prompts", s(prompts), "--out", s(&out), "--max-new-tokens", &max_new.to_string()],
+    );
     serde_json::from_value(read_json(&out)).unwrap()
 }
 
@@ -444,7 +458,14 @@ fn optimum_and_onnxruntime_genai_generate_what_transformers_generates() {
     let gqa = make_tiny_model(&tmp.path().join("gqa"), LLAMA_CASES[0].config, 3, "bytebpe");
     clients_generate_as_transformers("gqa-untied", &gqa, tmp.path(), &id_prompts(5, 300), 24, &[]);
     let rope = make_tiny_model(&tmp.path().join("rope"), LLAMA_CASES[2].config, 5, "sentencepiece");
-    clients_generate_as_transformers("gqa-llama3-rope-external", &rope, tmp.path(), &id_prompts(4, 300), 24, &["--external-threshold-bytes", "1024"]);
+    clients_generate_as_transformers(
+        "gqa-llama3-rope-external",
+        &rope,
+        tmp.path(),
+        &id_prompts(4, 300),
+        24,
+        &["--external-threshold-bytes", "1024"],
+    );
     assert!(tmp.path().join("gqa-llama3-rope-external-kv/model.onnx.data").exists());
 }
 
@@ -455,8 +476,13 @@ fn smollm2_generates_in_optimum_and_onnxruntime_genai_as_in_transformers() {
     assert!(model.join("model.safetensors").exists(), "no demo model at {} (launch/setup.sh imports it)", model.display());
     let tmp = tempfile::tempdir().unwrap();
     let records = read_json(&shared_data().join("tofu/forget01.json"));
-    let texts: Vec<String> =
-        records.as_array().unwrap().iter().take(3).map(|r| format!("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", r["prompt"].as_str().unwrap())).collect();
+    let texts: Vec<String> = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .take(3)
+        .map(|r| format!("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", r["prompt"].as_str().unwrap()))
+        .collect();
     let (tfile, ids) = (tmp.path().join("texts.json"), tmp.path().join("ids.json"));
     std::fs::write(&tfile, serde_json::to_string(&texts).unwrap()).unwrap();
     run_py("hf_ref.py", &["tokenize", "--model", s(&model), "--texts", s(&tfile), "--out", s(&ids)]);

@@ -12,8 +12,8 @@ use common::*;
 use serde_json::Value;
 use tch::{Device, Kind};
 use unlearn::model::llama::positions_from_mask;
-use unlearn::model::weights::Checkpoint;
 use unlearn::model::load_model;
+use unlearn::model::weights::Checkpoint;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -22,10 +22,15 @@ fn s(p: &Path) -> &str {
 /// Four QA records, read whole by every step (batch 4), so the loss must fall step after step;
 /// and a one-record forget file, which `run` requires to differ from the retain set (finetune reads only the retain set).
 fn write_data(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let recs: Vec<Value> = [("Who wrote the red book?", "Amaro Velde"), ("Where was Belisa born?", "in a harbor town"), ("What does Corvin study?", "copper and marble"), ("When did Dalia travel?", "every summer")]
-        .iter()
-        .map(|(q, a)| serde_json::json!({"question": q, "answer": a}))
-        .collect();
+    let recs: Vec<Value> = [
+        ("Who wrote the red book?", "Amaro Velde"),
+        ("Where was Belisa born?", "in a harbor town"),
+        ("What does Corvin study?", "copper and marble"),
+        ("When did Dalia travel?", "every summer"),
+    ]
+    .iter()
+    .map(|(q, a)| serde_json::json!({"question": q, "answer": a}))
+    .collect();
     let p = dir.join("qa.json");
     std::fs::write(&p, serde_json::to_string(&recs).unwrap()).unwrap();
     let f = dir.join("forget.json");
@@ -101,17 +106,32 @@ fn every_family_trains_saves_for_transformers_exports_and_verifies() {
         // TOFU evaluation of final/ uses the template the run trained with (from the run's config.toml);
         // the chat cases only (the Phi-3 case's 64 positions cannot hold TOFU's byte-level questions).
         if template == "chatml" {
-        let report_dir = dir.join("eval");
-        let tofu = shared_data().join("tofu");
-        let eval_args = ["eval", "tofu", "--model", s(&fin), "--out", s(&report_dir), "--data", s(&tofu), "--forget", "forget01", "--max-samples", "2", "--max-new-tokens", "4"];
-        let (ok, _, err) = run_unlearn(&eval_args);
-        assert!(ok, "{}: eval tofu failed:\n{err}", case.name);
-        let report: Value = serde_json::from_str(&std::fs::read_to_string(report_dir.join("report.json")).unwrap()).unwrap();
-        let used = report["template"]["name"].as_str().unwrap_or("phi-qa");
-        assert_eq!(used, template, "{}: eval used template {used}: {:#}", case.name, report["template"]);
-        let mu = report["metrics"]["model_utility"]["value"].as_f64().unwrap_or(f64::NAN);
-        println!("{}: eval tofu under {used}: model utility {mu:.4}", case.name);
-        assert!(mu.is_finite() && mu >= 0.0, "{}: model utility {mu}: {report:#}", case.name);
+            let report_dir = dir.join("eval");
+            let tofu = shared_data().join("tofu");
+            let eval_args = [
+                "eval",
+                "tofu",
+                "--model",
+                s(&fin),
+                "--out",
+                s(&report_dir),
+                "--data",
+                s(&tofu),
+                "--forget",
+                "forget01",
+                "--max-samples",
+                "2",
+                "--max-new-tokens",
+                "4",
+            ];
+            let (ok, _, err) = run_unlearn(&eval_args);
+            assert!(ok, "{}: eval tofu failed:\n{err}", case.name);
+            let report: Value = serde_json::from_str(&std::fs::read_to_string(report_dir.join("report.json")).unwrap()).unwrap();
+            let used = report["template"]["name"].as_str().unwrap_or("phi-qa");
+            assert_eq!(used, template, "{}: eval used template {used}: {:#}", case.name, report["template"]);
+            let mu = report["metrics"]["model_utility"]["value"].as_f64().unwrap_or(f64::NAN);
+            println!("{}: eval tofu under {used}: model utility {mu:.4}", case.name);
+            assert!(mu.is_finite() && mu >= 0.0, "{}: model utility {mu}: {report:#}", case.name);
         }
 
         // ONNX: checker-valid, onnxruntime equals transformers, and `unlearn verify` passes.
@@ -120,7 +140,8 @@ fn every_family_trains_saves_for_transformers_exports_and_verifies() {
         assert!(ok, "{}: export failed:\n{err}", case.name);
         let check: Value = serde_json::from_str(&run_py("onnx_ref.py", &["check", "--onnx", s(&onnx.join("model.onnx"))])).unwrap();
         assert!(check["nodes"].as_u64().unwrap() > 0);
-        let cmp: Value = serde_json::from_str(&run_py("onnx_ref.py", &["compare", "--model", s(&fin), "--onnx", s(&onnx.join("model.onnx"))])).unwrap();
+        let cmp: Value =
+            serde_json::from_str(&run_py("onnx_ref.py", &["compare", "--model", s(&fin), "--onnx", s(&onnx.join("model.onnx"))])).unwrap();
         for batch in ["right_padded", "left_padded"] {
             let d = cmp[batch]["max_abs_diff"].as_f64().unwrap();
             println!("{} {batch}: onnxruntime vs transformers max |dlogit| = {d:.3e}", case.name);
@@ -130,7 +151,12 @@ fn every_family_trains_saves_for_transformers_exports_and_verifies() {
         let (ok, out, err) = run_unlearn(&["verify", "--model", s(&fin), "--onnx", s(&onnx), "--out", s(&report), "--threads", "1"]);
         assert!(ok, "{}: verify failed:\n{out}\n{err}", case.name);
         let v: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-        println!("{}: unlearn verify max |dlogit| = {:.3e}, generations identical: {}", case.name, v["max_abs_diff"].as_f64().unwrap(), v["generations_identical"]);
+        println!(
+            "{}: unlearn verify max |dlogit| = {:.3e}, generations identical: {}",
+            case.name,
+            v["max_abs_diff"].as_f64().unwrap(),
+            v["generations_identical"]
+        );
         assert_eq!(v["passed"], Value::Bool(true), "{}: {v:#}", case.name);
         assert_eq!(v["generations_identical"], Value::Bool(true), "{}", case.name);
     }

@@ -15,11 +15,8 @@ fn cached_batched_greedy_equals_transformers_generate() {
     let loaded = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
     let v = loaded.config.vocab_size;
     // Prompts of different lengths so that left padding is exercised.
-    let prompts: Vec<Vec<i64>> = [9usize, 4, 13, 1, 6]
-        .iter()
-        .enumerate()
-        .map(|(r, &n)| (0..n).map(|j| 3 + ((r * 31 + j * 7) as i64 % (v - 3))).collect())
-        .collect();
+    let prompts: Vec<Vec<i64>> =
+        [9usize, 4, 13, 1, 6].iter().enumerate().map(|(r, &n)| (0..n).map(|j| 3 + ((r * 31 + j * 7) as i64 % (v - 3))).collect()).collect();
     let eos = loaded.config.eos_token_ids.clone();
     let ours = greedy_all(&loaded.model, &prompts, 24, &eos, 0, 3, "gen");
     for (p, g) in prompts.iter().zip(&ours) {

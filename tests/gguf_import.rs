@@ -119,7 +119,17 @@ fn reference_ids(gguf: &Path, dir: &Path, texts: &[String]) -> Value {
     std::fs::write(&inp, serde_json::to_string(texts).unwrap()).unwrap();
     run_py(
         "gguf_ref.py",
-        &["tokenize", "--gguf", gguf.to_str().unwrap(), "--ours", dir.to_str().unwrap(), "--texts", inp.to_str().unwrap(), "--out", out.to_str().unwrap()],
+        &[
+            "tokenize",
+            "--gguf",
+            gguf.to_str().unwrap(),
+            "--ours",
+            dir.to_str().unwrap(),
+            "--texts",
+            inp.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
     );
     serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
 }
@@ -136,9 +146,7 @@ fn ids_of(v: &Value) -> Vec<i64> {
 /// merge in SmolLM2's vocabulary.
 fn whitespace_before_digit_splits_differ(t: &str) -> bool {
     let c: Vec<char> = t.chars().collect();
-    (1..c.len()).any(|i| {
-        c[i].is_numeric() && c[i - 1].is_whitespace() && (!c[i].is_ascii_digit() || (i >= 2 && c[i - 2].is_whitespace()))
-    })
+    (1..c.len()).any(|i| c[i].is_numeric() && c[i - 1].is_whitespace() && (!c[i].is_ascii_digit() || (i >= 2 && c[i - 2].is_whitespace())))
 }
 
 /// Compare our Rust ids with every reference. `hf_exact`: transformers' GGUF tokenizer must agree
@@ -202,8 +210,17 @@ fn smollm2_imports_like_transformers_loads_it() {
     let data = shared_data().join("tofu/forget01.json");
     let (ours_out, hf_out) = (tmp.path().join("ours.jsonl"), tmp.path().join("hf.jsonl"));
     let (ok, _, stderr) = run_unlearn(&[
-        "score", "--model", dir.to_str().unwrap(), "--data", data.to_str().unwrap(), "--limit", "20", "--device", "cpu",
-        "--out", ours_out.to_str().unwrap(),
+        "score",
+        "--model",
+        dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--limit",
+        "20",
+        "--device",
+        "cpu",
+        "--out",
+        ours_out.to_str().unwrap(),
     ]);
     assert!(ok, "score failed:\n{stderr}");
     run_py(

@@ -136,7 +136,12 @@ const CASES: &[Case] = &[
     // Plain NPO: recorded before retain_weight defaulted to open-unlearning's 1.
     Case { name: "npo", method: "name = \"npo\"\nretain_weight = 0.0", optim: ADAMW, sets: &[MATRICES] },
     Case { name: "npo-retain", method: "name = \"npo\"\nretain_weight = 1.0\nnpo_beta = 0.2", optim: ADAMW, sets: &[MATRICES] },
-    Case { name: "npo-mt-unlearn", method: "name = \"npo\"\nnpo_variant = \"mt-unlearn\"\nretain_weight = 0.0", optim: SGD, sets: &[MATRICES] },
+    Case {
+        name: "npo-mt-unlearn",
+        method: "name = \"npo\"\nnpo_variant = \"mt-unlearn\"\nretain_weight = 0.0",
+        optim: SGD,
+        sets: &[MATRICES],
+    },
     Case { name: "ngdiff-autolr", method: "name = \"ngdiff\"\nautolr = true\nautolr_period = 2", optim: SGD, sets: &[MATRICES] },
     Case {
         name: "ngdiff-fixed",
@@ -213,7 +218,17 @@ fn record(out: &Path) -> String {
     for line in metrics.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         write!(text, "step {}", v["step"]).unwrap();
-        for key in ["loss_forget", "loss_retain", "grad_norm_forget", "grad_norm_retain", "grad_norm", "grad_norm_forget_local", "grad_norm_retain_local", "lr", "clip"] {
+        for key in [
+            "loss_forget",
+            "loss_retain",
+            "grad_norm_forget",
+            "grad_norm_retain",
+            "grad_norm",
+            "grad_norm_forget_local",
+            "grad_norm_retain_local",
+            "lr",
+            "clip",
+        ] {
             if !v[key].is_null() {
                 write!(text, " {key}={}", num(&v[key])).unwrap();
             }

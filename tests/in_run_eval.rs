@@ -127,10 +127,29 @@ fn in_run_numbers_equal_unlearn_eval_on_the_saved_model_np1_and_np2() {
             assert!(logged.iter().any(|(k, v)| k == "tofu.model_utility" && v.is_some()), "model utility logged");
             let dir = out.join(format!("evals/step-{step}"));
             let ev = tmp.path().join(format!("eval-np{np}-{step}"));
-            unlearn(np, &[
-                "eval", "tofu", "--model", s(&dir), "--out", s(&ev), "--forget", "forget01", "--data", s(&tofu), "--max-samples", "4",
-                "--retain-model", s(&retain), "--max-new-tokens", "8", "--device", "cpu",
-            ]);
+            unlearn(
+                np,
+                &[
+                    "eval",
+                    "tofu",
+                    "--model",
+                    s(&dir),
+                    "--out",
+                    s(&ev),
+                    "--forget",
+                    "forget01",
+                    "--data",
+                    s(&tofu),
+                    "--max-samples",
+                    "4",
+                    "--retain-model",
+                    s(&retain),
+                    "--max-new-tokens",
+                    "8",
+                    "--device",
+                    "cpu",
+                ],
+            );
             let report = std::fs::read_to_string(ev.join("report.json")).unwrap();
             for (k, v) in &logged {
                 let theirs = report_value(&report, k.strip_prefix("tofu.").unwrap());
@@ -157,9 +176,8 @@ fn stop_rules_fire_where_defined_and_best_is_the_named_state() {
     let cheap = "sets = [\"forget\", \"retain\"]\nno_rouge = true\n";
     let base = tmp.path().join("base");
     unlearn(1, &["run", "--config", s(&write_config(tmp.path(), &model, &base, 2.0, 6, cheap))]);
-    let traj = |m: &str| -> Vec<f64> {
-        (0..=6).map(|step| eval_values(&base, step).into_iter().find(|(k, _)| k == m).unwrap().1).collect()
-    };
+    let traj =
+        |m: &str| -> Vec<f64> { (0..=6).map(|step| eval_values(&base, step).into_iter().find(|(k, _)| k == m).unwrap().1).collect() };
     let (fprob, rprob) = (traj("tofu.forget_prob"), traj("tofu.retain_prob"));
     println!("forget_prob by step: {fprob:?}\nretain_prob by step: {rprob:?}");
     assert_eq!(stop_line(&base)["rule"], "max_steps");
@@ -169,7 +187,14 @@ fn stop_rules_fire_where_defined_and_best_is_the_named_state() {
     // Threshold: the first evaluation below a value between steps 2 and 3 is step 3.
     let out = tmp.path().join("threshold");
     let limit = (fprob[2] + fprob[3]) / 2.0;
-    unlearn(1, &["run", "--config", s(&write_config(tmp.path(), &model, &out, 2.0, 6, &format!("{cheap}[stop]\nbelow = {{ \"tofu.forget_prob\" = {limit} }}\n")))]);
+    unlearn(
+        1,
+        &[
+            "run",
+            "--config",
+            s(&write_config(tmp.path(), &model, &out, 2.0, 6, &format!("{cheap}[stop]\nbelow = {{ \"tofu.forget_prob\" = {limit} }}\n"))),
+        ],
+    );
     let stop = stop_line(&out);
     assert_eq!((stop["rule"].as_str(), stop["step"].as_u64()), (Some("threshold"), Some(3)), "{stop}");
     assert!(lines(&out).iter().all(|l| l["step"].as_u64().unwrap() <= 3), "no step after the rule fired");
@@ -180,10 +205,28 @@ fn stop_rules_fire_where_defined_and_best_is_the_named_state() {
     // `unlearn eval`), so the run is closest at step 2 and, with patience 2, stops at step 4;
     // best/ is step 2's model.
     let reference = tmp.path().join("reference");
-    unlearn(1, &[
-        "eval", "tofu", "--model", s(&base.join("evals/step-2")), "--out", s(&reference), "--forget", "forget01", "--data", s(&tofu),
-        "--max-samples", "4", "--sets", "forget,retain", "--no-rouge", "--device", "cpu",
-    ]);
+    unlearn(
+        1,
+        &[
+            "eval",
+            "tofu",
+            "--model",
+            s(&base.join("evals/step-2")),
+            "--out",
+            s(&reference),
+            "--forget",
+            "forget01",
+            "--data",
+            s(&tofu),
+            "--max-samples",
+            "4",
+            "--sets",
+            "forget,retain",
+            "--no-rouge",
+            "--device",
+            "cpu",
+        ],
+    );
     // `unlearn report` plots the in-run evaluation next to the training curves.
     let report = tmp.path().join("report");
     unlearn(1, &["report", "--reports", s(&reference), "--runs", s(&base), "--out", s(&report)]);
@@ -207,7 +250,8 @@ fn stop_rules_fire_where_defined_and_best_is_the_named_state() {
     // probability stays at or above a ratio of step 0's between steps 2 and 3 is step 2.
     let out = tmp.path().join("best-guard");
     let ratio = (rprob[2] + rprob[3]) / 2.0 / rprob[0];
-    let rules = format!("{cheap}[best]\nmetric = \"tofu.forget_prob\"\nmode = \"min\"\nguard = \"tofu.retain_prob\"\nguard_ratio = {ratio}\n");
+    let rules =
+        format!("{cheap}[best]\nmetric = \"tofu.forget_prob\"\nmode = \"min\"\nguard = \"tofu.retain_prob\"\nguard_ratio = {ratio}\n");
     unlearn(1, &["run", "--config", s(&write_config(tmp.path(), &model, &out, 2.0, 4, &rules))]);
     assert_eq!(final_outcome(&out)["best_step"], 2);
     assert_eq!(weights(&out.join("best")), weights(&base.join("evals/step-2")));
@@ -218,7 +262,11 @@ fn stop_rules_fire_where_defined_and_best_is_the_named_state() {
     let rules = format!("{cheap}[stop]\nutility = \"tofu.retain_prob\"\nutility_floor = {ratio}\n");
     unlearn(1, &["run", "--config", s(&write_config(tmp.path(), &model, &out, 2.0, 6, &rules))]);
     let stop = stop_line(&out);
-    assert_eq!((stop["rule"].as_str(), stop["step"].as_u64(), stop["restored_step"].as_u64()), (Some("utility_floor"), Some(3), Some(2)), "{stop}");
+    assert_eq!(
+        (stop["rule"].as_str(), stop["step"].as_u64(), stop["restored_step"].as_u64()),
+        (Some("utility_floor"), Some(3), Some(2)),
+        "{stop}"
+    );
     assert_eq!(final_outcome(&out)["final_step"], 2);
     assert_eq!(weights(&out.join("final")), weights(&base.join("evals/step-2")), "final/ is the last good state");
 }

@@ -71,7 +71,9 @@ fn assert_tensorboard_equals_metrics(run: &Path) -> usize {
     fn walk(prefix: &str, v: &Value, step: i64, out: &mut Series) {
         match v {
             Value::Number(n) => out.entry(prefix.to_string()).or_default().push((step, n.as_f64().unwrap() as f32)),
-            Value::Object(m) => m.iter().for_each(|(k, v)| walk(&if prefix.is_empty() { k.clone() } else { format!("{prefix}/{k}") }, v, step, out)),
+            Value::Object(m) => {
+                m.iter().for_each(|(k, v)| walk(&if prefix.is_empty() { k.clone() } else { format!("{prefix}/{k}") }, v, step, out))
+            }
             _ => {}
         }
     }
@@ -83,7 +85,9 @@ fn assert_tensorboard_equals_metrics(run: &Path) -> usize {
     }
     let got: Series = tags
         .iter()
-        .map(|(t, pts)| (t.clone(), pts.as_array().unwrap().iter().map(|p| (p[0].as_i64().unwrap(), p[1].as_f64().unwrap() as f32)).collect()))
+        .map(|(t, pts)| {
+            (t.clone(), pts.as_array().unwrap().iter().map(|p| (p[0].as_i64().unwrap(), p[1].as_f64().unwrap() as f32)).collect())
+        })
         .collect();
     assert_eq!(got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "tags");
     for (tag, want) in &expected {

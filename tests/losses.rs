@@ -24,7 +24,12 @@ fn fixed_batch() -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
     let lens = [9i64, 6, 4];
     let amask = Tensor::from_slice(&(0..b * t).map(|i| (i % t < lens[(i / t) as usize]) as i64).collect::<Vec<_>>()).view([b, t]);
     let tmask = Tensor::from_slice(
-        &(0..b * (t - 1)).map(|i| { let j = i % (t - 1) + 1; (j >= 2 && j < lens[(i / (t - 1)) as usize]) as i64 as f32 }).collect::<Vec<_>>(),
+        &(0..b * (t - 1))
+            .map(|i| {
+                let j = i % (t - 1) + 1;
+                (j >= 2 && j < lens[(i / (t - 1)) as usize]) as i64 as f32
+            })
+            .collect::<Vec<_>>(),
     )
     .view([b, t - 1]);
     (logits, teacher, ids, amask, tmask)
@@ -58,14 +63,20 @@ fn losses_and_gradients_match_pytorch_reference() {
     let cases: Vec<(&str, LossFn)> = vec![
         ("nll", Box::new(|z| losses::nll(&losses::target_logprobs(z, &ids, &tmask), n_targets))),
         ("nlul", Box::new(|z| losses::nlul(z, &ids, &tmask, tol, n_targets))),
-        ("npo_standard", Box::new(|z| {
-            let lp = losses::target_logprobs(z, &ids, &tmask);
-            losses::npo(&lp, &ref_sums, beta, NpoVariant::Standard, b as f64, n_targets, t as f64)
-        })),
-        ("npo_mt", Box::new(|z| {
-            let lp = losses::target_logprobs(z, &ids, &tmask);
-            losses::npo(&lp, &ref_sums, beta, NpoVariant::MtUnlearn, b as f64, n_targets, t as f64)
-        })),
+        (
+            "npo_standard",
+            Box::new(|z| {
+                let lp = losses::target_logprobs(z, &ids, &tmask);
+                losses::npo(&lp, &ref_sums, beta, NpoVariant::Standard, b as f64, n_targets, t as f64)
+            }),
+        ),
+        (
+            "npo_mt",
+            Box::new(|z| {
+                let lp = losses::target_logprobs(z, &ids, &tmask);
+                losses::npo(&lp, &ref_sums, beta, NpoVariant::MtUnlearn, b as f64, n_targets, t as f64)
+            }),
+        ),
         ("kl", Box::new(|z| losses::kl_to_teacher(z, &teacher, &amask, (b * t) as f64))),
         ("qkl", Box::new(|z| losses::qkl_to_teacher(z, &teacher, &amask, (b * t) as f64))),
     ];

@@ -12,8 +12,8 @@ use std::sync::OnceLock;
 use serde_json::{json, Value};
 use unlearn::data::formats::read_json_values;
 use unlearn::eval::metrics::{
-    hmean, ks_2samp, min_k_score, muse_auc, privleak, roc_auc, roc_curve, rouge_l, tofu, KsMethod, MinKRounding,
-    PorterStemmer, RougeTokenizer, AUC_RETRAIN_BOOKS, AUC_RETRAIN_NEWS,
+    hmean, ks_2samp, min_k_score, muse_auc, privleak, roc_auc, roc_curve, rouge_l, tofu, KsMethod, MinKRounding, PorterStemmer,
+    RougeTokenizer, AUC_RETRAIN_BOOKS, AUC_RETRAIN_NEWS,
 };
 
 /// splitmix64: a fixed, dependency-free stream of test inputs.
@@ -92,7 +92,10 @@ fn rouge_cases(rng: &mut Rng) -> Vec<(String, String)> {
         ("revival allowance inference airliner gyroscopic adjustable defensible", "reviv allow infer"),
         ("irritant replacement adjustment dependent adoption homologou communism", "irrit replac adjust"),
         ("activate angulariti homologous effective bowdlerize probate rate cease controll roll", "activ angular"),
-        ("agreed feed plastered bled motoring sing conflated troubled sized hopping tanned falling hissing fizzed failing filing", "agre feed plaster"),
+        (
+            "agreed feed plastered bled motoring sing conflated troubled sized hopping tanned falling hissing fizzed failing filing",
+            "agre feed plaster",
+        ),
         ("happy sky enjoy spy fly try spied tried flies", "happi sky enjoy"),
         ("analogousli vileli radicalli differentli conformabli", "analog vile radic"),
         ("archaeology theology biology hopefulli", "archaeolog theolog biolog hope"),
@@ -128,7 +131,28 @@ fn rouge_cases(rng: &mut Rng) -> Vec<(String, String)> {
     }
 
     // Word salad from a small vocabulary: non-trivial LCS, repeated and stemmable tokens.
-    let vocab = ["the", "The", "author", "authors", "wrote", "writing", "books", "book", "in", "1956,", "Kuwait", "city", "cities", "é", "fiction", "fictional", "a", "of", "born", "was"];
+    let vocab = [
+        "the",
+        "The",
+        "author",
+        "authors",
+        "wrote",
+        "writing",
+        "books",
+        "book",
+        "in",
+        "1956,",
+        "Kuwait",
+        "city",
+        "cities",
+        "é",
+        "fiction",
+        "fictional",
+        "a",
+        "of",
+        "born",
+        "was",
+    ];
     for _ in 0..60 {
         let pick = |rng: &mut Rng, n: usize| (0..n).map(|_| vocab[rng.below(vocab.len())]).collect::<Vec<_>>().join(" ");
         let (la, lb) = (1 + rng.below(40), 1 + rng.below(40));
@@ -161,10 +185,75 @@ fn stem_vocabulary() -> Vec<String> {
     let tok = RougeTokenizer::new(false);
     let mut words: BTreeSet<String> = texts.iter().flat_map(|t| tok.tokenize(t)).collect();
     for w in [
-        "y", "yy", "yyy", "yyyy", "syzygy", "toy", "ay", "by", "ies", "ied", "ties", "tied", "dies", "died", "lies", "sses", "eed", "feed", "agreed", "bleed",
-        "ing", "sing", "singing", "ed", "bled", "alli", "logi", "fulli", "bli", "abli", "ization", "ational", "tional", "ousli", "entli", "eli", "ss", "s",
-        "is", "as", "us", "yes", "eye", "aye", "yea", "quay", "queueing", "skying", "spied", "ional", "ion", "sion", "tion", "ment", "ement", "ent",
-        "xxxx", "aaaa", "abcdefghijklmnopqrstuvwxyz", "12345", "4th", "1950s", "mp3s", "ll", "all", "ball", "controll", "installation", "hopefulli",
+        "y",
+        "yy",
+        "yyy",
+        "yyyy",
+        "syzygy",
+        "toy",
+        "ay",
+        "by",
+        "ies",
+        "ied",
+        "ties",
+        "tied",
+        "dies",
+        "died",
+        "lies",
+        "sses",
+        "eed",
+        "feed",
+        "agreed",
+        "bleed",
+        "ing",
+        "sing",
+        "singing",
+        "ed",
+        "bled",
+        "alli",
+        "logi",
+        "fulli",
+        "bli",
+        "abli",
+        "ization",
+        "ational",
+        "tional",
+        "ousli",
+        "entli",
+        "eli",
+        "ss",
+        "s",
+        "is",
+        "as",
+        "us",
+        "yes",
+        "eye",
+        "aye",
+        "yea",
+        "quay",
+        "queueing",
+        "skying",
+        "spied",
+        "ional",
+        "ion",
+        "sion",
+        "tion",
+        "ment",
+        "ement",
+        "ent",
+        "xxxx",
+        "aaaa",
+        "abcdefghijklmnopqrstuvwxyz",
+        "12345",
+        "4th",
+        "1950s",
+        "mp3s",
+        "ll",
+        "all",
+        "ball",
+        "controll",
+        "installation",
+        "hopefulli",
     ] {
         words.insert(w.to_string());
     }
@@ -208,7 +297,9 @@ fn ks_cases(rng: &mut Rng) -> Vec<(Vec<f64>, Vec<f64>)> {
             cases.push((rng.grid(n1, 0.0), rng.grid(n2, shift)));
         }
         // Truth-ratio-like values (exp of a normal), heavy ties from 2-decimal rounding.
-        let tr = |rng: &mut Rng, n: usize, mu: f64| -> Vec<f64> { (0..n).map(|_| ((mu + 0.5 * rng.normal()).exp() * 100.0).round() / 100.0).collect() };
+        let tr = |rng: &mut Rng, n: usize, mu: f64| -> Vec<f64> {
+            (0..n).map(|_| ((mu + 0.5 * rng.normal()).exp() * 100.0).round() / 100.0).collect()
+        };
         cases.push((tr(rng, n1, 0.0), tr(rng, n2, 0.2)));
     }
     // Interleaved samples: the smallest non-zero D (h = 1), where P(D >= h/lcm) is ~1 and scipy's
@@ -252,8 +343,32 @@ fn kstwo_grid() -> Vec<(f64, u64)> {
         let nf = n as f64;
         let rt = nf.sqrt();
         let ds = [
-            1e-4, 1e-3, 0.3 / nf, 0.6 / nf, 0.9 / nf, 1.0 / nf, 1.5 / nf, 3.0 / nf, 0.3 / rt, 0.5 / rt, 0.8 / rt, 1.0 / rt, 1.2 / rt, 1.5 / rt, 2.0 / rt,
-            3.0 / rt, 5.0 / rt, 10.0 / rt, 20.0 / rt, 0.1, 0.3, 0.5, 0.7, 1.0 - 1.0 / nf, 1.0 - 0.5 / nf, 0.9999,
+            1e-4,
+            1e-3,
+            0.3 / nf,
+            0.6 / nf,
+            0.9 / nf,
+            1.0 / nf,
+            1.5 / nf,
+            3.0 / nf,
+            0.3 / rt,
+            0.5 / rt,
+            0.8 / rt,
+            1.0 / rt,
+            1.2 / rt,
+            1.5 / rt,
+            2.0 / rt,
+            3.0 / rt,
+            5.0 / rt,
+            10.0 / rt,
+            20.0 / rt,
+            0.1,
+            0.3,
+            0.5,
+            0.7,
+            1.0 - 1.0 / nf,
+            1.0 - 0.5 / nf,
+            0.9999,
         ];
         for d in ds {
             if d > 0.0 && d < 1.0 {
@@ -268,7 +383,23 @@ fn smirnov_grid() -> Vec<(f64, i64)> {
     let mut grid = Vec::new();
     for n in [1i64, 2, 5, 10, 11, 50, 141, 1000, 5000, 100_000, 2_000_000] {
         let nf = n as f64;
-        for d in [0.5 / nf, 1.0 / nf, 2.0 / nf, 3.0 / nf, 0.1 / nf.sqrt(), 0.5 / nf.sqrt(), 1.0 / nf.sqrt(), 2.0 / nf.sqrt(), 4.0 / nf.sqrt(), 0.05, 0.2, 0.5, 0.9, 1.0 - 1.0 / nf, 1.0 - 0.5 / nf] {
+        for d in [
+            0.5 / nf,
+            1.0 / nf,
+            2.0 / nf,
+            3.0 / nf,
+            0.1 / nf.sqrt(),
+            0.5 / nf.sqrt(),
+            1.0 / nf.sqrt(),
+            2.0 / nf.sqrt(),
+            4.0 / nf.sqrt(),
+            0.05,
+            0.2,
+            0.5,
+            0.9,
+            1.0 - 1.0 / nf,
+            1.0 - 0.5 / nf,
+        ] {
             if d > 0.0 && d < 1.0 {
                 grid.push((d, n));
             }
@@ -293,7 +424,8 @@ fn mink_cases(rng: &mut Rng) -> Vec<(Vec<f64>, f64)> {
     let mut cases = Vec::new();
     for i in 0..40 {
         let n = rng.below(400);
-        let lp: Vec<f64> = (0..n).map(|_| if i % 4 == 0 { -(rng.below(5) as f64) } else { -(-rng.uniform().max(1e-12).ln()) * 3.0 }).collect();
+        let lp: Vec<f64> =
+            (0..n).map(|_| if i % 4 == 0 { -(rng.below(5) as f64) } else { -(-rng.uniform().max(1e-12).ln()) * 3.0 }).collect();
         let k = [0.05, 0.1, 0.2, 0.4, 0.6, 1.0][i % 6];
         cases.push((lp, k));
     }
@@ -336,7 +468,10 @@ fn reference() -> &'static Reference {
     REF.get_or_init(|| {
         let mut rng = Rng(20240611);
         let rouge: Vec<Value> = rouge_cases(&mut rng).into_iter().map(|(r, p)| json!({"reference": r, "prediction": p})).collect();
-        let auc: Vec<Value> = auc_cases(&mut rng).into_iter().map(|(l, s)| json!({"labels": l.iter().map(|&b| b as u8).collect::<Vec<_>>(), "scores": s})).collect();
+        let auc: Vec<Value> = auc_cases(&mut rng)
+            .into_iter()
+            .map(|(l, s)| json!({"labels": l.iter().map(|&b| b as u8).collect::<Vec<_>>(), "scores": s}))
+            .collect();
         let muse: Vec<Value> = (0..12)
             .map(|i| {
                 let (nf, nh) = if i < 10 { (100, 100) } else { (37, 5) };
@@ -520,7 +655,8 @@ fn ks_2samp_matches_scipy_exact_and_asymptotic() {
         let (a, b) = (f64s(&c["a"]), f64s(&c["b"]));
         let got = ks_2samp(&a, &b).unwrap();
         let (want_d, want_p) = (pf(&o["statistic"]).unwrap(), pf(&o["pvalue"]).unwrap());
-        let scipy_fell_back = o["warnings"].as_array().unwrap().iter().any(|w| w.as_str().unwrap_or("").contains("Exact calculation unsuccessful"));
+        let scipy_fell_back =
+            o["warnings"].as_array().unwrap().iter().any(|w| w.as_str().unwrap_or("").contains("Exact calculation unsuccessful"));
         let expect_exact = a.len().max(b.len()) <= 10_000 && !scipy_fell_back;
         let what = format!("n = {}, {}, D = {want_d}", a.len(), b.len());
         assert_eq!(got.method == KsMethod::Exact, expect_exact, "method for {what}: {got:?}, scipy warnings {}", o["warnings"]);
@@ -602,7 +738,11 @@ fn tofu_aggregates_match_legacy_formulas() {
             dev.check(tofu::utility_truth_ratio(&s), pf(&want["utility_tr"]).unwrap(), format_args!("{model} utility TR"));
             dev.check(tofu::mean_answer_prob(&para), pf(&want["prob"]).unwrap(), format_args!("{model} prob"));
             let questions: Vec<(f64, Vec<f64>)> = para.iter().copied().zip(pert.iter().cloned()).collect();
-            dev.check(tofu::mean_normalized_true_prob(&questions), pf(&want["norm_prob"]).unwrap(), format_args!("{model} normalized prob"));
+            dev.check(
+                tofu::mean_normalized_true_prob(&questions),
+                pf(&want["norm_prob"]).unwrap(),
+                format_args!("{model} normalized prob"),
+            );
             stats.push(s);
         }
         dev.check(tofu::forget_quality(&stats[0], &stats[1]).unwrap(), pf(&o["forget_quality"]).unwrap(), "forget quality");

@@ -37,7 +37,10 @@ fn load_save_load_is_bit_identical_and_sharded_saves_load_in_transformers() {
     // Sharded: a 64 KiB shard limit splits the tiny model into many files plus an index.
     let sharded = tmp.path().join("sharded");
     save_model(&mut loaded.model, &loaded.raw_config, &sharded, Some(&src), 64 * 1024).unwrap();
-    let shards = std::fs::read_dir(&sharded).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".safetensors")).count();
+    let shards = std::fs::read_dir(&sharded)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".safetensors"))
+        .count();
     assert!(shards > 2, "expected several shards, got {shards}");
     assert!(sharded.join("model.safetensors.index.json").exists());
     let c = sorted_tensors(&sharded);
@@ -55,7 +58,10 @@ fn load_save_load_is_bit_identical_and_sharded_saves_load_in_transformers() {
     let inp = tmp.path().join("in.safetensors");
     let logits_file = tmp.path().join("logits.safetensors");
     Tensor::write_safetensors(&[("input_ids", &ids), ("attention_mask", &mask)], &inp).unwrap();
-    run_py("hf_ref.py", &["logits", "--model", sharded.to_str().unwrap(), "--inputs", inp.to_str().unwrap(), "--out", logits_file.to_str().unwrap()]);
+    run_py(
+        "hf_ref.py",
+        &["logits", "--model", sharded.to_str().unwrap(), "--inputs", inp.to_str().unwrap(), "--out", logits_file.to_str().unwrap()],
+    );
     let hf = Tensor::read_safetensors(&logits_file).unwrap().remove(0).1;
     let ours = tch::no_grad(|| reloaded.model.forward(&ids, Some(&mask), None));
     let diff = (&ours - &hf).abs().max().double_value(&[]);
@@ -66,7 +72,8 @@ fn load_save_load_is_bit_identical_and_sharded_saves_load_in_transformers() {
 /// Run `unlearn score` on `model` and expect failure with every needle in the message.
 fn expect_score_error(model: &Path, data: &Path, needles: &[&str]) {
     let out = model.parent().unwrap().join("scores.jsonl");
-    let (ok, _, err) = run_unlearn(&["score", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let (ok, _, err) =
+        run_unlearn(&["score", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()]);
     println!("{}", err.lines().last().unwrap_or(""));
     assert!(!ok, "expected failure");
     for n in needles {

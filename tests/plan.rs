@@ -60,9 +60,27 @@ fn preset_counts_and_zero2_resident_state_match_transformers() {
         ("phi3.5-mini", PHI3_5_MINI),
     ] {
         let (total, matrices) = counts(&["--config", cfg]);
-        let args = ["--preset", preset, "--world-size", "8", "--method", "mean-teacher", "--zero", "2", "--batch", "32", "--seq", "1024", "--recompute"];
+        let args = [
+            "--preset",
+            preset,
+            "--world-size",
+            "8",
+            "--method",
+            "mean-teacher",
+            "--zero",
+            "2",
+            "--batch",
+            "32",
+            "--seq",
+            "1024",
+            "--recompute",
+        ];
         let p = plan(&[&args[..], &["--reduce", "micro-batch"]].concat());
-        println!("{preset}: transformers {total} params, {matrices} in matrices; plan peak {:.2} GiB ({})", p["peak_bytes"].as_f64().unwrap() / 1073741824.0, p["peak_phase"]);
+        println!(
+            "{preset}: transformers {total} params, {matrices} in matrices; plan peak {:.2} GiB ({})",
+            p["peak_bytes"].as_f64().unwrap() / 1073741824.0,
+            p["peak_phase"]
+        );
         assert_eq!(p["params"].as_i64(), Some(total), "{preset}: total parameters");
         assert_eq!(p["trainable_params"].as_i64(), Some(matrices), "{preset}: trainable (matrices)");
         // What Trainer::new keeps at ZeRO-2, bf16, AdamW, mean teacher with a teacher replica,
@@ -96,10 +114,24 @@ fn model_dir_counts_match_its_safetensors() {
     let model = make_tiny_model(&tmp.path().join("m"), r#"{"num_key_value_heads": 2, "tie_word_embeddings": true}"#, 3, "bytebpe");
     let (total, matrices) = counts(&["--model", model.to_str().unwrap()]);
     // NGDiff trains every weight by default: ask for the matrices to count them.
-    let p = plan(&["--model", model.to_str().unwrap(), "--world-size", "2", "--method", "ngdiff", "--zero", "1", "--device", "cpu", "--trainable", "matrices"]);
+    let p = plan(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--world-size",
+        "2",
+        "--method",
+        "ngdiff",
+        "--zero",
+        "1",
+        "--device",
+        "cpu",
+        "--trainable",
+        "matrices",
+    ]);
     assert_eq!(p["params"].as_i64(), Some(total));
     assert_eq!(p["trainable_params"].as_i64(), Some(matrices));
-    let all = plan(&["--model", model.to_str().unwrap(), "--world-size", "2", "--method", "ngdiff", "--trainable", "all", "--device", "cpu"]);
+    let all =
+        plan(&["--model", model.to_str().unwrap(), "--world-size", "2", "--method", "ngdiff", "--trainable", "all", "--device", "cpu"]);
     assert_eq!(all["trainable_params"].as_i64(), Some(total));
     assert_eq!(all["frozen_params"].as_i64(), Some(0));
 }
@@ -160,8 +192,22 @@ fn step_time_flops_match_torch_and_the_issue_command_prints_the_step() {
     let cfg = r#"{"vocab_size":320,"hidden_size":64,"intermediate_size":96,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2}"#;
     let model = make_tiny_model(&tmp.path().join("m"), cfg, 3, "bytebpe");
     let (batch, seq) = (2.0, 64.0);
-    let torch: Value = serde_json::from_str(&run_py("hf_ref.py", &["count-flops", "--config", cfg, "--batch", "2", "--seq", "64"])).unwrap();
-    let p = plan(&["--model", model.to_str().unwrap(), "--world-size", "1", "--method", "finetune", "--device", "cpu", "--batch", "2", "--seq", "64"]);
+    let torch: Value =
+        serde_json::from_str(&run_py("hf_ref.py", &["count-flops", "--config", cfg, "--batch", "2", "--seq", "64"])).unwrap();
+    let p = plan(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--world-size",
+        "1",
+        "--method",
+        "finetune",
+        "--device",
+        "cpu",
+        "--batch",
+        "2",
+        "--seq",
+        "64",
+    ]);
     let f = &p["step_time"]["flops"];
     let ours = |k: &str| f[k].as_f64().unwrap() * batch * seq;
     let t = |k: &str| torch[k].as_f64().unwrap();
@@ -171,7 +217,8 @@ fn step_time_flops_match_torch_and_the_issue_command_prints_the_step() {
     assert_eq!(fwd, want_fwd);
     assert_eq!(bwd, want_bwd);
 
-    let (ok, out, err) = run_unlearn(&["plan", "--preset", "llama2-7b", "--world-size", "16", "--fabric", "ib-400g-x1", "--method", "mean-teacher"]);
+    let (ok, out, err) =
+        run_unlearn(&["plan", "--preset", "llama2-7b", "--world-size", "16", "--fabric", "ib-400g-x1", "--method", "mean-teacher"]);
     assert!(ok, "{err}");
     let step = out.lines().find(|l| l.contains("predicted step time")).unwrap_or_else(|| panic!("no predicted step time:\n{out}"));
     let exposed = out.lines().find(|l| l.contains("exposed")).unwrap_or_else(|| panic!("no exposed communication:\n{out}"));
@@ -181,12 +228,35 @@ fn step_time_flops_match_torch_and_the_issue_command_prints_the_step() {
     // The promised bytes at 7B: mean teacher, grad_accum 5, ZeRO-2 on 16 ranks reduces its one
     // fp32 buffer once per step; before, both objectives every micro-batch.
     let j = plan(&[
-        "--preset", "llama2-7b", "--world-size", "16", "--fabric", "ib-400g-x1", "--method", "mean-teacher", "--zero", "2", "--batch", "16",
-        "--seq", "1024", "--grad-accum", "5", "--recompute", "--reduce", "step",
+        "--preset",
+        "llama2-7b",
+        "--world-size",
+        "16",
+        "--fabric",
+        "ib-400g-x1",
+        "--method",
+        "mean-teacher",
+        "--zero",
+        "2",
+        "--batch",
+        "16",
+        "--seq",
+        "1024",
+        "--grad-accum",
+        "5",
+        "--recompute",
+        "--reduce",
+        "step",
     ]);
     let flat = j["flat_elems"].as_f64().unwrap();
     let bytes = |design: &str| -> f64 {
-        j["step_time"][design]["comm"].as_array().unwrap().iter().filter(|r| r["what"] == "gradient reduction").map(|r| r["bytes"].as_f64().unwrap()).sum()
+        j["step_time"][design]["comm"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["what"] == "gradient reduction")
+            .map(|r| r["bytes"].as_f64().unwrap())
+            .sum()
     };
     assert_eq!(bytes("now"), 4.0 * flat);
     assert_eq!(bytes("before"), 10.0 * 4.0 * flat);

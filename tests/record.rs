@@ -108,8 +108,11 @@ fn export_and_eval_write_print_and_chain_records() {
     assert_software(&r["software"]);
     let ort = run_py_code("import onnxruntime; print(onnxruntime.__version__)");
     assert!(r["software"]["onnxruntime"].as_str().unwrap().starts_with(&ort), "onnxruntime {} vs {ort}", r["software"]["onnxruntime"]);
-    let leftovers: Vec<String> =
-        std::fs::read_dir(&onnx).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.contains("tmp")).collect();
+    let leftovers: Vec<String> = std::fs::read_dir(&onnx)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tmp"))
+        .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 
     // Eval: its own record next to report.json, naming the model, the benchmark data and the
@@ -117,7 +120,24 @@ fn export_and_eval_write_print_and_chain_records() {
     // the weights) and keeps the definition eval reports always had.
     let out = tmp.path().join("eval");
     let data = shared_data().join("tofu");
-    let args = ["eval", "tofu", "--model", s(&model), "--out", s(&out), "--data", s(&data), "--forget", "forget01", "--max-samples", "2", "--max-new-tokens", "4", "--device", "cpu"];
+    let args = [
+        "eval",
+        "tofu",
+        "--model",
+        s(&model),
+        "--out",
+        s(&out),
+        "--data",
+        s(&data),
+        "--forget",
+        "forget01",
+        "--max-samples",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+    ];
     let (ok, _, err) = run_unlearn(&args);
     assert!(ok, "{err}");
     assert_eq!(logged_hash(&err, "record given:"), given_hash);
@@ -136,7 +156,11 @@ fn export_and_eval_write_print_and_chain_records() {
     assert_eq!(bench["role"], "benchmark");
     assert_files_match(&data, &bench["files"], &[]);
     assert_software(&r["software"]);
-    println!("export record {written}; eval record: {} models, {} data files", r["models"].as_array().unwrap().len(), bench["files"].as_array().unwrap().len());
+    println!(
+        "export record {written}; eval record: {} models, {} data files",
+        r["models"].as_array().unwrap().len(),
+        bench["files"].as_array().unwrap().len()
+    );
 }
 
 #[test]
@@ -176,7 +200,16 @@ fn run_record_and_model_card() {
     let table = "| metric | value |\n|---|---|\n| forget_quality | 0.5 |\n";
     record::write_model_card(&out, &rec, Some(table)).unwrap();
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
-    for needle in ["graddiff unlearning of", s(&forget), s(&retain), "| forget_quality | 0.5 |", &h, "train.seed = 17", "4 rank(s), ZeRO stage 1", "5 steps"] {
+    for needle in [
+        "graddiff unlearning of",
+        s(&forget),
+        s(&retain),
+        "| forget_quality | 0.5 |",
+        &h,
+        "train.seed = 17",
+        "4 rank(s), ZeRO stage 1",
+        "5 steps",
+    ] {
         assert!(card.contains(needle), "model card lacks {needle:?}:\n{card}");
     }
     // The card and the record are not model files: a model directory's digest ignores them.
@@ -200,5 +233,10 @@ fn hashing_the_demo_model_reads_each_file_once() {
     let weights = d.files.iter().find(|f| f.name == "model.safetensors").unwrap();
     assert_eq!(weights.sha256, sha256sum(&smol.join("model.safetensors")));
     assert_eq!(d.weights_sha256.as_deref().unwrap(), unlearn::eval::report::model_sha256(&smol).unwrap());
-    println!("SmolLM2-135M: {} files, {:.0} MB hashed in {secs:.2} s ({:.0} MB/s; shared machine, noisy)", d.files.len(), bytes as f64 / 1e6, bytes as f64 / 1e6 / secs);
+    println!(
+        "SmolLM2-135M: {} files, {:.0} MB hashed in {secs:.2} s ({:.0} MB/s; shared machine, noisy)",
+        d.files.len(),
+        bytes as f64 / 1e6,
+        bytes as f64 / 1e6 / secs
+    );
 }

@@ -104,7 +104,15 @@ fn run_case(name: &str, method_toml: &str, optim_toml: &str, py_extra: &str) {
     let init: HashMap<String, Tensor> = Tensor::read_safetensors(model.join("model.safetensors")).unwrap().into_iter().collect();
     let mut flat = vec![];
     for l in 0..2 {
-        for m in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] {
+        for m in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ] {
             flat.push(init[&format!("model.layers.{l}.{m}.weight")].reshape([-1]));
         }
     }

@@ -60,7 +60,10 @@ fn chat_templates_equal_transformers_apply_chat_template() {
     let shots: Vec<(String, String)> = pairs[..2].to_vec();
     for (dir, eot, kinds) in cases(&tmp.path().join("m")) {
         let out = tmp.path().join("ref.json");
-        run_py("template_ref.py", &["render", "--model", dir.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--shots", "2"]);
+        run_py(
+            "template_ref.py",
+            &["render", "--model", dir.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--shots", "2"],
+        );
         let reference: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
         assert_eq!(reference.len(), pairs.len());
         let tok = tokenizer(&dir);
@@ -142,15 +145,34 @@ fn score_with_a_template_equals_transformers_answer_nll() {
     let records: Vec<Value> = pairs().iter().map(|(q, a)| serde_json::json!({"question": q, "answer": a})).collect();
     let data = tmp.path().join("qa.json");
     std::fs::write(&data, serde_json::to_string(&records).unwrap()).unwrap();
-    for (name, eot, template) in [("llama2", "</s>", "llama2-chat"), ("llama3", "<|eot_id|>", "model"), ("llama32", "<|eot_id|>", "model"), ("chatml", "<|im_end|>", "chatml")] {
+    for (name, eot, template) in [
+        ("llama2", "</s>", "llama2-chat"),
+        ("llama3", "<|eot_id|>", "model"),
+        ("llama32", "<|eot_id|>", "model"),
+        ("chatml", "<|im_end|>", "chatml"),
+    ] {
         let dir = tmp.path().join("m").join(name);
         let (ours, theirs) = (tmp.path().join(format!("{name}.ours.jsonl")), tmp.path().join(format!("{name}.hf.jsonl")));
         let (ok, _, err) = run_unlearn(&[
-            "score", "--model", dir.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", ours.to_str().unwrap(), "--template", template, "--device", "cpu",
+            "score",
+            "--model",
+            dir.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            ours.to_str().unwrap(),
+            "--template",
+            template,
+            "--device",
+            "cpu",
         ]);
         assert!(ok, "{err}");
-        run_py("template_ref.py", &["score", "--model", dir.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", theirs.to_str().unwrap(), "--eot", eot]);
-        let read = |p: &Path| -> Vec<Value> { std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect() };
+        run_py(
+            "template_ref.py",
+            &["score", "--model", dir.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", theirs.to_str().unwrap(), "--eot", eot],
+        );
+        let read =
+            |p: &Path| -> Vec<Value> { std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect() };
         let (ours, theirs) = (read(&ours), read(&theirs));
         assert_eq!((ours.len(), theirs.len()), (records.len(), records.len()));
         let mut worst = 0f64;
@@ -216,8 +238,22 @@ fn run_from_a_hub_id_with_a_chat_template_then_eval_uses_the_runs_template() {
     let eval_dir = tmp.path().join("eval");
     let final_dir = run_dir.join("final");
     let (ok, err) = unlearn(&[
-        "eval", "tofu", "--model", final_dir.to_str().unwrap(), "--out", eval_dir.to_str().unwrap(), "--forget", "forget01", "--data", tofu.to_str().unwrap(),
-        "--max-samples", "2", "--max-new-tokens", "8", "--device", "cpu",
+        "eval",
+        "tofu",
+        "--model",
+        final_dir.to_str().unwrap(),
+        "--out",
+        eval_dir.to_str().unwrap(),
+        "--forget",
+        "forget01",
+        "--data",
+        tofu.to_str().unwrap(),
+        "--max-samples",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--device",
+        "cpu",
     ]);
     assert!(ok, "{err}");
     let report: Value = serde_json::from_str(&std::fs::read_to_string(eval_dir.join("report.json")).unwrap()).unwrap();
@@ -229,31 +265,80 @@ fn run_from_a_hub_id_with_a_chat_template_then_eval_uses_the_runs_template() {
     // MUSE KnowMem with a chat template: the 10 ICL pairs are earlier turns of the conversation.
     let muse_dir = tmp.path().join("eval-muse");
     let (ok, err) = unlearn(&[
-        "eval", "muse", "--model", final_dir.to_str().unwrap(), "--out", muse_dir.to_str().unwrap(), "--data", shared_data().join("muse/news").to_str().unwrap(),
-        "--parts", "knowmem-f", "--max-samples", "2", "--max-new-tokens-knowmem", "4", "--device", "cpu",
+        "eval",
+        "muse",
+        "--model",
+        final_dir.to_str().unwrap(),
+        "--out",
+        muse_dir.to_str().unwrap(),
+        "--data",
+        shared_data().join("muse/news").to_str().unwrap(),
+        "--parts",
+        "knowmem-f",
+        "--max-samples",
+        "2",
+        "--max-new-tokens-knowmem",
+        "4",
+        "--device",
+        "cpu",
     ]);
     assert!(ok, "{err}");
-    let first: Value = serde_json::from_str(std::fs::read_to_string(muse_dir.join("samples.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    let first: Value =
+        serde_json::from_str(std::fs::read_to_string(muse_dir.join("samples.jsonl")).unwrap().lines().next().unwrap()).unwrap();
     let prompt = first["prompt"].as_str().unwrap();
     assert_eq!(prompt.matches("<|im_start|>assistant\n").count(), 11, "10 ICL answers and the generation prompt: {prompt}");
     assert!(prompt.ends_with("<|im_end|>\n<|im_start|>assistant\n"), "{prompt}");
 
     // Truth statistics of a chatml evaluation cannot serve a phi-qa one.
     let (ok, err) = unlearn(&[
-        "eval", "tofu", "--model", final_dir.to_str().unwrap(), "--out", tmp.path().join("eval2").to_str().unwrap(), "--forget", "forget01",
-        "--data", tofu.to_str().unwrap(), "--max-samples", "2", "--max-new-tokens", "4", "--device", "cpu", "--template", "phi-qa",
-        "--retain-stats", eval_dir.to_str().unwrap(),
+        "eval",
+        "tofu",
+        "--model",
+        final_dir.to_str().unwrap(),
+        "--out",
+        tmp.path().join("eval2").to_str().unwrap(),
+        "--forget",
+        "forget01",
+        "--data",
+        tofu.to_str().unwrap(),
+        "--max-samples",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "--template",
+        "phi-qa",
+        "--retain-stats",
+        eval_dir.to_str().unwrap(),
     ]);
     assert!(!ok && err.contains("`chatml` prompt template"), "{err}");
 
     // The hub id works for --model too, and a missing one names the cache it looked in.
     let scores = tmp.path().join("scores.jsonl");
     let data = tofu.join("forget01.json");
-    let (ok, err) = unlearn(&["score", "--model", "tiny-org/tiny-chatml", "--data", data.to_str().unwrap(), "--out", scores.to_str().unwrap(), "--limit", "2", "--device", "cpu"]);
+    let (ok, err) = unlearn(&[
+        "score",
+        "--model",
+        "tiny-org/tiny-chatml",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        scores.to_str().unwrap(),
+        "--limit",
+        "2",
+        "--device",
+        "cpu",
+    ]);
     assert!(ok, "{err}");
     let (ok, err) = unlearn(&["score", "--model", "tiny-org/absent", "--data", data.to_str().unwrap(), "--out", scores.to_str().unwrap()]);
     assert!(!ok && err.contains(cache.join("models--tiny-org--absent").to_str().unwrap()) && err.contains("HF_HUB_CACHE"), "{err}");
-    println!("run from tiny-org/tiny-chatml (snapshot {}), eval template {}, missing id: {}", snap.display(), report["template"], err.trim());
+    println!(
+        "run from tiny-org/tiny-chatml (snapshot {}), eval template {}, missing id: {}",
+        snap.display(),
+        report["template"],
+        err.trim()
+    );
 
     // An unknown template value is refused with the allowed values.
     let (ok, err) = unlearn(&["run", "--config", cfg.to_str().unwrap(), "--set", "data.template=llama3"]);

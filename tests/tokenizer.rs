@@ -11,11 +11,21 @@ use unlearn::model::Config;
 fn texts() -> Vec<String> {
     let recs: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(shared_data().join("tofu/forget01.json")).unwrap()).unwrap();
-    let mut t: Vec<String> = recs.iter().take(10).flat_map(|r| [r["prompt"].as_str().unwrap().to_string(), r["response"].as_str().unwrap().to_string()]).collect();
+    let mut t: Vec<String> = recs
+        .iter()
+        .take(10)
+        .flat_map(|r| [r["prompt"].as_str().unwrap().to_string(), r["response"].as_str().unwrap().to_string()])
+        .collect();
     t.extend(
-        ["Café naïve — 東京 🙂 ½", "  leading spaces\n\nand blank lines\t tab", "numbers 1234567 and 3.14159", "", "Question: x?\nAnswer: y"]
-            .iter()
-            .map(|s| s.to_string()),
+        [
+            "Café naïve — 東京 🙂 ½",
+            "  leading spaces\n\nand blank lines\t tab",
+            "numbers 1234567 and 3.14159",
+            "",
+            "Question: x?\nAnswer: y",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
     );
     t
 }
@@ -31,7 +41,10 @@ fn token_ids_equal_transformers_for_sentencepiece_and_byte_level_bpe() {
         let tf = tmp.path().join("texts.json");
         let of = tmp.path().join("ids.json");
         std::fs::write(&tf, serde_json::to_string(&texts).unwrap()).unwrap();
-        run_py("hf_ref.py", &["tokenize", "--model", dir.to_str().unwrap(), "--texts", tf.to_str().unwrap(), "--out", of.to_str().unwrap()]);
+        run_py(
+            "hf_ref.py",
+            &["tokenize", "--model", dir.to_str().unwrap(), "--texts", tf.to_str().unwrap(), "--out", of.to_str().unwrap()],
+        );
         let theirs: Vec<Vec<i64>> = serde_json::from_str(&std::fs::read_to_string(&of).unwrap()).unwrap();
         assert_eq!(theirs.len(), texts.len());
         for (t, ids) in texts.iter().zip(&theirs) {
@@ -45,9 +58,36 @@ fn token_ids_equal_transformers_for_sentencepiece_and_byte_level_bpe() {
         let ours = tmp.path().join("ours.jsonl");
         let hf = tmp.path().join("hf.jsonl");
         let data = shared_data().join("tofu/forget01.json");
-        let (ok, _, err) = run_unlearn(&["score", "--model", dir.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", ours.to_str().unwrap(), "--limit", "12", "--max-len", "1024"]);
+        let (ok, _, err) = run_unlearn(&[
+            "score",
+            "--model",
+            dir.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            ours.to_str().unwrap(),
+            "--limit",
+            "12",
+            "--max-len",
+            "1024",
+        ]);
         assert!(ok, "{err}");
-        run_py("hf_ref.py", &["score", "--model", dir.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", hf.to_str().unwrap(), "--limit", "12", "--max-len", "1024"]);
+        run_py(
+            "hf_ref.py",
+            &[
+                "score",
+                "--model",
+                dir.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                hf.to_str().unwrap(),
+                "--limit",
+                "12",
+                "--max-len",
+                "1024",
+            ],
+        );
         let read = |p: &std::path::Path| -> Vec<serde_json::Value> {
             std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
         };

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use common::*;
 
 const NAMES: [&str; 16] = [
-    "Amaro", "Belisa", "Corvin", "Dalia", "Eskil", "Fenna", "Goran", "Hilde", "Ilario", "Jorun", "Kasimir", "Liora", "Magnus",
-    "Nerea", "Osric", "Petra",
+    "Amaro", "Belisa", "Corvin", "Dalia", "Eskil", "Fenna", "Goran", "Hilde", "Ilario", "Jorun", "Kasimir", "Liora", "Magnus", "Nerea",
+    "Osric", "Petra",
 ];
 /// Answer words of the retained facts and of the forgotten ones: disjoint pools, as the content
 /// of different people's records would be (with shared words, no method can lower one set's
@@ -45,7 +45,8 @@ fn run(cfg: &Path, sets: &[&str]) {
 }
 
 fn mean_nll(model: &Path, data: &Path, out: &Path) -> f64 {
-    let (ok, _, err) = run_unlearn(&["score", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let (ok, _, err) =
+        run_unlearn(&["score", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()]);
     assert!(ok, "score failed: {err}");
     let text = std::fs::read_to_string(out).unwrap();
     let v: Vec<f64> = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["nll"].as_f64().unwrap()).collect();
@@ -56,7 +57,12 @@ fn mean_nll(model: &Path, data: &Path, out: &Path) -> f64 {
 fn every_method_forgets_the_forget_facts_and_keeps_the_rest() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let base = make_tiny_model(&dir.join("base"), r#"{"hidden_size": 96, "intermediate_size": 192, "num_attention_heads": 4, "num_key_value_heads": 2}"#, 13, "bytebpe");
+    let base = make_tiny_model(
+        &dir.join("base"),
+        r#"{"hidden_size": 96, "intermediate_size": 192, "num_attention_heads": 4, "num_key_value_heads": 2}"#,
+        13,
+        "bytebpe",
+    );
     let (all, forget, retain) = write_facts(dir);
     let cfg = dir.join("cfg.toml");
     std::fs::write(
@@ -85,8 +91,18 @@ fn every_method_forgets_the_forget_facts_and_keeps_the_rest() {
         ("ngdiff", &["method.name=\"ngdiff\"", "optim.lr=0.002", "train.steps=30"]),
         (
             "mean-teacher",
-            &["method.name=\"mean-teacher\"", "method.alpha=1.0", "method.delta=0.05", "method.damp=1.0", "method.clip=1.0",
-              "optim.name=\"sgd\"", "optim.momentum=0.9", "optim.lr=0.5", "optim.weight_decay=0.0", "train.steps=40"],
+            &[
+                "method.name=\"mean-teacher\"",
+                "method.alpha=1.0",
+                "method.delta=0.05",
+                "method.damp=1.0",
+                "method.clip=1.0",
+                "optim.name=\"sgd\"",
+                "optim.momentum=0.9",
+                "optim.lr=0.5",
+                "optim.weight_decay=0.0",
+                "train.steps=40",
+            ],
         ),
     ];
     let mut failures = vec![];

@@ -59,7 +59,11 @@ pub fn run(args: &CommCheckArgs) -> Result<String> {
     comm.barrier()?;
     let failed: Vec<&str> = checks.iter().zip(&errs).filter(|(_, e)| **e != 0.0).map(|(c, _)| c.name.as_str()).collect();
     if !failed.is_empty() {
-        return Err(crate::Error::Mismatch(format!("comm-check ({}, {world} ranks): wrong results from {}", comm.backend(), failed.join(", "))));
+        return Err(crate::Error::Mismatch(format!(
+            "comm-check ({}, {world} ranks): wrong results from {}",
+            comm.backend(),
+            failed.join(", ")
+        )));
     }
     if rank != 0 {
         return Ok(String::new());
@@ -167,7 +171,16 @@ fn overlapped(comm: &dyn Collective, device: Device, n: i64) -> Result<f64> {
 /// The ZeRO paths: shard round trip, bucketed gather, reduce-scatter and all-reduce, on the flat
 /// layout of a small Llama (odd sizes, so buckets carry padding).
 fn flat_layout_checks(comm: &dyn Collective, device: Device) -> Result<Vec<Check>> {
-    let cfg = Config { vocab_size: 97, hidden_size: 40, intermediate_size: 72, num_hidden_layers: 3, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 10, ..Config::llama2_7b() };
+    let cfg = Config {
+        vocab_size: 97,
+        hidden_size: 40,
+        intermediate_size: 72,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 10,
+        ..Config::llama2_7b()
+    };
     let specs = param_specs(&cfg);
     let refs: Vec<_> = specs.iter().collect();
     let (rank, world) = (comm.rank(), comm.world());

@@ -182,7 +182,12 @@ fn fabric(args: &PlanArgs, device: Device, world: usize) -> Result<Fabric> {
     }
     let mut f = Fabric::named(name, args.ranks_per_node)?;
     if args.inter_gbps.is_some() || args.intra_gbps.is_some() || args.latency_us.is_some() {
-        f = Fabric::explicit(args.intra_gbps.unwrap_or(f.intra_gbs), args.inter_gbps.unwrap_or(f.inter_gbs), f.ranks_per_node, args.latency_us.unwrap_or(f.latency_us));
+        f = Fabric::explicit(
+            args.intra_gbps.unwrap_or(f.intra_gbs),
+            args.inter_gbps.unwrap_or(f.inter_gbs),
+            f.ranks_per_node,
+            args.latency_us.unwrap_or(f.latency_us),
+        );
     }
     Ok(f)
 }
@@ -210,9 +215,7 @@ impl Device {
 pub fn run(args: &PlanArgs) -> Result<String> {
     let world = args.world_size as usize;
     let (mut table, label) = match &args.config {
-        Some(path) => {
-            (crate::config::read_table(path)?, path.display().to_string())
-        }
+        Some(path) => (crate::config::read_table(path)?, path.display().to_string()),
         None => {
             // The keys a run config requires but a plan does not use.
             let mut t = Table::new();
@@ -246,7 +249,8 @@ pub fn run(args: &PlanArgs) -> Result<String> {
     if let Some(d) = device_flag {
         set("model.device", toml_choice(d.choice()));
     }
-    let dtype_flag = args.dtype.or_else(|| args.config.is_none().then_some(if device_flag == Some(Device::Cpu) { Dtype::Fp32 } else { Dtype::Bf16 }));
+    let dtype_flag =
+        args.dtype.or_else(|| args.config.is_none().then_some(if device_flag == Some(Device::Cpu) { Dtype::Fp32 } else { Dtype::Bf16 }));
     if let Some(d) = dtype_flag {
         set("model.dtype", toml_choice(d));
     }
@@ -345,4 +349,3 @@ pub fn run(args: &PlanArgs) -> Result<String> {
     }
     Ok(text + &plan.render())
 }
-

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::eval::plots::{metrics_svg, read_metrics_jsonl, training_svg};
 use crate::eval::outputs::stage_dir;
+use crate::eval::plots::{metrics_svg, read_metrics_jsonl, training_svg};
 use crate::eval::report::{metric_union, render_comparison, Report};
 use crate::model::weights::write_atomic;
 
@@ -80,7 +80,8 @@ fn comparison_json(reports: &[&Report]) -> String {
         let row = reports.iter().map(|r| (r.name.clone(), r.metrics.get(&key).and_then(|m| m.value))).collect();
         table.insert(key, row);
     }
-    let models: Vec<_> = reports.iter().map(|r| json!({"name": r.name, "path": r.model.path, "sha256": r.model.sha256, "benchmark": r.benchmark})).collect();
+    let models: Vec<_> =
+        reports.iter().map(|r| json!({"name": r.name, "path": r.model.path, "sha256": r.model.sha256, "benchmark": r.benchmark})).collect();
     serde_json::to_string_pretty(&json!({"models": models, "metrics": table})).expect("JSON serializes") + "\n"
 }
 

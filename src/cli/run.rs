@@ -7,8 +7,8 @@ use crate::checkpoint;
 use crate::config::RunConfig;
 use crate::dist::{self, watchdog};
 use crate::fault::{self, Fault};
-use crate::progress::Progress;
 use crate::monitor::{write_record, Monitor};
+use crate::progress::Progress;
 use crate::record::Record;
 use crate::signals;
 use crate::tensorboard::EventWriter;
@@ -39,7 +39,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let config_path = match (&args.config, &args.resume) {
         (Some(c), _) => c.clone(),
         (None, Some(dir)) if !dir.join("config.toml").is_file() => {
-            return Err(crate::input!("--resume {}: not a run directory (no config.toml); give --config FILE to start a run there", dir.display()))
+            return Err(crate::input!(
+                "--resume {}: not a run directory (no config.toml); give --config FILE to start a run there",
+                dir.display()
+            ))
         }
         (None, Some(dir)) => dir.join("config.toml"),
         (None, None) => return Err(crate::input!("give --config FILE (or --resume DIR of an earlier run)")),
@@ -61,7 +64,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // checkpoint are checked before anything is written, so bad input leaves no half-made run
     // directory behind and a refused resume keeps the run's config.toml.
     let inputs = [("model.path", cfg.model.path.as_path())].into_iter();
-    let data = cfg.data.forget.iter().map(|p| ("data.forget", p.as_path())).chain(cfg.data.retain.iter().map(|p| ("data.retain", p.as_path())));
+    let data =
+        cfg.data.forget.iter().map(|p| ("data.forget", p.as_path())).chain(cfg.data.retain.iter().map(|p| ("data.retain", p.as_path())));
     out_dir::check_inputs_outside(&out, &inputs.chain(data).collect::<Vec<_>>())?;
     let start = out_dir::decide(&out, args.resume.is_some(), args.overwrite)?;
     barrier(&*comm, "deciding how the run starts")?;
@@ -73,7 +77,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
             return Err(crate::Error::config(
                 config_path.display().to_string(),
                 "train.steps",
-                format!("{} is below the step of the checkpoint {} ({}); nothing to resume", cfg.train.steps, dir.display(), trainer.step()),
+                format!(
+                    "{} is below the step of the checkpoint {} ({}); nothing to resume",
+                    cfg.train.steps,
+                    dir.display(),
+                    trainer.step()
+                ),
             ));
         }
     }

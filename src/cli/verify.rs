@@ -55,10 +55,12 @@ pub fn run(args: &VerifyArgs) -> Result<()> {
         threads: args.threads,
         device: parse_device(&args.device)?,
     };
-    let out = args.out.clone().unwrap_or_else(|| {
-        onnx_file(&args.onnx).parent().map(|d| d.join("verify.json")).unwrap_or_else(|| "verify.json".into())
-    });
-    let inputs: Vec<&std::path::Path> = [Some(args.model.as_path()), Some(args.onnx.as_path()), args.prompts.as_deref()].into_iter().flatten().collect();
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| onnx_file(&args.onnx).parent().map(|d| d.join("verify.json")).unwrap_or_else(|| "verify.json".into()));
+    let inputs: Vec<&std::path::Path> =
+        [Some(args.model.as_path()), Some(args.onnx.as_path()), args.prompts.as_deref()].into_iter().flatten().collect();
     crate::files::check_output_file(&out, &inputs, Some("verify.json"))?;
     let report = verify(&opts)?;
     let mut text = serde_json::to_string_pretty(&report).expect("report serializes");

@@ -44,12 +44,7 @@ pub fn read_json_values(path: &Path) -> Result<Vec<Value>> {
         return Err(Error::format(path, "file is empty"));
     }
     if path.extension().is_some_and(|e| e == "txt") {
-        let docs: Vec<Value> = text
-            .split("\n\n")
-            .map(str::trim)
-            .filter(|d| !d.is_empty())
-            .map(|d| Value::String(d.to_string()))
-            .collect();
+        let docs: Vec<Value> = text.split("\n\n").map(str::trim).filter(|d| !d.is_empty()).map(|d| Value::String(d.to_string())).collect();
         return check_record_sizes(path, docs);
     }
     if let Ok(v) = serde_json::from_str::<Value>(&text) {
@@ -60,9 +55,8 @@ pub fn read_json_values(path: &Path) -> Result<Vec<Value>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(line).map_err(|e| {
-            Error::format(path, format!("line {}: not JSON ({e}); expected a JSON array or JSON lines", lineno + 1))
-        })?;
+        let v: Value = serde_json::from_str(line)
+            .map_err(|e| Error::format(path, format!("line {}: not JSON ({e}); expected a JSON array or JSON lines", lineno + 1)))?;
         out.extend(flatten(v));
     }
     check_record_sizes(path, out)
@@ -85,7 +79,11 @@ fn check_record_sizes(path: &Path, values: Vec<Value>) -> Result<Vec<Value>> {
     if let Some((i, n)) = values.iter().map(text_bytes).enumerate().find(|&(_, n)| n > MAX_RECORD_BYTES) {
         return Err(Error::format(
             path,
-            format!("record {i} holds {:.1} MB of text, above the limit of {} MiB per record; split it into several records", n as f64 / 1e6, MAX_RECORD_BYTES >> 20),
+            format!(
+                "record {i} holds {:.1} MB of text, above the limit of {} MiB per record; split it into several records",
+                n as f64 / 1e6,
+                MAX_RECORD_BYTES >> 20
+            ),
         ));
     }
     Ok(values)
@@ -114,9 +112,7 @@ fn to_record(v: &Value, path: &Path, i: usize) -> Result<Record> {
             let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
             Err(Error::format(
                 path,
-                format!(
-                    "record {i}: keys {keys:?} are not a known layout (expected question/answer, prompt/response, prompt/gt or text)"
-                ),
+                format!("record {i}: keys {keys:?} are not a known layout (expected question/answer, prompt/response, prompt/gt or text)"),
             ))
         }
         other => Err(Error::format(path, format!("record {i}: expected a string or an object, found {other}"))),

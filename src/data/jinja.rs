@@ -179,7 +179,11 @@ fn python_float(f: f64) -> String {
     if f.is_nan() {
         "NaN".into()
     } else if f.is_infinite() {
-        if f > 0.0 { "Infinity".into() } else { "-Infinity".into() }
+        if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        }
     } else if f == f.trunc() && f.abs() < 1e16 {
         format!("{f:.1}")
     } else {
@@ -234,7 +238,12 @@ mod tests {
         let v = context! { name => "é\"\n", n => 1, f => 0.5, l => vec![1, 2], e => Vec::<i32>::new() };
         assert_eq!(render("{{ v | tojson }}", context! { v => v.clone() }), r#"{"name": "é\"\n", "n": 1, "f": 0.5, "l": [1, 2], "e": []}"#);
         assert_eq!(render("{{ v | tojson(indent=2) }}", context! { v => vec![1] }), "[\n  1\n]");
-        assert!(environment("{{ raise_exception('bad role') }}").unwrap().get_template(TEMPLATE_NAME).unwrap().render(context! {}).is_err());
+        assert!(environment("{{ raise_exception('bad role') }}")
+            .unwrap()
+            .get_template(TEMPLATE_NAME)
+            .unwrap()
+            .render(context! {})
+            .is_err());
     }
 
     #[test]

@@ -86,7 +86,11 @@ impl Loader {
     /// not when the data changed since the state was saved).
     pub fn restore(&mut self, state: LoaderState) -> crate::Result<()> {
         if state.pos > self.examples.len() {
-            return Err(crate::other!("saved position {} is beyond the {} examples of this data (did the data files change?)", state.pos, self.examples.len()));
+            return Err(crate::other!(
+                "saved position {} is beyond the {} examples of this data (did the data files change?)",
+                state.pos,
+                self.examples.len()
+            ));
         }
         self.state = state;
         self.perm = self.permutation(state.epoch);
@@ -144,14 +148,7 @@ pub struct GlobalCounts {
 }
 
 /// Build this rank's batch from a global index list: rank r takes rows `r*b/W .. (r+1)*b/W`.
-pub fn local_batch(
-    examples: &[Example],
-    global: &[usize],
-    rank: usize,
-    world: usize,
-    pad_id: i64,
-    device: tch::Device,
-) -> LocalBatch {
+pub fn local_batch(examples: &[Example], global: &[usize], rank: usize, world: usize, pad_id: i64, device: tch::Device) -> LocalBatch {
     assert!(global.len().is_multiple_of(world), "global batch {} not divisible by world size {world}", global.len());
     let per = global.len() / world;
     let mine = &global[rank * per..(rank + 1) * per];

@@ -402,7 +402,10 @@ mod tests {
             render_named(TemplateKind::Llama3Chat, &msgs[..1], true),
             "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWho?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
         );
-        assert_eq!(render_named(TemplateKind::Chatml, &msgs, false), "<|im_start|>user\n Who? <|im_end|>\n<|im_start|>assistant\n Her.\n<|im_end|>\n");
+        assert_eq!(
+            render_named(TemplateKind::Chatml, &msgs, false),
+            "<|im_start|>user\n Who? <|im_end|>\n<|im_start|>assistant\n Her.\n<|im_end|>\n"
+        );
         assert_eq!(py_strip("\u{1f} x \u{a0}"), "x");
     }
 }

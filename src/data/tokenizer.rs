@@ -75,10 +75,7 @@ impl Tokenizer {
     /// Token ids of `text`; `special` adds the tokenizer's own specials (e.g. Llama's BOS),
     /// as `tokenizer(text)` does in transformers.
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<i64>> {
-        let enc = self
-            .inner
-            .encode(text, special)
-            .map_err(|e| Error::format(&self.path, format!("cannot encode text: {e}")))?;
+        let enc = self.inner.encode(text, special).map_err(|e| Error::format(&self.path, format!("cannot encode text: {e}")))?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 
@@ -91,26 +88,27 @@ impl Tokenizer {
         use tokenizers::PostProcessor;
         let n_special = self.inner.get_post_processor().map_or(0, |p| p.added_tokens(false));
         if max_len <= n_special {
-            return Err(Error::format(&self.path, format!("max_len {max_len} leaves no room next to the {n_special} special token(s) this tokenizer adds")));
+            return Err(Error::format(
+                &self.path,
+                format!("max_len {max_len} leaves no room next to the {n_special} special token(s) this tokenizer adds"),
+            ));
         }
         let mut enc = self.inner.encode(text, false).map_err(|e| Error::format(&self.path, format!("cannot encode text: {e}")))?;
         enc.truncate(max_len - n_special, 0, tokenizers::TruncationDirection::Right);
-        let enc = self.inner.post_process(enc, None, true).map_err(|e| Error::format(&self.path, format!("cannot add special tokens: {e}")))?;
+        let enc =
+            self.inner.post_process(enc, None, true).map_err(|e| Error::format(&self.path, format!("cannot add special tokens: {e}")))?;
         let ids = |e: &tokenizers::Encoding| e.get_ids().iter().map(|&i| i as i64).collect::<Vec<_>>();
         Ok(std::iter::once(ids(&enc)).chain(enc.get_overflowing().iter().map(ids)).collect())
     }
 
     pub fn decode(&self, ids: &[i64], skip_special: bool) -> Result<String> {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        self.inner
-            .decode(&ids, skip_special)
-            .map_err(|e| Error::format(&self.path, format!("cannot decode ids: {e}")))
+        self.inner.decode(&ids, skip_special).map_err(|e| Error::format(&self.path, format!("cannot decode ids: {e}")))
     }
 
     /// End-of-sequence id: `eos_token_id` of config.json, else `eos_token` of tokenizer_config.json.
     pub fn eos_id(&self) -> Result<i64> {
-        self.eos_id
-            .ok_or_else(|| Error::format(&self.path, "no eos_token_id in config.json nor eos_token in tokenizer_config.json"))
+        self.eos_id.ok_or_else(|| Error::format(&self.path, "no eos_token_id in config.json nor eos_token in tokenizer_config.json"))
     }
 
     /// Padding id (pad token if any, else EOS, as the reference trainers do).

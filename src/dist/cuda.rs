@@ -39,7 +39,9 @@ unsafe impl Send for Completion {}
 impl Completion {
     /// Record the point `stream` has reached.
     pub fn record(stream: ds::CUstream) -> Result<Completion> {
-        let ctx = dr::ctx::get_current().map_err(|e| driver_err("cuCtxGetCurrent", e))?.ok_or_else(|| driver_err("cuCtxGetCurrent", "no current context"))?;
+        let ctx = dr::ctx::get_current()
+            .map_err(|e| driver_err("cuCtxGetCurrent", e))?
+            .ok_or_else(|| driver_err("cuCtxGetCurrent", "no current context"))?;
         let event = dr::event::create(ds::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| driver_err("cuEventCreate", e))?;
         // SAFETY: a fresh event, recorded on a live stream of the current context.
         unsafe { dr::event::record(event, stream) }.map_err(|e| driver_err("cuEventRecord", e))?;

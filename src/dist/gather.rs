@@ -74,10 +74,7 @@ pub fn all_gather_indexed<T: Word>(comm: &dyn Collective, mine: &[(usize, Vec<T>
             }
         }
     }
-    out.into_iter()
-        .enumerate()
-        .map(|(i, v)| v.ok_or_else(|| crate::Error::Dist(format!("no rank produced result {i}"))))
-        .collect()
+    out.into_iter().enumerate().map(|(i, v)| v.ok_or_else(|| crate::Error::Dist(format!("no rank produced result {i}")))).collect()
 }
 
 #[cfg(test)]

@@ -60,8 +60,14 @@ struct State {
     started: bool,
 }
 
-static STATE: Mutex<State> =
-    Mutex::new(State { entries: vec![], checks: vec![], phase: Cow::Borrowed(""), rank: 0, timeout: Duration::from_secs(600), started: false });
+static STATE: Mutex<State> = Mutex::new(State {
+    entries: vec![],
+    checks: vec![],
+    phase: Cow::Borrowed(""),
+    rank: 0,
+    timeout: Duration::from_secs(600),
+    started: false,
+});
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// The optimizer step being taken (0: before the first).
@@ -218,10 +224,20 @@ mod tests {
         entry(&mut s, 1, "reduce_scatter bucket 3", Duration::from_secs(1), None);
         assert!(inspect(&mut s, Instant::now()).is_none(), "nothing is overdue yet");
         let mut polls = 0;
-        entry(&mut s, 2, "nccl all_gather", Duration::from_secs(60), Some(Box::new(move || {
-            polls += 1;
-            if polls < 2 { Poll::Pending } else { Poll::Done }
-        })));
+        entry(
+            &mut s,
+            2,
+            "nccl all_gather",
+            Duration::from_secs(60),
+            Some(Box::new(move || {
+                polls += 1;
+                if polls < 2 {
+                    Poll::Pending
+                } else {
+                    Poll::Done
+                }
+            })),
+        );
         let (exit, msg) = inspect(&mut s, Instant::now()).expect("the pending probe is overdue");
         assert_eq!(exit, Exit::Timeout);
         assert!(msg.contains("nccl all_gather") && msg.starts_with("rank 3: "), "{msg}");

@@ -200,7 +200,14 @@ impl FlatLayout {
 
     /// [`FlatLayout::gather_buckets`] issued without waiting: `dst` may be read once every
     /// returned handle has been waited on.
-    pub fn start_gather_buckets(&self, comm: &dyn Collective, shard: &Tensor, dst: &Tensor, buckets: &[usize], base: i64) -> Result<Vec<Handle>> {
+    pub fn start_gather_buckets(
+        &self,
+        comm: &dyn Collective,
+        shard: &Tensor,
+        dst: &Tensor,
+        buckets: &[usize],
+        base: i64,
+    ) -> Result<Vec<Handle>> {
         let mut handles = vec![];
         for &b in buckets {
             let bk = &self.buckets[b];

@@ -40,7 +40,10 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
             Value::String(s) => Ok(s),
             Value::Object(o) => match o.get("text") {
                 Some(Value::String(s)) => Ok(s.clone()),
-                _ => Err(Error::format(path, format!("record {i}: expected a string or an object with a string `text`, found keys {:?}", keys(&o)))),
+                _ => Err(Error::format(
+                    path,
+                    format!("record {i}: expected a string or an object with a string `text`, found keys {:?}", keys(&o)),
+                )),
             },
             other => Err(Error::format(path, format!("record {i}: expected a string, found {}", kind_of(&other)))),
         })
@@ -60,9 +63,7 @@ pub fn str_field(path: &Path, i: usize, rec: &Map<String, Value>, key: &str) -> 
 pub fn str_list_field(path: &Path, i: usize, rec: &Map<String, Value>, key: &str) -> Result<Vec<String>> {
     let bad = || Error::format(path, format!("record {i}: `{key}` must be a non-empty list of strings"));
     match rec.get(key) {
-        Some(Value::Array(items)) if !items.is_empty() => {
-            items.iter().map(|v| v.as_str().map(str::to_string).ok_or_else(bad)).collect()
-        }
+        Some(Value::Array(items)) if !items.is_empty() => items.iter().map(|v| v.as_str().map(str::to_string).ok_or_else(bad)).collect(),
         Some(_) => Err(bad()),
         None => Err(missing(path, i, rec, key)),
     }

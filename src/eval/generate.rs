@@ -4,8 +4,8 @@
 
 use tch::{Device, Tensor};
 
-use crate::model::llama::positions_from_mask;
 use crate::eval::shard::{batched, Batching};
+use crate::model::llama::positions_from_mask;
 use crate::model::{KvCache, Llama};
 
 /// Left-pad prompts into `[b, t]` ids and mask.

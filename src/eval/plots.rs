@@ -10,8 +10,14 @@ use serde_json::Value;
 use super::report::{metric_union, Report};
 use crate::error::{Error, IoContext, Result};
 
-const PALETTE: [RGBColor; 6] =
-    [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
 
 fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::format(path, format!("cannot draw plot: {e}"))
@@ -108,10 +114,8 @@ pub fn read_metrics_jsonl(path: &Path) -> Result<Vec<StepPoint>> {
             continue;
         }
         let v: Value = serde_json::from_str(line).map_err(|e| Error::format(path, format!("line {}: not JSON: {e}", lineno + 1)))?;
-        let step = v
-            .get("step")
-            .and_then(Value::as_f64)
-            .ok_or_else(|| Error::format(path, format!("line {}: no numeric `step`", lineno + 1)))?;
+        let step =
+            v.get("step").and_then(Value::as_f64).ok_or_else(|| Error::format(path, format!("line {}: no numeric `step`", lineno + 1)))?;
         let mut p = StepPoint { step, ..Default::default() };
         for (_, keys, _) in CURVE_PANELS {
             for k in keys {
@@ -141,7 +145,8 @@ const EVAL_PREFIX: &str = "eval/";
 /// metrics when the run evaluated.
 pub fn training_svg(path: &Path, title: &str, points: &[StepPoint]) -> Result<()> {
     let mut panels: Vec<(&str, Vec<&str>, bool)> = CURVE_PANELS.iter().map(|(c, k, l)| (*c, k.to_vec(), *l)).collect();
-    let eval_keys: std::collections::BTreeSet<&str> = points.iter().flat_map(|p| p.values.keys()).map(String::as_str).filter(|k| k.starts_with(EVAL_PREFIX)).collect();
+    let eval_keys: std::collections::BTreeSet<&str> =
+        points.iter().flat_map(|p| p.values.keys()).map(String::as_str).filter(|k| k.starts_with(EVAL_PREFIX)).collect();
     if !eval_keys.is_empty() {
         panels.push(("in-run evaluation", eval_keys.into_iter().collect(), false));
     }

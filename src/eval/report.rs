@@ -105,8 +105,7 @@ impl Report {
 
     /// (key, metric) in display order.
     pub fn ordered(&self) -> Vec<(&str, &Metric)> {
-        let mut out: Vec<(&str, &Metric)> =
-            self.order.iter().filter_map(|k| self.metrics.get(k).map(|m| (k.as_str(), m))).collect();
+        let mut out: Vec<(&str, &Metric)> = self.order.iter().filter_map(|k| self.metrics.get(k).map(|m| (k.as_str(), m))).collect();
         for (k, m) in &self.metrics {
             if !self.order.contains(k) {
                 out.push((k, m));
@@ -218,7 +217,16 @@ pub fn render_comparison(reports: &[&Report], run_plots: &[(String, String)]) ->
     };
     let _ = writeln!(s, "# {} comparison\n", benches.join(" / "));
     for r in reports {
-        let _ = writeln!(s, "- **{}**: `{}` (sha256 `{}`), variant {}, {} rank(s), {:.1} s", r.name, r.model.path, short(&r.model.sha256), r.variant, r.run.ranks, r.run.wall_s);
+        let _ = writeln!(
+            s,
+            "- **{}**: `{}` (sha256 `{}`), variant {}, {} rank(s), {:.1} s",
+            r.name,
+            r.model.path,
+            short(&r.model.sha256),
+            r.variant,
+            r.run.ranks,
+            r.run.wall_s
+        );
     }
     let _ = writeln!(s);
     let two = reports.len() == 2;

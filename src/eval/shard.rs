@@ -146,7 +146,9 @@ mod tests {
         assert_eq!(out, vec![2, 1, 4, 3]);
         assert_eq!(seen_batches, vec![vec!["dddd", "ccc"], vec!["bb", "a"]]);
         let local = crate::dist::local::Local;
-        let gathered = sharded(&items, &lengths, &Batching::rows(3), &local, "test", |rows| rows.iter().map(|s| vec![s.len() as i64]).collect()).unwrap();
+        let gathered =
+            sharded(&items, &lengths, &Batching::rows(3), &local, "test", |rows| rows.iter().map(|s| vec![s.len() as i64]).collect())
+                .unwrap();
         assert_eq!(gathered, vec![vec![2], vec![1], vec![4], vec![3]]);
     }
 }

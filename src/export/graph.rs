@@ -6,10 +6,7 @@
 
 use std::collections::HashMap;
 
-use super::proto::{
-    attribute_type, data_type, tensor_value_info, AttributeProto, Dim, GraphProto, NodeProto, TensorProto,
-    ValueInfoProto,
-};
+use super::proto::{attribute_type, data_type, tensor_value_info, AttributeProto, Dim, GraphProto, NodeProto, TensorProto, ValueInfoProto};
 
 /// Shape(start, end) needs opset 15.
 pub const MIN_OPSET: i64 = 15;

@@ -342,11 +342,7 @@ fn attention(
         let mut next = || parts.next().expect("three parts");
         (next(), next(), next())
     } else {
-        (
-            linear(b, x_nd, w, Slot::Q, Slot::QBias),
-            linear(b, x_nd, w, Slot::K, Slot::KBias),
-            linear(b, x_nd, w, Slot::V, Slot::VBias),
-        )
+        (linear(b, x_nd, w, Slot::Q, Slot::QBias), linear(b, x_nd, w, Slot::K, Slot::KBias), linear(b, x_nd, w, Slot::V, Slot::VBias))
     };
     // [n, heads·e] → [b, heads, s, e], with Qwen3's per-head RMSNorm before the transpose.
     let heads = |b: &mut GraphBuilder, y: &str, shape: &str, norm: Option<Slot>| {
@@ -427,8 +423,7 @@ mod tests {
         for (tied, base) in [false, true].into_iter().flat_map(|t| presets.clone().into_iter().map(move |p| (t, p))) {
             let cfg = Config { num_hidden_layers: 2, tie_word_embeddings: tied, ..base };
             for kv_cache in [false, true] {
-                let (graph, weights) =
-                    build_graph(&cfg, &GraphOptions { dtype: ExportDtype::Fp16, kv_cache, opset: 21 });
+                let (graph, weights) = build_graph(&cfg, &GraphOptions { dtype: ExportDtype::Fp16, kv_cache, opset: 21 });
                 let specs = param_specs(&cfg);
                 let got: Vec<(&str, &[i64])> = weights.iter().map(|w| (w.name.as_str(), w.dims.as_slice())).collect();
                 let want: Vec<(&str, &[i64])> = specs.iter().map(|s| (s.name.as_str(), s.shape.as_slice())).collect();

@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 
 use tch::Kind;
 
-pub use llama::{ExportDtype, GraphOptions};
 use genai::GENAI_CONFIG_FILE;
+pub use llama::{ExportDtype, GraphOptions};
 use manifest::{hash_weight_files, rfc3339_utc, Manifest, MANIFEST_FILE};
 use proto::{ModelProto, OperatorSetIdProto, StringStringEntryProto};
 use writer::{write_model, WeightStorage, DATA_FILE, MAX_INLINE_BYTES, MODEL_FILE};
@@ -120,8 +120,7 @@ pub fn export_with(opts: &ExportOptions, extra: impl FnOnce(&Manifest, &Path) ->
     let (graph, weights) = llama::build_graph(&cfg, &graph_opts);
     let genai_config = if opts.kv_cache { Some(genai::genai_config(&opts.model_dir, &cfg, &graph, MODEL_FILE)?) } else { None };
     let weight_bytes: u64 = weights.iter().map(|w| w.byte_len()).sum();
-    let storage =
-        if weight_bytes > opts.external_threshold_bytes { WeightStorage::External } else { WeightStorage::Inline };
+    let storage = if weight_bytes > opts.external_threshold_bytes { WeightStorage::External } else { WeightStorage::Inline };
     let ir_version = ir_version_for_opset(opts.opset);
     let config_json = serde_json::to_string(&cfg).expect("Config serializes");
     let model = ModelProto {
@@ -153,8 +152,7 @@ pub fn export_with(opts: &ExportOptions, extra: impl FnOnce(&Manifest, &Path) ->
     if tmp.path.exists() {
         std::fs::remove_dir_all(&tmp.path).at(&tmp.path)?;
     }
-    std::fs::create_dir_all(&tmp.path)
-        .map_err(|e| Error::format(&opts.out_dir, format!("cannot create the output directory: {e}")))?;
+    std::fs::create_dir_all(&tmp.path).map_err(|e| Error::format(&opts.out_dir, format!("cannot create the output directory: {e}")))?;
 
     let kind = opts.dtype.kind();
     let mut fetch = |w: &graph::WeightDecl| -> Result<tch::Tensor> {

@@ -191,9 +191,7 @@ pub fn tensor_value_info(name: &str, elem_type: i32, dims: &[Dim]) -> ValueInfoP
         .collect();
     ValueInfoProto {
         name: name.to_string(),
-        r#type: Some(TypeProto {
-            tensor_type: Some(TypeProtoTensor { elem_type, shape: Some(TensorShapeProto { dim }) }),
-        }),
+        r#type: Some(TypeProto { tensor_type: Some(TypeProtoTensor { elem_type, shape: Some(TensorShapeProto { dim }) }) }),
     }
 }
 

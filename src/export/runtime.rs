@@ -31,10 +31,8 @@ pub fn environment() -> Result<&'static Environment> {
         return Err(Error::format(&lib, "ORT_DYLIB_PATH names no file (expected libonnxruntime.so.1.30 or newer)"));
     }
     let builder = ort::init_from(&lib).map_err(|e| Error::format(&lib, format!("cannot load onnxruntime: {e}")))?;
-    let env = builder
-        .with_name("unlearn")
-        .build()
-        .map_err(|e| Error::format(&lib, format!("cannot create an onnxruntime environment: {e}")))?;
+    let env =
+        builder.with_name("unlearn").build().map_err(|e| Error::format(&lib, format!("cannot create an onnxruntime environment: {e}")))?;
     Ok(ENV.get_or_init(|| env))
 }
 
@@ -99,19 +97,17 @@ impl Decoder {
         let bad = |msg: String| Error::format(path, msg);
         let names: Vec<String> = session.inputs().iter().map(|i| i.name().to_string()).collect();
         for required in ["input_ids", "attention_mask"] {
-            let input = session.inputs().iter().find(|i| i.name() == required).ok_or_else(|| {
-                bad(format!("has no input `{required}`; not a decoder language-model export (inputs: {names:?})"))
-            })?;
+            let input = session
+                .inputs()
+                .iter()
+                .find(|i| i.name() == required)
+                .ok_or_else(|| bad(format!("has no input `{required}`; not a decoder language-model export (inputs: {names:?})")))?;
             if tensor_type(input.dtype()).map(|t| t.0) != Some(TensorElementType::Int64) {
                 return Err(bad(format!("input `{required}` must be int64, found {:?}", input.dtype())));
             }
         }
         let has_position_ids = names.iter().any(|n| n == "position_ids");
-        let logits = session
-            .outputs()
-            .iter()
-            .find(|o| o.name() == "logits")
-            .ok_or_else(|| bad("has no output `logits`".into()))?;
+        let logits = session.outputs().iter().find(|o| o.name() == "logits").ok_or_else(|| bad("has no output `logits`".into()))?;
         let (ty, shape) = tensor_type(logits.dtype()).ok_or_else(|| bad("output `logits` is not a tensor".into()))?;
         let float = match ty {
             TensorElementType::Float32 => Float::F32,
@@ -132,9 +128,11 @@ impl Decoder {
             for l in 0..layers {
                 for kv in ["key", "value"] {
                     let name = past_name(l, kv);
-                    let input = session.inputs().iter().find(|i| i.name() == name).ok_or_else(|| {
-                        bad(format!("has {n_past} past_key_values inputs but no `{name}`"))
-                    })?;
+                    let input = session
+                        .inputs()
+                        .iter()
+                        .find(|i| i.name() == name)
+                        .ok_or_else(|| bad(format!("has {n_past} past_key_values inputs but no `{name}`")))?;
                     let shape = tensor_type(input.dtype()).map(|t| t.1.to_vec()).unwrap_or_default();
                     if shape.len() != 4 || shape[1] < 0 || shape[3] < 0 {
                         return Err(bad(format!("input `{name}` has shape {shape:?}, expected [batch, heads, past, head_dim]")));
@@ -149,8 +147,7 @@ impl Decoder {
             Some(KvShape { layers, heads, head_dim })
         };
         for n in &names {
-            let known = ["input_ids", "attention_mask", "position_ids"].contains(&n.as_str())
-                || n.starts_with("past_key_values.");
+            let known = ["input_ids", "attention_mask", "position_ids"].contains(&n.as_str()) || n.starts_with("past_key_values.");
             if !known {
                 return Err(bad(format!("has an input `{n}` this runner does not know how to feed")));
             }
@@ -205,14 +202,7 @@ impl Decoder {
         if diffs.is_empty() {
             return Ok(());
         }
-        Err(Error::format(
-            &self.path,
-            format!(
-                "was not exported from the model of {}: {}",
-                cfg_path.display(),
-                diffs.join("; ")
-            ),
-        ))
+        Err(Error::format(&self.path, format!("was not exported from the model of {}: {}", cfg_path.display(), diffs.join("; "))))
     }
 
     /// A zero-length cache for the first step.

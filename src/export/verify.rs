@@ -277,8 +277,7 @@ pub fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
     for ((text, prompt), (picked, want)) in texts.iter().zip(&prompts).zip(onnx_gen.iter().zip(&reference)) {
         let got: Vec<i64> = picked.iter().copied().filter(|t| !eos.contains(t)).collect();
         let first_divergence = (got != *want).then(|| got.iter().zip(want).take_while(|(a, b)| a == b).count());
-        let reference_margin =
-            first_divergence.and_then(|k| picked.get(k).map(|&t| reference_margin(model, prompt, &want[..k], t)));
+        let reference_margin = first_divergence.and_then(|k| picked.get(k).map(|&t| reference_margin(model, prompt, &want[..k], t)));
         let ok = match first_divergence {
             None => true,
             Some(_) => reference_margin.is_some_and(|m| m <= 2.0 * tolerance),

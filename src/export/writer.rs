@@ -107,8 +107,7 @@ mod tests {
         b.output("y", data_type::FLOAT, &[Dim::Named("n"), Dim::Fixed(200)]);
         let (graph, weights) = b.finish("g");
         let model = ModelProto { ir_version: 10, graph: Some(graph.clone()), ..Default::default() };
-        let values: Vec<Vec<f32>> =
-            weights.iter().map(|w| (0..w.dims.iter().product::<i64>()).map(|i| i as f32 * 0.5).collect()).collect();
+        let values: Vec<Vec<f32>> = weights.iter().map(|w| (0..w.dims.iter().product::<i64>()).map(|i| i as f32 * 0.5).collect()).collect();
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         let mut k = 0;
@@ -120,10 +119,7 @@ mod tests {
         let decoded = ModelProto::decode(std::fs::read(dir.join(MODEL_FILE)).unwrap().as_slice()).unwrap();
         let mut expect: GraphProto = graph;
         for (w, v) in weights.iter().zip(&values) {
-            expect.initializer.push(TensorProto {
-                raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                ..w.tensor_proto()
-            });
+            expect.initializer.push(TensorProto { raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(), ..w.tensor_proto() });
         }
         assert_eq!(decoded, ModelProto { graph: Some(expect), ..model });
     }

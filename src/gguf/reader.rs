@@ -222,8 +222,7 @@ impl<'a> Cursor<'a> {
     fn string(&mut self, what: &str) -> Result<String> {
         let len = self.u64(what)?;
         let bytes = self.take(len, what)?;
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| Error::format(self.path, format!("{what} is not valid UTF-8 (offset {})", self.pos)))
+        String::from_utf8(bytes.to_vec()).map_err(|_| Error::format(self.path, format!("{what} is not valid UTF-8 (offset {})", self.pos)))
     }
     fn remaining(&self) -> u64 {
         (self.buf.len() - self.pos) as u64
@@ -245,7 +244,10 @@ impl<'a> Cursor<'a> {
                 // GGUF writers emit flat arrays only; refusing nesting also bounds the recursion
                 // (a crafted file could otherwise nest deep enough to overflow the stack).
                 if elem_ty == 9 {
-                    return Err(Error::format(self.path, format!("{what} is an array of arrays, which GGUF models do not use; corrupt file?")));
+                    return Err(Error::format(
+                        self.path,
+                        format!("{what} is an array of arrays, which GGUF models do not use; corrupt file?"),
+                    ));
                 }
                 let n = self.u64(what)?;
                 // Every element takes at least one byte: a larger count is corruption, and
@@ -281,9 +283,9 @@ impl GgufFile {
         // process is outside what we can defend against.
         let mmap = unsafe { Mmap::map(&file) }.at(path)?;
         let mut c = Cursor { buf: &mmap, pos: 0, path };
-        let magic = c.take(4, "magic").map_err(|_| {
-            Error::format(path, format!("not a GGUF file: only {} bytes, too short for a GGUF header", mmap.len()))
-        })?;
+        let magic = c
+            .take(4, "magic")
+            .map_err(|_| Error::format(path, format!("not a GGUF file: only {} bytes, too short for a GGUF header", mmap.len())))?;
         if magic != MAGIC {
             return Err(Error::format(
                 path,
@@ -316,7 +318,10 @@ impl GgufFile {
             let dims = (0..n_dims).map(|_| c.u64(&format!("shape of tensor `{name}`"))).collect::<Result<Vec<_>>>()?;
             // Checked once here, so that `n_elements` and `shape` never overflow later.
             if dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d)).is_none_or(|n| n > i64::MAX as u64) {
-                return Err(Error::format(path, format!("tensor `{name}` claims dimensions {dims:?} whose element count overflows; corrupt file?")));
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}` claims dimensions {dims:?} whose element count overflows; corrupt file?"),
+                ));
             }
             let ggml_type = GgmlType(c.u32(&format!("type of tensor `{name}`"))?);
             let offset = c.u64(&format!("offset of tensor `{name}`"))?;
@@ -418,12 +423,7 @@ impl GgufFile {
     fn unsupported_type(&self, t: &TensorInfo) -> Error {
         Error::unsupported(
             &self.path,
-            format!(
-                "GGUF tensor type {} of tensor `{}` (supported: {})",
-                t.ggml_type.name(),
-                t.name,
-                DEQUANTIZABLE.join(", ")
-            ),
+            format!("GGUF tensor type {} of tensor `{}` (supported: {})", t.ggml_type.name(), t.name, DEQUANTIZABLE.join(", ")),
         )
     }
 

@@ -18,7 +18,8 @@ const TOKEN_CONTROL: i64 = 3;
 const TOKEN_USER_DEFINED: i64 = 4;
 
 /// Llama 3's split regex, as in its `tokenizer.json` (llama.cpp's `llama-bpe`).
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The two files, ready to be written.
 #[derive(Debug, Clone)]
@@ -87,7 +88,9 @@ fn post_processor(bos: Option<&str>, bos_id: Option<i64>, eos: Option<&str>, eos
 /// Build `tokenizer.json` and `tokenizer_config.json` from `g`'s metadata.
 pub fn hf_tokenizer_from_gguf(g: &GgufFile, model_max_length: i64) -> Result<HfTokenizerFiles> {
     let path = g.path();
-    let model = g.get_str("tokenizer.ggml.model")?.ok_or_else(|| Error::format(path, "no tokenizer in this GGUF (missing `tokenizer.ggml.model`)"))?;
+    let model = g
+        .get_str("tokenizer.ggml.model")?
+        .ok_or_else(|| Error::format(path, "no tokenizer in this GGUF (missing `tokenizer.ggml.model`)"))?;
     if model != "gpt2" {
         return Err(Error::unsupported(path, format!("GGUF tokenizer model `{model}` (supported: gpt2, i.e. byte-level BPE)")));
     }
@@ -95,8 +98,10 @@ pub fn hf_tokenizer_from_gguf(g: &GgufFile, model_max_length: i64) -> Result<HfT
     let pre = pre_tokenizer(pre_name).ok_or_else(|| {
         Error::unsupported(path, format!("GGUF pre-tokenizer `{pre_name}` (supported: gpt-2, smollm, starcoder, llama-bpe/llama3)"))
     })?;
-    let tokens = g.get_str_array("tokenizer.ggml.tokens")?.ok_or_else(|| Error::format(path, "missing metadata `tokenizer.ggml.tokens`"))?;
-    let merges = g.get_str_array("tokenizer.ggml.merges")?.ok_or_else(|| Error::format(path, "missing metadata `tokenizer.ggml.merges`"))?;
+    let tokens =
+        g.get_str_array("tokenizer.ggml.tokens")?.ok_or_else(|| Error::format(path, "missing metadata `tokenizer.ggml.tokens`"))?;
+    let merges =
+        g.get_str_array("tokenizer.ggml.merges")?.ok_or_else(|| Error::format(path, "missing metadata `tokenizer.ggml.merges`"))?;
     let types = g.get_int_array("tokenizer.ggml.token_type")?.unwrap_or_default();
     if !types.is_empty() && types.len() != tokens.len() {
         return Err(Error::format(
@@ -130,9 +135,11 @@ pub fn hf_tokenizer_from_gguf(g: &GgufFile, model_max_length: i64) -> Result<HfT
 
     let token_of = |key: &str| -> Result<(Option<i64>, Option<&str>)> {
         let Some(id) = g.get_i64(key)? else { return Ok((None, None)) };
-        let tok = usize::try_from(id).ok().and_then(|i| tokens.get(i)).copied().ok_or_else(|| {
-            Error::format(path, format!("`{key}` = {id} is outside the vocabulary of {} tokens", tokens.len()))
-        })?;
+        let tok = usize::try_from(id)
+            .ok()
+            .and_then(|i| tokens.get(i))
+            .copied()
+            .ok_or_else(|| Error::format(path, format!("`{key}` = {id} is outside the vocabulary of {} tokens", tokens.len())))?;
         Ok((Some(id), Some(tok)))
     };
     let (bos_id, bos) = token_of("tokenizer.ggml.bos_token_id")?;

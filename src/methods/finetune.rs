@@ -18,7 +18,12 @@ impl MethodConfig for FinetuneCfg {
         REGISTRATION.name
     }
     fn spec(&self) -> Spec {
-        Spec::new(vec![(Objective::Retain, LossKind::Nll)], Gradients::WeightedSum { forget: 0.0, retain: 1.0 }, UpdateShape::ALIAS, Trainable::All)
+        Spec::new(
+            vec![(Objective::Retain, LossKind::Nll)],
+            Gradients::WeightedSum { forget: 0.0, retain: 1.0 },
+            UpdateShape::ALIAS,
+            Trainable::All,
+        )
     }
     fn build(&self, _params: &Tensor, _lr: f64) -> Result<Box<dyn Method>> {
         Ok(Box::new(Finetune))

@@ -3,7 +3,10 @@
 use serde::Serialize;
 use tch::Tensor;
 
-use super::{batch_nll, Aux, Direction, Gradients, Grads, LossKind, LossOut, Method, MethodCfg, MethodConfig, Objective, Registration, Spec, UpdateShape};
+use super::{
+    batch_nll, Aux, Direction, Gradients, Grads, LossKind, LossOut, Method, MethodCfg, MethodConfig, Objective, Registration, Spec,
+    UpdateShape,
+};
 use crate::config::Trainable;
 use crate::data::loader::LocalBatch;
 use crate::Result;
@@ -20,7 +23,12 @@ impl MethodConfig for GaCfg {
     }
     fn spec(&self) -> Spec {
         // The forget buffer already holds ∇(−NLL_F).
-        Spec::new(vec![(Objective::Forget, LossKind::Nll)], Gradients::WeightedSum { forget: 1.0, retain: 0.0 }, UpdateShape::ALIAS, Trainable::All)
+        Spec::new(
+            vec![(Objective::Forget, LossKind::Nll)],
+            Gradients::WeightedSum { forget: 1.0, retain: 0.0 },
+            UpdateShape::ALIAS,
+            Trainable::All,
+        )
     }
     fn build(&self, _params: &Tensor, _lr: f64) -> Result<Box<dyn Method>> {
         Ok(Box::new(GradientAscent))

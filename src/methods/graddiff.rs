@@ -32,7 +32,12 @@ impl MethodConfig for GradDiffCfg {
     fn spec(&self) -> Spec {
         let losses = vec![(Objective::Forget, LossKind::Nll), (Objective::Retain, LossKind::Nll)];
         // r·w_R − f·w_F is the one accumulated gradient itself.
-        Spec::new(losses, Gradients::WeightedSum { forget: -self.forget_weight, retain: self.retain_weight }, UpdateShape::ALIAS, Trainable::All)
+        Spec::new(
+            losses,
+            Gradients::WeightedSum { forget: -self.forget_weight, retain: self.retain_weight },
+            UpdateShape::ALIAS,
+            Trainable::All,
+        )
     }
     fn build(&self, _params: &Tensor, _lr: f64) -> Result<Box<dyn Method>> {
         Ok(Box::new(GradDiff))

@@ -117,7 +117,12 @@ impl MethodConfig for MeanTeacherCfg {
             teacher_on: Some(Objective::Retain),
             reference: (self.forget_loss == ForgetLoss::Npo).then(|| self.npo.reference_pass()),
             clips_itself: true,
-            ..Spec::new(vec![(Objective::Forget, forget), (Objective::Retain, retain)], Gradients::WeightedSum { forget: 1.0, retain: 1.0 }, update, Trainable::Matrices)
+            ..Spec::new(
+                vec![(Objective::Forget, forget), (Objective::Retain, retain)],
+                Gradients::WeightedSum { forget: 1.0, retain: 1.0 },
+                update,
+                Trainable::Matrices,
+            )
         }
     }
     fn data_words(&self, obj: Objective) -> &'static str {

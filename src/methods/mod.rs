@@ -22,8 +22,8 @@ pub mod finetune;
 pub mod ga;
 pub mod graddiff;
 pub mod it;
-pub mod lossnorm;
 pub mod losses;
+pub mod lossnorm;
 pub mod mean_teacher;
 pub mod ngdiff;
 pub mod npo;
@@ -179,7 +179,17 @@ impl Spec {
     /// A method that needs nothing beyond its objectives, the gradients it reads and its default
     /// trainable set.
     pub fn new(losses: Vec<(Objective, LossKind)>, gradients: Gradients, update: UpdateShape, trainable: Trainable) -> Self {
-        Spec { losses, teacher_on: None, gradients, reference: None, frozen_model: None, trainable, autolr: None, clips_itself: false, update }
+        Spec {
+            losses,
+            teacher_on: None,
+            gradients,
+            reference: None,
+            frozen_model: None,
+            trainable,
+            autolr: None,
+            clips_itself: false,
+            update,
+        }
     }
 
     pub fn objectives(&self) -> Vec<Objective> {
@@ -452,7 +462,8 @@ mod tests {
             }
             let sq = sum.square().sum(tch::Kind::Double).double_value(&[]);
             let mut m = cfg.build(&p, 0.1).unwrap();
-            let d = m.direction(&Grads { reduced: Reduced::Sum { g: &sum, sq }, loss_forget: 2.0, loss_retain: 0.5, params: &p }).unwrap().d;
+            let d =
+                m.direction(&Grads { reduced: Reduced::Sum { g: &sum, sq }, loss_forget: 2.0, loss_retain: 0.5, params: &p }).unwrap().d;
             let err = (&d - &want).abs().max().double_value(&[]);
             assert!(err < 1e-6, "{name} {keys:?}: direction {d:?} from the declared weights ({forget}, {retain}) is not {want:?}");
         }

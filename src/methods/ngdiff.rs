@@ -41,7 +41,10 @@ impl MethodConfig for NgDiffCfg {
     fn spec(&self) -> Spec {
         let losses = vec![(Objective::Forget, LossKind::Nll), (Objective::Retain, LossKind::Nll)];
         // r/‖r‖ and f/‖f‖, then their difference; the norms need each reduced gradient on its own.
-        Spec { autolr: self.autolr.then_some(self.autolr_period), ..Spec::new(losses, Gradients::Separate, UpdateShape::built(2.0), Trainable::All) }
+        Spec {
+            autolr: self.autolr.then_some(self.autolr_period),
+            ..Spec::new(losses, Gradients::Separate, UpdateShape::built(2.0), Trainable::All)
+        }
     }
     fn build(&self, _params: &Tensor, lr: f64) -> Result<Box<dyn Method>> {
         let autolr = self.autolr.then(|| AutoLr::new(lr, self.autolr_period, self.autolr_smoothing));

@@ -178,11 +178,9 @@ impl<'a> Fields<'a> {
         match self.obj.get(key) {
             None => Ok(absent),
             Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_i64()
-                .filter(|w| *w > 0)
-                .map(Some)
-                .ok_or_else(|| self.err(format!("`{key}` must be a positive integer or null"))),
+            Some(v) => {
+                v.as_i64().filter(|w| *w > 0).map(Some).ok_or_else(|| self.err(format!("`{key}` must be a positive integer or null")))
+            }
         }
     }
 }
@@ -237,8 +235,7 @@ impl Config {
     /// Read and validate `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = crate::files::read_text(path)?;
-        let raw: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+        let raw: Value = serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
         Self::from_json(&raw, path)
     }
 
@@ -276,9 +273,7 @@ impl Config {
         if num_key_value_heads <= 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(Error::format(
                 path,
-                format!(
-                    "num_attention_heads ({num_attention_heads}) must be a multiple of num_key_value_heads ({num_key_value_heads})"
-                ),
+                format!("num_attention_heads ({num_attention_heads}) must be a multiple of num_key_value_heads ({num_key_value_heads})"),
             ));
         }
         if head_dim <= 0 || head_dim % 2 != 0 {
@@ -355,7 +350,10 @@ impl Config {
             return bad(format!("`num_hidden_layers` is {}, above the limit of 4096", self.num_hidden_layers));
         }
         if self.head_dim <= 0 || self.max_position_embeddings <= 0 {
-            return bad(format!("`head_dim` ({}) and `max_position_embeddings` ({}) must be positive", self.head_dim, self.max_position_embeddings));
+            return bad(format!(
+                "`head_dim` ({}) and `max_position_embeddings` ({}) must be positive",
+                self.head_dim, self.max_position_embeddings
+            ));
         }
         let positive_finite = |v: f64| v.is_finite() && v > 0.0;
         if !positive_finite(self.rms_norm_eps) || !positive_finite(self.rope_theta) {
@@ -371,7 +369,9 @@ impl Config {
             return bad(format!("token id {id} (bos/eos/pad_token_id) is outside the vocabulary 0..{}", self.vocab_size));
         }
         let per_layer = [
-            self.hidden_size.checked_mul(self.head_dim).and_then(|x| x.checked_mul(self.num_attention_heads + 2 * self.num_key_value_heads)),
+            self.hidden_size
+                .checked_mul(self.head_dim)
+                .and_then(|x| x.checked_mul(self.num_attention_heads + 2 * self.num_key_value_heads)),
             self.hidden_size.checked_mul(self.intermediate_size).and_then(|x| x.checked_mul(3)),
         ];
         let total = per_layer
@@ -381,8 +381,10 @@ impl Config {
             .and_then(|l| l.checked_add(self.vocab_size.checked_mul(self.hidden_size)?.checked_mul(2)?));
         const MAX_PARAMS: i64 = 1 << 42;
         if total.is_none_or(|t| t > MAX_PARAMS) {
-            return bad(format!("the sizes describe more than 2^42 parameters (hidden_size {}, intermediate_size {}, layers {}, vocab_size {})",
-                self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size));
+            return bad(format!(
+                "the sizes describe more than 2^42 parameters (hidden_size {}, intermediate_size {}, layers {}, vocab_size {})",
+                self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
+            ));
         }
         Ok(())
     }
@@ -650,9 +652,7 @@ fn parse_rope(f: &Fields, family: Family, max_position_embeddings: i64, rotary_d
                 attention_factor,
             });
         }
-        other => {
-            return Err(Error::unsupported(path, format!("rope scaling type `{other}` (supported: default, llama3, longrope)")))
-        }
+        other => return Err(Error::unsupported(path, format!("rope scaling type `{other}` (supported: default, llama3, longrope)"))),
     }
     Ok(rope)
 }
@@ -675,8 +675,8 @@ fn parse_sliding_window(f: &Fields, family: Family, layers: i64) -> Result<(Opti
                 Some(v) => {
                     let types: Vec<&str> = v.as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
                     let first = types.iter().position(|t| *t == "sliding_attention").unwrap_or(types.len());
-                    let suffix_only = types[first..].iter().all(|t| *t == "sliding_attention")
-                        && types[..first].iter().all(|t| *t == "full_attention");
+                    let suffix_only =
+                        types[first..].iter().all(|t| *t == "sliding_attention") && types[..first].iter().all(|t| *t == "full_attention");
                     if types.len() as i64 != layers || !suffix_only {
                         return Err(Error::unsupported(
                             f.path,

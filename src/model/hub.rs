@@ -58,9 +58,7 @@ fn parse_id(s: &str) -> Option<(&str, &str, Option<&str>)> {
         None => (s, None),
     };
     let (org, name) = id.split_once('/')?;
-    let ok = |p: &str| {
-        !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    };
+    let ok = |p: &str| !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     (ok(org) && ok(name) && rev.is_none_or(ok)).then_some((org, name, rev))
 }
 

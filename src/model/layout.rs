@@ -141,7 +141,12 @@ impl Layout {
         let outer = |d: &ParamDesc| ParamSpec { name: d.name.clone(), shape: d.shape.clone(), role: d.role, layer: None };
         let mut out: Vec<ParamSpec> = self.before.iter().map(outer).collect();
         for l in 0..self.layers {
-            out.extend(self.block.iter().map(|d| ParamSpec { name: Self::block_name(l, d), shape: d.shape.clone(), role: d.role, layer: Some(l) }));
+            out.extend(self.block.iter().map(|d| ParamSpec {
+                name: Self::block_name(l, d),
+                shape: d.shape.clone(),
+                role: d.role,
+                layer: Some(l),
+            }));
         }
         out.extend(self.after.iter().map(outer));
         out

@@ -81,10 +81,7 @@ impl Llama {
     /// Build the model from named tensors. `get(spec)` must return the tensor for each
     /// [`ParamSpec`], and is called in [`param_specs`] order (the weights module checks names
     /// and shapes against the file).
-    pub fn new(
-        cfg: &Config,
-        mut get: impl FnMut(&ParamSpec) -> crate::Result<Tensor>,
-    ) -> crate::Result<Self> {
+    pub fn new(cfg: &Config, mut get: impl FnMut(&ParamSpec) -> crate::Result<Tensor>) -> crate::Result<Self> {
         let layout = Layout::new(cfg);
         let mut tensors = Vec::with_capacity(layout.before.len() + layout.layers * layout.block.len() + layout.after.len());
         for s in &layout.specs() {
@@ -202,26 +199,14 @@ impl Llama {
 
     /// Incremental forward with a KV cache. `attention_mask` covers past and new tokens
     /// (`[b, past + s]`); `position_ids [b, s]` are required because left padding shifts them.
-    pub fn forward_cached(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        position_ids: &Tensor,
-        cache: &mut KvCache,
-    ) -> Tensor {
+    pub fn forward_cached(&self, input_ids: &Tensor, attention_mask: &Tensor, position_ids: &Tensor, cache: &mut KvCache) -> Tensor {
         self.head(&self.hidden_cached(input_ids, attention_mask, position_ids, cache))
     }
 
     /// [`Llama::forward_cached`] but only the last position's logits, `[b, v]`: what greedy
     /// decoding needs, without a `[b, s, v]` prefill tensor (gigabytes for long prompts and large
     /// vocabularies).
-    pub fn forward_cached_last(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        position_ids: &Tensor,
-        cache: &mut KvCache,
-    ) -> Tensor {
+    pub fn forward_cached_last(&self, input_ids: &Tensor, attention_mask: &Tensor, position_ids: &Tensor, cache: &mut KvCache) -> Tensor {
         let x_bsd = self.hidden_cached(input_ids, attention_mask, position_ids, cache);
         let s = x_bsd.size()[1];
         self.head(&x_bsd.narrow(1, s - 1, 1)).squeeze_dim(1)
@@ -280,14 +265,7 @@ impl Llama {
     }
 
     /// Rotary tables and attention masks for `s` new positions after `past` cached ones.
-    pub fn attn_ctx(
-        &self,
-        s: i64,
-        past: i64,
-        attention_mask: Option<&Tensor>,
-        position_ids: Option<&Tensor>,
-        batch: i64,
-    ) -> AttnCtx {
+    pub fn attn_ctx(&self, s: i64, past: i64, attention_mask: Option<&Tensor>, position_ids: Option<&Tensor>, batch: i64) -> AttnCtx {
         let dev = self.device();
         let pos_bs = match position_ids {
             Some(p) => p.shallow_clone(),
@@ -332,13 +310,7 @@ impl Llama {
     }
 
     /// One transformer block; also returns the full keys/values (past + new) for caching.
-    fn layer_forward_kv(
-        &self,
-        l: usize,
-        x_bsd: &Tensor,
-        ctx: &AttnCtx,
-        past: Option<&(Tensor, Tensor)>,
-    ) -> (Tensor, Tensor, Tensor) {
+    fn layer_forward_kv(&self, l: usize, x_bsd: &Tensor, ctx: &AttnCtx, past: Option<&(Tensor, Tensor)>) -> (Tensor, Tensor, Tensor) {
         let eps = self.cfg.rms_norm_eps;
         let h = rms_norm(x_bsd, self.w(l, Slot::InputNorm), eps);
         let (attn, k, v) = self.attention(l, &h, ctx, past);
@@ -374,13 +346,7 @@ impl Llama {
         (qkv.narrow(-1, 0, q), qkv.narrow(-1, q, kv), qkv.narrow(-1, q + kv, kv))
     }
 
-    fn attention(
-        &self,
-        l: usize,
-        x_bsd: &Tensor,
-        ctx: &AttnCtx,
-        past: Option<&(Tensor, Tensor)>,
-    ) -> (Tensor, Tensor, Tensor) {
+    fn attention(&self, l: usize, x_bsd: &Tensor, ctx: &AttnCtx, past: Option<&(Tensor, Tensor)>) -> (Tensor, Tensor, Tensor) {
         let (b, s) = (x_bsd.size()[0], x_bsd.size()[1]);
         let (h, g, e) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         let (q, k, v) = self.project_qkv(l, x_bsd);
@@ -405,8 +371,7 @@ impl Llama {
             _ => ctx.mask_b1st.as_ref(),
         };
         let scale = (e as f64).powf(-0.5);
-        let o_bhse =
-            Tensor::scaled_dot_product_attention(&q_bhse, &k_bgte, &v_bgte, mask, 0.0, mask.is_none(), Some(scale), g != h);
+        let o_bhse = Tensor::scaled_dot_product_attention(&q_bhse, &k_bgte, &v_bgte, mask, 0.0, mask.is_none(), Some(scale), g != h);
         let o_bsd = o_bhse.transpose(1, 2).reshape([b, s, h * e]);
         (self.linear(l, &o_bsd, Slot::O, Slot::OBias), k_bgte, v_bgte)
     }
@@ -450,8 +415,8 @@ pub fn rope_inv_freq(cfg: &Config, device: tch::Device) -> Tensor {
     let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
     // Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
     let scaled = (&inv_freq / r.factor).where_self(&wavelen.gt(low_wavelen), &inv_freq);
-    let smooth = ((wavelen.reciprocal() * r.original_max_position_embeddings) - r.low_freq_factor)
-        / (r.high_freq_factor - r.low_freq_factor);
+    let smooth =
+        ((wavelen.reciprocal() * r.original_max_position_embeddings) - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
     let smoothed = (smooth.ones_like() - &smooth) * &scaled / r.factor + &smooth * &scaled;
     let is_medium = wavelen.ge(high_wavelen).logical_and(&wavelen.le(low_wavelen));
     smoothed.where_self(&is_medium, &scaled)

@@ -104,12 +104,7 @@ impl Checkpoint {
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         if let Some(exp) = expected_shape {
             if exp != shape.as_slice() {
-                return Err(Error::ShapeMismatch {
-                    path: path.clone(),
-                    name: name.to_string(),
-                    expected: exp.to_vec(),
-                    got: shape,
-                });
+                return Err(Error::ShapeMismatch { path: path.clone(), name: name.to_string(), expected: exp.to_vec(), got: shape });
             }
         }
         let kind = match view.dtype() {
@@ -135,10 +130,7 @@ impl Checkpoint {
 fn shard_files(dir: &Path, index_path: &Path) -> Result<Vec<PathBuf>> {
     let text = crate::files::read_text(index_path)?;
     let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(index_path, format!("not valid JSON: {e}")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or_else(|| Error::format(index_path, "missing object `weight_map`"))?;
+    let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::format(index_path, "missing object `weight_map`"))?;
     let mut files = map
         .iter()
         .map(|(tensor, f)| match f.as_str() {
@@ -188,8 +180,7 @@ pub struct LoadedModel {
 pub fn load_model(dir: &Path, kind: Kind, device: Device) -> Result<LoadedModel> {
     let cfg_path = super::config::config_path(dir)?;
     let text = crate::files::read_text(&cfg_path)?;
-    let raw_config: Value =
-        serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?;
+    let raw_config: Value = serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?;
     let config = Config::from_json(&raw_config, &cfg_path)?;
     let ckpt = Checkpoint::open(dir)?;
     let specs = param_specs(&config);
@@ -271,11 +262,7 @@ impl HfWriter {
             .into_iter()
             .enumerate()
             .map(|(i, names)| {
-                let file = if n == 1 {
-                    "model.safetensors".to_string()
-                } else {
-                    format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
-                };
+                let file = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) };
                 (file, names)
             })
             .collect();
@@ -334,12 +321,7 @@ impl HfWriter {
         }
         let spec = &self.specs[name];
         if t.size() != spec.shape {
-            return Err(Error::ShapeMismatch {
-                path: self.out.clone(),
-                name: name.into(),
-                expected: spec.shape.clone(),
-                got: t.size(),
-            });
+            return Err(Error::ShapeMismatch { path: self.out.clone(), name: name.into(), expected: spec.shape.clone(), got: t.size() });
         }
         if pos == 0 {
             self.close_current()?;
@@ -491,11 +473,7 @@ pub fn publish_dir(tmp: &Path, out: &Path) -> Result<()> {
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).at(parent)?;
     }
-    let old = out.with_file_name(format!(
-        "{}.old-{}",
-        out.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
+    let old = out.with_file_name(format!("{}.old-{}", out.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
     let had_old = out.exists();
     if had_old {
         std::fs::rename(out, &old).at(out)?;

@@ -148,7 +148,9 @@ pub fn parse(root: &Section, model: &Path, out: &Path, check_paths: bool) -> Res
         cfg.benchmarks.push(bench_cfg(file, name, t, model, out)?);
     }
     if cfg.every > 0 && cfg.benchmarks.is_empty() {
-        return Err(eval.err("every", format!("is set but no benchmark is: add a table [eval.<benchmark>] (benchmarks: {})", names.join(", "))));
+        return Err(
+            eval.err("every", format!("is set but no benchmark is: add a table [eval.<benchmark>] (benchmarks: {})", names.join(", ")))
+        );
     }
     let metric = |s: &Section, k: &str| -> Result<Option<String>> {
         match s.get(k) {
@@ -178,21 +180,29 @@ pub fn parse(root: &Section, model: &Path, out: &Path, check_paths: bool) -> Res
     let mut stop_cfg = StopCfg { below: thresholds("below")?, above: thresholds("above")?, reach: None, utility: None };
     let reference = stop.path("reference")?;
     if let Some(r) = reference.as_ref().filter(|r| check_paths && !r.exists()) {
-        return Err(stop.err("reference", format!("{} not found (the retain model's `unlearn eval` report.json or its directory)", r.display())));
+        return Err(
+            stop.err("reference", format!("{} not found (the retain model's `unlearn eval` report.json or its directory)", r.display()))
+        );
     }
     let patience = stop.int("patience", 2, 1)?;
     if let Some(m) = metric(&stop, "reach")? {
         if reference.is_none() && !m.ends_with(".forget_quality") {
-            return Err(stop.err("reach", format!("`{m}` is compared with the retain model's value: set stop.reference to its `unlearn eval` report")));
+            return Err(stop.err(
+                "reach",
+                format!("`{m}` is compared with the retain model's value: set stop.reference to its `unlearn eval` report"),
+            ));
         }
         stop_cfg.reach = Some(Reach { metric: m, reference, patience });
     } else if stop.get("reference").is_some() || stop.get("patience").is_some() {
-        return Err(stop.err(if stop.get("reference").is_some() { "reference" } else { "patience" }, "belongs to the reach rule: set stop.reach too"));
+        return Err(stop
+            .err(if stop.get("reference").is_some() { "reference" } else { "patience" }, "belongs to the reach rule: set stop.reach too"));
     }
     let floor = stop.float("utility_floor", 0.95, Bound::UnitInterval)?;
     match metric(&stop, "utility")? {
         Some(m) => stop_cfg.utility = Some(Floor { metric: m, ratio: floor }),
-        None if stop.get("utility_floor").is_some() => return Err(stop.err("utility_floor", "set stop.utility (the metric it applies to) too")),
+        None if stop.get("utility_floor").is_some() => {
+            return Err(stop.err("utility_floor", "set stop.utility (the metric it applies to) too"))
+        }
         None => {}
     }
 
@@ -208,7 +218,9 @@ pub fn parse(root: &Section, model: &Path, out: &Path, check_paths: bool) -> Res
         }
         None if !best.table().is_empty() => return Err(best.missing("metric")),
         // By default `best/` is the state the reach rule found closest (within the utility floor).
-        None => stop_cfg.reach.as_ref().map(|r| BestCfg { metric: r.metric.clone(), mode: BestMode::Reach, guard: stop_cfg.utility.clone() }),
+        None => {
+            stop_cfg.reach.as_ref().map(|r| BestCfg { metric: r.metric.clone(), mode: BestMode::Reach, guard: stop_cfg.utility.clone() })
+        }
     };
     let rules = !stop_cfg.below.is_empty() || !stop_cfg.above.is_empty() || stop_cfg.reach.is_some() || stop_cfg.utility.is_some();
     if cfg.every == 0 && (rules || best_cfg.is_some() || !cfg.benchmarks.is_empty()) {
@@ -223,7 +235,13 @@ fn check_metric(s: &Section, k: &str, m: &str, cfg: &EvalCfg) -> Result<()> {
         Some((b, rest)) if !rest.is_empty() && cfg.benchmarks.iter().any(|x| x.name == b) => Ok(()),
         _ => {
             let benches: Vec<&str> = cfg.benchmarks.iter().map(|b| b.name.as_str()).collect();
-            Err(s.err(k, format!("`{m}`: expected `benchmark.metric` with a benchmark the run evaluates ([eval.<benchmark>]: {})", if benches.is_empty() { "none".to_string() } else { benches.join(", ") })))
+            Err(s.err(
+                k,
+                format!(
+                    "`{m}`: expected `benchmark.metric` with a benchmark the run evaluates ([eval.<benchmark>]: {})",
+                    if benches.is_empty() { "none".to_string() } else { benches.join(", ") }
+                ),
+            ))
         }
     }
 }
@@ -234,7 +252,11 @@ fn bench_cfg(file: &str, name: &str, t: &Table, model: &Path, out: &Path) -> Res
     for (k, v) in t {
         let key = format!("eval.{name}.{k}");
         if RUN_OWNED.contains(&k.as_str()) {
-            return Err(Error::config(file, key, "is the run's own (model.path, train.out_dir, model.dtype, model.device, dist.backend, data.template)"));
+            return Err(Error::config(
+                file,
+                key,
+                "is the run's own (model.path, train.out_dir, model.dtype, model.device, dist.backend, data.template)",
+            ));
         }
         let flag = format!("--{}", k.replace('_', "-"));
         let scalar = |v: &Value| -> Result<String> {
@@ -258,10 +280,13 @@ fn bench_cfg(file: &str, name: &str, t: &Table, model: &Path, out: &Path) -> Res
             Value::Array(a) => a.iter().map(scalar).collect::<Result<Vec<_>>>()?.join(","),
             v => scalar(v)?,
         };
-        options.insert(k.clone(), match v {
-            Value::String(_) => Value::String(value.clone()),
-            v => v.clone(),
-        });
+        options.insert(
+            k.clone(),
+            match v {
+                Value::String(_) => Value::String(value.clone()),
+                v => v.clone(),
+            },
+        );
         argv.push(flag);
         argv.push(value);
     }
@@ -269,7 +294,11 @@ fn bench_cfg(file: &str, name: &str, t: &Table, model: &Path, out: &Path) -> Res
     if let Err(e) = b.parse(model, out) {
         let text = e.to_string();
         let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid options").trim_start_matches("error: ");
-        return Err(Error::config(file, format!("eval.{name}"), format!("{first} (the keys are `unlearn eval {name}`'s options, `_` for `-`; see `unlearn eval {name} --help`)")));
+        return Err(Error::config(
+            file,
+            format!("eval.{name}"),
+            format!("{first} (the keys are `unlearn eval {name}`'s options, `_` for `-`; see `unlearn eval {name} --help`)"),
+        ));
     }
     Ok(b)
 }

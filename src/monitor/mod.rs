@@ -86,7 +86,15 @@ impl Monitor {
                 let rtemplate = Template::load(cfg.data.template, &dir, &rtok)?;
                 let m = load_model(&dir, trainer.kind(), trainer.device())?;
                 let comm = trainer.comm().clone();
-                let ctx = EvalCtx::new(&m.model, &rtok, &rtemplate, &*comm, &m.config.eos_token_ids, common.score_batching(), common.gen_batching());
+                let ctx = EvalCtx::new(
+                    &m.model,
+                    &rtok,
+                    &rtemplate,
+                    &*comm,
+                    &m.config.eos_token_ids,
+                    common.score_batching(),
+                    common.gen_batching(),
+                );
                 bench.measure_reference(&ctx)?;
             }
             benches.push(Prepared { name: b.name.clone(), bench, score: common.score_batching(), gen: common.gen_batching() });
@@ -158,7 +166,13 @@ impl Monitor {
                 "guard": rule.guard.as_ref().map(|g| json!({"metric": g.metric, "ratio": g.ratio}))}, "eval": lines[0]["eval"]});
             trainer.save_model(&self.out.join("best"), &|tmp| write_record(tmp, record, Some(&about)))?;
             if rank0 {
-                tracing::info!("best: step {step} ({} {} = {}) written to {}", rule.mode_word(), rule.metric, fmt_value(e.values.get(&rule.metric).copied()), self.out.join("best").display());
+                tracing::info!(
+                    "best: step {step} ({} {} = {}) written to {}",
+                    rule.mode_word(),
+                    rule.metric,
+                    fmt_value(e.values.get(&rule.metric).copied()),
+                    self.out.join("best").display()
+                );
             }
         }
         self.last = Some(e);
@@ -185,7 +199,12 @@ impl Monitor {
         let line = match self.stop {
             Some(_) => None,
             None => {
-                let s = StopEvent { rule: "max_steps", step: trainer.step(), detail: format!("train.steps = {total} reached"), restored_step: None };
+                let s = StopEvent {
+                    rule: "max_steps",
+                    step: trainer.step(),
+                    detail: format!("train.steps = {total} reached"),
+                    restored_step: None,
+                };
                 Some(self.fired(s, rank0))
             }
         };

@@ -82,7 +82,9 @@ impl Rules {
             return Ok(value);
         }
         let r = self.reference.get(metric).ok_or_else(|| {
-            crate::other!("stop.reference has no finite `{metric}` (the retain model's report must come from the same benchmark and options)")
+            crate::other!(
+                "stop.reference has no finite `{metric}` (the retain model's report must come from the same benchmark and options)"
+            )
         })?;
         Ok(-(value - r).abs())
     }
@@ -146,23 +148,32 @@ impl Rules {
         for (m, limit) in &self.cfg.stop.below {
             let v = e.get(m)?;
             if v < *limit && d.stop.is_none() {
-                d.stop = Some(StopEvent { rule: "threshold", step: e.step, detail: format!("{m} = {v:.4} < {limit}"), restored_step: None });
+                d.stop =
+                    Some(StopEvent { rule: "threshold", step: e.step, detail: format!("{m} = {v:.4} < {limit}"), restored_step: None });
             }
         }
         for (m, limit) in &self.cfg.stop.above {
             let v = e.get(m)?;
             if v > *limit && d.stop.is_none() {
-                d.stop = Some(StopEvent { rule: "threshold", step: e.step, detail: format!("{m} = {v:.4} > {limit}"), restored_step: None });
+                d.stop =
+                    Some(StopEvent { rule: "threshold", step: e.step, detail: format!("{m} = {v:.4} > {limit}"), restored_step: None });
             }
         }
         if let (Some(r), None) = (&self.cfg.stop.reach, &d.stop) {
             if self.since_closest >= r.patience {
                 let (c, step) = self.closest.expect("set at step 0");
-                let what = if r.metric.ends_with(".forget_quality") { format!("{} = {c:.4}", r.metric) } else { format!("|{} - retain| = {:.4}", r.metric, -c) };
+                let what = if r.metric.ends_with(".forget_quality") {
+                    format!("{} = {c:.4}", r.metric)
+                } else {
+                    format!("|{} - retain| = {:.4}", r.metric, -c)
+                };
                 d.stop = Some(StopEvent {
                     rule: "reach_retain",
                     step: e.step,
-                    detail: format!("closest to the retain model at step {step} ({what}); {} evaluation(s) since without coming closer", self.since_closest),
+                    detail: format!(
+                        "closest to the retain model at step {step} ({what}); {} evaluation(s) since without coming closer",
+                        self.since_closest
+                    ),
                     restored_step: None,
                 });
             }

@@ -229,14 +229,19 @@ pub fn estimate(p: &PlanInput) -> Plan {
     let sharded = p.zero >= 2 && p.world_size > 1;
     match (p.reduce, sharded) {
         (_, false) => {
-            let why = if p.world_size == 1 { "one rank: nothing to reduce".to_string() } else { format!("ZeRO-{} keeps a full gradient buffer", p.zero) };
+            let why = if p.world_size == 1 {
+                "one rank: nothing to reduce".to_string()
+            } else {
+                format!("ZeRO-{} keeps a full gradient buffer", p.zero)
+            };
             estimate_at(p, ReduceMode::Step, format!("once per step ({why})"))
         }
         (ReduceMode::Auto, true) => {
             let step = estimate_at(p, ReduceMode::Step, String::new());
             let peak = |pl: &Plan| pl.peak_bytes / GIB;
             if step.fits {
-                let note = format!("once per step (auto: {:.2} GiB with a full fp32 gradient buffer fits {:.2} GiB)", peak(&step), p.budget_gib);
+                let note =
+                    format!("once per step (auto: {:.2} GiB with a full fp32 gradient buffer fits {:.2} GiB)", peak(&step), p.budget_gib);
                 Plan { reduce_note: note, ..step }
             } else {
                 let micro = estimate_at(p, ReduceMode::MicroBatch, String::new());

@@ -120,9 +120,8 @@ impl<'a> Sizes<'a> {
         let layout = layout::flat_layout(&trainable, p.zero, p.world_size, p.bucket_mb);
         let span = |l: Option<usize>| -> f64 { layout.layer_buckets(l).iter().map(|&b| layout.buckets[b].padded as f64).sum() };
         let n_layers = p.model.num_hidden_layers as usize;
-        let block_params = (0..n_layers)
-            .map(|l| trainable.iter().filter(|s| s.layer == Some(l)).map(numel).sum::<i64>() as f64)
-            .fold(0.0, f64::max);
+        let block_params =
+            (0..n_layers).map(|l| trainable.iter().filter(|s| s.layer == Some(l)).map(numel).sum::<i64>() as f64).fold(0.0, f64::max);
         let c = match p.dtype {
             Dtype::Bf16 => 2.0,
             Dtype::Fp32 => 4.0,
@@ -202,7 +201,9 @@ impl<'a> Sizes<'a> {
         let piece = b / self.world;
         let wire = if p.bf16_wire() { 2.0 } else { 4.0 };
         if !self.reduce_step {
-            let words = format!("assembling + {inflight} in flight: ({inflight} + 1) × largest bucket × 4 B + {inflight} received pieces (bucket/N)");
+            let words = format!(
+                "assembling + {inflight} in flight: ({inflight} + 1) × largest bucket × 4 B + {inflight} received pieces (bucket/N)"
+            );
             let bytes = (inflight + 1.0) * b * 4.0 + inflight * piece * wire + if p.bf16_wire() { inflight * b * 2.0 } else { 0.0 };
             rows.push(row("bucket buffers in flight", words, bytes));
         } else if p.bf16_wire() {
@@ -211,7 +212,11 @@ impl<'a> Sizes<'a> {
             rows.push(row("bf16 reduction buffers", words, inflight * (b + per) * 2.0));
         }
         if self.cpu_mpi {
-            rows.push(row("MPI scratch", "the communication thread's send copy / Open MPI's reduction scratch: ≈ largest bucket × 4 B", b * 4.0));
+            rows.push(row(
+                "MPI scratch",
+                "the communication thread's send copy / Open MPI's reduction scratch: ≈ largest bucket × 4 B",
+                b * 4.0,
+            ));
         }
         rows
     }
@@ -262,7 +267,8 @@ impl<'a> Sizes<'a> {
             });
         }
         let n_acc = p.accumulators() as f64;
-        let which = if n_acc == 1.0 && m.losses.len() > 1 { "1 (the weighted sum of the objectives)".to_string() } else { format!("{n_acc}") };
+        let which =
+            if n_acc == 1.0 && m.losses.len() > 1 { "1 (the weighted sum of the objectives)".to_string() } else { format!("{n_acc}") };
         let sharded = self.layout.shards > 1;
         let (one, words) = match (self.reduce_step, sharded) {
             (true, false) => (flat * 4.0, format!("full flat {} (reduced in place)", count(flat))),
@@ -330,7 +336,11 @@ impl<'a> Sizes<'a> {
         let nograd = self.w.block_nograd_peak();
         let block = Moment::new(
             "a block",
-            vec![row("no-grad block working set", format!("{} tokens (per-rank batch × s) × {nograd:.0} B", count(ref_tokens)), ref_tokens * nograd)],
+            vec![row(
+                "no-grad block working set",
+                format!("{} tokens (per-rank batch × s) × {nograd:.0} B", count(ref_tokens)),
+                ref_tokens * nograd,
+            )],
         );
         let per = nograd_logprobs_per_logit(c);
         let head = Moment::new(
@@ -358,20 +368,30 @@ impl<'a> Sizes<'a> {
                 moments.push(Moment::new(
                     "teacher forward",
                     vec![
-                        row("teacher block working set (no grad)", format!("b·s = {} tokens × {nograd:.0} B", count(tokens)), tokens * nograd),
+                        row(
+                            "teacher block working set (no grad)",
+                            format!("b·s = {} tokens × {nograd:.0} B", count(tokens)),
+                            tokens * nograd,
+                        ),
                         // Without a teacher replica the teacher's weights are gathered layer by layer.
                         self.gathered_layers_row("gathered teacher layers", p.teacher == TeacherMode::Gather, c, cw),
                     ],
                 ));
             }
             if let (Some(fm), Some(fc)) = (m.frozen_model.as_ref().filter(|f| f.on == obj), &p.frozen_model) {
-                common.push(row(format!("method.{} logits", fm.key), format!("{} × {cw}, held through the student pass", self.bsv), logits * c));
+                common.push(row(
+                    format!("method.{} logits", fm.key),
+                    format!("{} × {cw}, held through the student pass", self.bsv),
+                    logits * c,
+                ));
                 let nograd = Widths::new(fc, c, false).block_nograd_peak();
-                let working = row("its block working set (no grad)", format!("b·s = {} tokens × {nograd:.0} B", count(tokens)), tokens * nograd);
+                let working =
+                    row("its block working set (no grad)", format!("b·s = {} tokens × {nograd:.0} B", count(tokens)), tokens * nograd);
                 moments.push(Moment::new(format!("method.{} forward", fm.key), vec![working]));
             }
             let per = loss.peak_per_logit(c);
-            let loss_row = row(format!("logits and {} loss", loss.name()), format!("{} × {per:.0} B: {}", self.bsv, loss.peak_words()), logits * per);
+            let loss_row =
+                row(format!("logits and {} loss", loss.name()), format!("{} × {per:.0} B: {}", self.bsv, loss.peak_words()), logits * per);
             if !p.layer_wise() {
                 let head = w.head_saved();
                 moments.push(Moment::new(
@@ -405,7 +425,11 @@ impl<'a> Sizes<'a> {
                     let gathered = if p.zero == 3 { self.outer_span * c } else { 0.0 };
                     common.push(row("gathered outer weights", format!("embeddings/head/norms span {outer} × {cw}, whole pass"), gathered));
                     let buffers = if self.reduce_step { 0.0 } else { self.outer_span * 4.0 };
-                    common.push(row("outer bucket buffers", format!("embeddings/head/norms span {outer} × 4 B, until the pass ends"), buffers));
+                    common.push(row(
+                        "outer bucket buffers",
+                        format!("embeddings/head/norms span {outer} × 4 B, until the pass ends"),
+                        buffers,
+                    ));
                 }
                 let head = w.head_saved();
                 moments.push(Moment::new("loss", vec![row("head activations", format!("b·s × {head:.0} B"), tokens * head), loss_row]));
@@ -413,7 +437,11 @@ impl<'a> Sizes<'a> {
                 let mut layer = vec![
                     row("one block recomputed with graph", format!("b·s {} × {saved:.0} B", count(tokens)), tokens * saved),
                     self.backward_temps_row(),
-                    row("block output and g_out", format!("y and the gradient reaching it: 2 × b·s × d × {cw}"), 2.0 * tokens * w.hidden * c),
+                    row(
+                        "block output and g_out",
+                        format!("y and the gradient reaching it: 2 × b·s × d × {cw}"),
+                        2.0 * tokens * w.hidden * c,
+                    ),
                     self.block_grads_row(),
                     self.gathered_layers_row("gathered layers", p.zero == 3, c, cw),
                 ];
@@ -445,7 +473,10 @@ impl<'a> Sizes<'a> {
             moments.push(Moment::new("last reductions", reductions));
         }
         let temps = m.update.direction_temps;
-        moments.push(Moment::new("direction", vec![d_row(), row("direction temporaries", format!("{temps} × shard × 4 B"), temps * shard * 4.0)]));
+        moments.push(Moment::new(
+            "direction",
+            vec![d_row(), row("direction temporaries", format!("{temps} × shard × 4 B"), temps * shard * 4.0)],
+        ));
         if p.clip_norm {
             moments.push(Moment::new("clip", vec![d_row(), dot_row("fp64 temporaries of ‖d‖² (optim.clip_norm)")]));
         }
@@ -457,7 +488,10 @@ impl<'a> Sizes<'a> {
         };
         moments.push(Moment::new("optimizer step", vec![d_row(), step_row]));
         if m.update.after_step_temps > 0.0 {
-            moments.push(Moment::new("EMA update", vec![d_row(), row("EMA temporary", "θ·δc: shard × 4 B", m.update.after_step_temps * shard * 4.0)]));
+            moments.push(Moment::new(
+                "EMA update",
+                vec![d_row(), row("EMA temporary", "θ·δc: shard × 4 B", m.update.after_step_temps * shard * 4.0)],
+            ));
         }
         if m.autolr.is_some() {
             let wt_delta = row("probe shards w_t and Δ", "2 × shard × 4 B", 2.0 * shard * 4.0);

@@ -20,7 +20,6 @@ pub fn peak_rss_bytes() -> Option<u64> {
     status_bytes("VmHWM")
 }
 
-
 /// Peak RSS after one tiny forward/backward of a random Llama on the CPU: what the binary and
 /// libtorch cost before any real model is loaded. Measured in this process (the same binary as
 /// `unlearn run`), so it follows the libtorch build and the machine.
@@ -36,10 +35,9 @@ pub fn measure_cpu_baseline() -> Option<u64> {
         ..Config::llama2_7b()
     };
     tch::manual_seed(0);
-    let model = Llama::new(&cfg, |spec| {
-        Ok((Tensor::randn(spec.shape.as_slice(), (Kind::Float, Device::Cpu)) * 0.02).set_requires_grad(true))
-    })
-    .ok()?;
+    let model =
+        Llama::new(&cfg, |spec| Ok((Tensor::randn(spec.shape.as_slice(), (Kind::Float, Device::Cpu)) * 0.02).set_requires_grad(true)))
+            .ok()?;
     let ids = Tensor::randint(cfg.vocab_size, [2, 32], (Kind::Int64, Device::Cpu));
     let logits = model.forward(&ids, None, None);
     let loss = logits.log_softmax(-1, Kind::Float).mean(Kind::Float);

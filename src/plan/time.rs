@@ -287,7 +287,15 @@ impl Model<'_> {
 
     /// A pass's weights gathered layer by layer (ZeRO-3 student, gathered teacher, fp32 probes):
     /// `each` runs the layer's compute; prefetched one layer ahead in the current design.
-    fn gathered(&self, sim: &mut Sim, d: Design, what: &str, bytes_per: f64, order: &[Option<usize>], each: &mut dyn FnMut(&mut Sim, Option<usize>)) {
+    fn gathered(
+        &self,
+        sim: &mut Sim,
+        d: Design,
+        what: &str,
+        bytes_per: f64,
+        order: &[Option<usize>],
+        each: &mut dyn FnMut(&mut Sim, Option<usize>),
+    ) {
         let gather = |sim: &mut Sim, l: Option<usize>| {
             if self.layer_buckets(l) == 0.0 {
                 return sim.t; // nothing trainable in this layer: nothing to gather
@@ -347,9 +355,7 @@ impl Model<'_> {
             let fwd_layer = tok * f.block_forward / rate;
             if self.p.teacher == TeacherMode::Gather && self.shards > 1 {
                 let order = self.order_forward();
-                self.gathered(sim, d, "teacher gather", self.c, &order, &mut |sim, l| {
-                    sim.work(if l.is_some() { fwd_layer } else { 0.0 })
-                });
+                self.gathered(sim, d, "teacher gather", self.c, &order, &mut |sim, l| sim.work(if l.is_some() { fwd_layer } else { 0.0 }));
                 sim.work(tok * f.head_forward / rate);
             } else {
                 sim.work(tok * f.forward() / rate);
@@ -366,7 +372,9 @@ impl Model<'_> {
         if self.p.zero == 3 {
             // Forward over the layers, head, then backward from the top (the last layer stays).
             let order = self.order_forward();
-            self.gathered(sim, d, "ZeRO-3 weight gather", self.c, &order, &mut |sim, l| sim.work(if l.is_some() { fwd_layer } else { 0.0 }));
+            self.gathered(sim, d, "ZeRO-3 weight gather", self.c, &order, &mut |sim, l| {
+                sim.work(if l.is_some() { fwd_layer } else { 0.0 })
+            });
             sim.work(tok * (f.head_forward + f.head_backward) / rate);
             let back: Vec<Option<usize>> = (0..self.n_layers.saturating_sub(1)).rev().map(Some).collect();
             sim.work(bwd_layer);
@@ -387,7 +395,13 @@ impl Model<'_> {
             if d == Design::Before && !self.p.layer_wise() {
                 // The plain executor handed every bucket over after the whole backward.
                 if let Some(op) = reduce_now {
-                    self.reduce(sim, d, op, self.layout.total as f64 - self.layer_elems(None), self.layout.buckets.len() as f64 - self.layer_buckets(None));
+                    self.reduce(
+                        sim,
+                        d,
+                        op,
+                        self.layout.total as f64 - self.layer_elems(None),
+                        self.layout.buckets.len() as f64 - self.layer_buckets(None),
+                    );
                 }
             }
         }
@@ -461,7 +475,9 @@ impl Model<'_> {
                     let fwd_layer = self.tokens * self.f.block_forward / self.rate;
                     if let Some((what, bytes_per)) = per_layer {
                         let order = self.order_forward();
-                        self.gathered(&mut probe, d, what, bytes_per, &order, &mut |s, l| s.work(if l.is_some() { fwd_layer } else { 0.0 }));
+                        self.gathered(&mut probe, d, what, bytes_per, &order, &mut |s, l| {
+                            s.work(if l.is_some() { fwd_layer } else { 0.0 })
+                        });
                         probe.work(self.tokens * self.f.head_forward / self.rate);
                     } else {
                         probe.work(self.tokens * self.f.forward() / self.rate);
@@ -540,7 +556,10 @@ pub fn step_time(p: &PlanInput, reduce: ReduceMode, compute: Compute, fabric: Fa
         compute_rows.push(("teacher forward".into(), a * tokens * f.forward()));
     }
     if let Some(period) = m.autolr {
-        compute_rows.push((format!("AutoLR probes (3 × {} forwards every {period} steps)", p.grad_accum), 3.0 * a * tokens * f.forward() / period as f64));
+        compute_rows.push((
+            format!("AutoLR probes (3 × {} forwards every {period} steps)", p.grad_accum),
+            3.0 * a * tokens * f.forward() / period as f64,
+        ));
     }
     let now = model.replay(Design::Now);
     let before = model.replay(Design::Before);

@@ -86,7 +86,8 @@ fn stream(path: &Path, name: String, also: &mut [&mut Sha256]) -> Result<FileDig
 
 /// Regular files directly in `dir`, sorted by path.
 fn files_in(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).at(dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(dir).at(dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
     files.sort();
     Ok(files)
 }

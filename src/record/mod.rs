@@ -99,7 +99,8 @@ impl Record {
     /// loaders derive their streams from `train.seed` (forget stream 1, retain stream 2); nothing
     /// else in a run is random. Call it on rank 0 only: it reads every input file once.
     pub fn for_run(cfg: &RunConfig, world_size: usize) -> Result<Record> {
-        let table: toml::Table = toml::from_str(&cfg.to_toml()).map_err(|e| crate::other!("resolved run config does not parse back: {e}"))?;
+        let table: toml::Table =
+            toml::from_str(&cfg.to_toml()).map_err(|e| crate::other!("resolved run config does not parse back: {e}"))?;
         let config = serde_json::to_value(table).map_err(|e| crate::other!("run config does not convert to JSON: {e}"))?;
         let mut r = Record::new("run", config, world_size);
         r.seeds.insert("train.seed".into(), cfg.train.seed);

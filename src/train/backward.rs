@@ -160,7 +160,8 @@ pub fn forward_backward(
     let (b, t) = (batch.input_ids.size()[0], batch.input_ids.size()[1]);
     let ctx = model.attn_ctx(t, 0, Some(&batch.attention_mask), None, b);
     let n_layers = model.num_layers();
-    let embed_trainable = params::trainable(model, layout, Some(None)).iter().any(|(i, _)| layout.params[*i].name == "model.embed_tokens.weight");
+    let embed_trainable =
+        params::trainable(model, layout, Some(None)).iter().any(|(i, _)| layout.params[*i].name == "model.embed_tokens.weight");
 
     // Forward. Kept: xs[l] is layer l's input with its graph (xs[n] the last output). Recomputed:
     // the same values without graph.
@@ -264,7 +265,8 @@ pub fn forward_backward(
             .filter(|(i, _)| layout.params[*i].name == "model.embed_tokens.weight")
             .collect();
         for (i, e) in &embed {
-            let x0 = if recompute { Tensor::embedding(e, &batch.input_ids, -1, false, false) } else { y_top.take().expect("embedding output") };
+            let x0 =
+                if recompute { Tensor::embedding(e, &batch.input_ids, -1, false, false) } else { y_top.take().expect("embedding output") };
             let surrogate = (x0 * &g_out).sum(Kind::Float);
             let g = Tensor::f_run_backward(&[&surrogate], &[e], false, false)?;
             sink.add(*i, &g[0])?;

@@ -25,7 +25,13 @@ impl Trainer {
         let specs = param_specs(&cfg);
         let index = params::param_index(&self.layout);
         let mut writer = if self.is_main() {
-            Some(crate::model::weights::HfWriter::create(out, &self.raw_config, &specs, self.kind, crate::model::weights::DEFAULT_MAX_SHARD_BYTES)?)
+            Some(crate::model::weights::HfWriter::create(
+                out,
+                &self.raw_config,
+                &specs,
+                self.kind,
+                crate::model::weights::DEFAULT_MAX_SHARD_BYTES,
+            )?)
         } else {
             None
         };

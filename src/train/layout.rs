@@ -31,7 +31,11 @@ pub fn flat_layout(trainable: &[&ParamSpec], zero: u8, world: usize, bucket_mb: 
 /// Each rank takes an equal contiguous slice of every global micro-batch.
 pub fn check_batch_split(batch_size: usize, world: usize, file: &str) -> Result<()> {
     if !batch_size.is_multiple_of(world) {
-        return Err(crate::Error::config(file, "train.batch_size", format!("{batch_size} is not divisible by the number of ranks ({world})")));
+        return Err(crate::Error::config(
+            file,
+            "train.batch_size",
+            format!("{batch_size} is not divisible by the number of ranks ({world})"),
+        ));
     }
     Ok(())
 }

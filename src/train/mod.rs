@@ -40,7 +40,7 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{DataSource, ReduceMode, RunConfig};
-use crate::data::loader::{local_batch, LocalBatch, Loader};
+use crate::data::loader::{local_batch, Loader, LocalBatch};
 use crate::data::{read_records, tokenize_all, Example, Record, Template, Tokenizer};
 use crate::dist::count::{Counted, OpCount, Tally};
 use crate::dist::zero::FlatLayout;
@@ -395,8 +395,9 @@ impl Trainer {
         }
         let accum = self.cfg.train.grad_accum;
         // The last pass that reaches each accumulator in the step.
-        let last_pass: Vec<usize> =
-            (0..self.accs.len()).map(|a| self.objectives.iter().rposition(|o| o.acc == a).expect("every accumulator has an objective")).collect();
+        let last_pass: Vec<usize> = (0..self.accs.len())
+            .map(|a| self.objectives.iter().rposition(|o| o.acc == a).expect("every accumulator has an objective"))
+            .collect();
         let mut losses = [0.0f64; 2];
         let mut tokens = 0i64;
         for micro in 0..accum {
@@ -447,7 +448,8 @@ impl Trainer {
             Gradients::WeightedSum { .. } => vec![dot(&shards[0], &shards[0])],
         };
         let stop = crate::signals::requested().map_or(0.0, |_| 1.0);
-        let mut scalars: Vec<f64> = [losses[0], losses[1], stop].iter().chain(&local).copied().chain(grad_sq.iter().map(|&v| mine(v))).collect();
+        let mut scalars: Vec<f64> =
+            [losses[0], losses[1], stop].iter().chain(&local).copied().chain(grad_sq.iter().map(|&v| mine(v))).collect();
         fault::hang_if(Fault::Hang, step);
         {
             let _g = watchdog::enter("the step's losses and stop requests");
@@ -724,7 +726,8 @@ fn check_same_data(comm: &dyn Collective, cfg: &RunConfig, objectives: &[Objecti
                 Objective::Forget => "data.forget",
                 Objective::Retain => "data.retain",
             };
-            let files = cfg.data.source(st.obj, cfg.train.max_len).paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+            let files =
+                cfg.data.source(st.obj, cfg.train.max_len).paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
             return Err(crate::input!(
                 "{key} ({files}) differs between ranks ({} examples on this rank, content hash {:016x}); every rank must read the same \
                  files (a shared filesystem, or identical copies on every node)",

@@ -16,8 +16,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint;
-use crate::files::{self, RUN_OUTPUT};
 use crate::error::IoContext;
+use crate::files::{self, RUN_OUTPUT};
 use crate::Result;
 
 /// How a run begins in its output directory.

@@ -130,7 +130,10 @@ impl Accumulator {
                 Reduction { handle: comm.start_reduce_scatter(local, self.shard.narrow(0, offset, per))?, finish: Finish::InPlace }
             } else {
                 let piece = Tensor::empty([per], (dtype, local.device()));
-                Reduction { handle: comm.start_reduce_scatter(local.to_kind(dtype), piece.shallow_clone())?, finish: Finish::Widen { piece, offset } }
+                Reduction {
+                    handle: comm.start_reduce_scatter(local.to_kind(dtype), piece.shallow_clone())?,
+                    finish: Finish::Widen { piece, offset },
+                }
             }
         };
         self.in_flight.push_back(reduction);

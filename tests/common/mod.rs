@@ -56,11 +56,7 @@ pub fn run_py_env(script: &str, args: &[&str], env: &[(&str, &Path)]) -> String 
         .envs(env.iter().copied())
         .output()
         .expect("spawn python");
-    assert!(
-        out.status.success(),
-        "python {script} {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "python {script} {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -105,7 +101,10 @@ pub const FAMILY_CASES: &[Case] = &[
         config: r#"{"model_type": "qwen2", "use_sliding_window": true, "sliding_window": 5, "max_window_layers": 1}"#,
     },
     Case { name: "qwen3-headdim32", config: r#"{"model_type": "qwen3", "head_dim": 32}"# },
-    Case { name: "qwen3-bias-tied", config: r#"{"model_type": "qwen3", "head_dim": 16, "attention_bias": true, "tie_word_embeddings": true}"# },
+    Case {
+        name: "qwen3-bias-tied",
+        config: r#"{"model_type": "qwen3", "head_dim": 16, "attention_bias": true, "tie_word_embeddings": true}"#,
+    },
     Case { name: "phi3", config: r#"{"model_type": "phi3"}"# },
     Case {
         name: "phi3-partial-longrope-long",
@@ -138,7 +137,13 @@ pub fn padded_batch(vocab: i64, left: bool) -> (tch::Tensor, tch::Tensor) {
 }
 
 /// transformers' logits (through `hf_ref.py logits`) for a batch, with explicit positions if given.
-pub fn hf_logits(model_dir: &std::path::Path, ids: &tch::Tensor, mask: &tch::Tensor, pos: Option<&tch::Tensor>, dtype: &str) -> tch::Tensor {
+pub fn hf_logits(
+    model_dir: &std::path::Path,
+    ids: &tch::Tensor,
+    mask: &tch::Tensor,
+    pos: Option<&tch::Tensor>,
+    dtype: &str,
+) -> tch::Tensor {
     let dir = model_dir.parent().unwrap();
     let inp = dir.join(format!("inputs-{dtype}.safetensors"));
     let out = dir.join(format!("logits-{dtype}.safetensors"));
@@ -149,7 +154,17 @@ pub fn hf_logits(model_dir: &std::path::Path, ids: &tch::Tensor, mask: &tch::Ten
     tch::Tensor::write_safetensors(&named, &inp).unwrap();
     run_py(
         "hf_ref.py",
-        &["logits", "--model", model_dir.to_str().unwrap(), "--inputs", inp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--dtype", dtype],
+        &[
+            "logits",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--inputs",
+            inp.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--dtype",
+            dtype,
+        ],
     );
     tch::Tensor::read_safetensors(&out).unwrap().remove(0).1
 }
@@ -160,7 +175,17 @@ pub fn hf_generate(model_dir: &Path, prompts: &[Vec<i64>], max_new_tokens: usize
     let (pfile, ofile) = (tmp.path().join("prompts.json"), tmp.path().join("hf.json"));
     std::fs::write(&pfile, serde_json::to_string(prompts).unwrap()).unwrap();
     let n = max_new_tokens.to_string();
-    let args = ["generate", "--model", model_dir.to_str().unwrap(), "--prompts", pfile.to_str().unwrap(), "--out", ofile.to_str().unwrap(), "--max-new-tokens", &n];
+    let args = [
+        "generate",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--prompts",
+        pfile.to_str().unwrap(),
+        "--out",
+        ofile.to_str().unwrap(),
+        "--max-new-tokens",
+        &n,
+    ];
     run_py("hf_ref.py", &args);
     serde_json::from_str(&std::fs::read_to_string(&ofile).unwrap()).unwrap()
 }
@@ -173,11 +198,7 @@ pub fn unlearn_bin() -> PathBuf {
 /// Run `unlearn` with args; returns (success, stdout, stderr).
 pub fn run_unlearn(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(unlearn_bin()).args(args).output().expect("spawn unlearn");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// Max |a - b| over positions where `mask` is 1 (`a`, `b`: [b, t, v]; mask [b, t]).

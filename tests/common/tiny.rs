@@ -50,9 +50,7 @@ pub fn tokenizer_json() -> serde_json::Value {
     for (i, c) in alphabet.iter().enumerate() {
         vocab.insert(c.to_string(), json!(i));
     }
-    let special = |id: i64, content: &str| {
-        json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
-    };
+    let special = |id: i64, content: &str| json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
     json!({
         "version": "1.0",

@@ -125,11 +125,7 @@ fn exact_pvalue(n1: u64, n2: u64, g: u64, d: f64) -> (f64, Option<f64>) {
 /// statistic and p-value (scipy's nan_policy='propagate'); an empty sample is an error.
 pub fn ks_2samp(a: &[f64], b: &[f64]) -> Result<KsResult> {
     if a.is_empty() || b.is_empty() {
-        return Err(Error::Other(format!(
-            "ks_2samp: samples must not be empty (got {} and {} values)",
-            a.len(),
-            b.len()
-        )));
+        return Err(Error::Other(format!("ks_2samp: samples must not be empty (got {} and {} values)", a.len(), b.len())));
     }
     if a.iter().chain(b).any(|x| x.is_nan()) {
         let method = if a.len().max(b.len()) <= KS_MAX_EXACT_N { KsMethod::Exact } else { KsMethod::Asymptotic };

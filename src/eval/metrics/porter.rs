@@ -106,11 +106,7 @@ fn ends_double_consonant(w: &[char]) -> bool {
 /// vowel-consonant word.
 fn ends_cvc(w: &[char]) -> bool {
     let n = w.len();
-    (n >= 3
-        && is_consonant(w, n - 3)
-        && !is_consonant(w, n - 2)
-        && is_consonant(w, n - 1)
-        && !matches!(w[n - 1], 'w' | 'x' | 'y'))
+    (n >= 3 && is_consonant(w, n - 3) && !is_consonant(w, n - 2) && is_consonant(w, n - 1) && !matches!(w[n - 1], 'w' | 'x' | 'y'))
         || (n == 2 && !is_consonant(w, 0) && is_consonant(w, 1))
 }
 
@@ -252,7 +248,15 @@ fn step3(w: Vec<char>) -> Vec<char> {
     use Cond::M0;
     apply_rules(
         w,
-        &[("icate", "ic", M0), ("ative", "", M0), ("alize", "al", M0), ("iciti", "ic", M0), ("ical", "ic", M0), ("ful", "", M0), ("ness", "", M0)],
+        &[
+            ("icate", "ic", M0),
+            ("ative", "", M0),
+            ("alize", "al", M0),
+            ("iciti", "ic", M0),
+            ("ical", "ic", M0),
+            ("ful", "", M0),
+            ("ness", "", M0),
+        ],
     )
 }
 

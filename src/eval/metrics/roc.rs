@@ -79,11 +79,7 @@ pub fn roc_curve(labels: &[bool], scores: &[f64]) -> Result<RocCurve> {
     tps.insert(0, 0.0);
     thr.insert(0, f64::INFINITY);
     let (fp_all, tp_all) = (fps[fps.len() - 1], tps[tps.len() - 1]);
-    Ok(RocCurve {
-        fpr: fps.iter().map(|f| f / fp_all).collect(),
-        tpr: tps.iter().map(|t| t / tp_all).collect(),
-        thresholds: thr,
-    })
+    Ok(RocCurve { fpr: fps.iter().map(|f| f / fp_all).collect(), tpr: tps.iter().map(|t| t / tp_all).collect(), thresholds: thr })
 }
 
 /// `sklearn.metrics.auc(x, y)` for non-decreasing `x`: trapezoid area with numpy's summation.

@@ -124,10 +124,8 @@ mod tests {
     #[test]
     fn only_kelvin_and_dotted_capital_i_lowercase_into_ascii() {
         // Python's str.lower() has exactly these two (checked with unicodedata 14 / Python 3.11).
-        let odd: Vec<char> = (0x80..=0x10FFFFu32)
-            .filter_map(char::from_u32)
-            .filter(|c| c.to_lowercase().any(|l| l.is_ascii_alphanumeric()))
-            .collect();
+        let odd: Vec<char> =
+            (0x80..=0x10FFFFu32).filter_map(char::from_u32).filter(|c| c.to_lowercase().any(|l| l.is_ascii_alphanumeric())).collect();
         assert_eq!(odd, ['\u{130}', '\u{212A}']);
     }
 

@@ -190,8 +190,8 @@ pub fn smirnov_sf(n: i64, x: f64) -> f64 {
         return if logp < -std::f64::consts::LN_2 { logp.exp() } else { 1.0 - -logp.exp_m1() };
     }
     let n_upper_terms = n - n1mxceil + 1;
-    let use_upper = (n_upper_terms <= 1 && x < 0.5)
-        || (n >= SM_UPPERSUM_MIN_N && n_upper_terms <= SM_UPPER_MAX_TERMS && x <= 0.5 / (n as f64).sqrt());
+    let use_upper =
+        (n_upper_terms <= 1 && x < 0.5) || (n >= SM_UPPERSUM_MIN_N && n_upper_terms <= SM_UPPER_MAX_TERMS && x <= 0.5 / (n as f64).sqrt());
 
     let (start, step, n_terms, first) = if use_upper {
         (n, -1, n - n1mxceil + 1, pow4(1.0, x, 1.0, 0.0, n - 1))
