@@ -368,8 +368,14 @@ fn reductions_overlap_with_backward_under_mpirun() {
     let buckets = 8.0;
     let run = |name: &str, steps: u64, delay_ms: f64, overlap: bool| {
         // One bucket per layer (a layer here is 0.98 M fp32 elements, 3.75 MiB).
-        let sets =
-            [format!("train.steps={steps}"), "train.batch_size=8".into(), "dist.bucket_mb=4".into(), format!("dist.overlap={overlap}")];
+        // The layers' matrices only (finetune's own default also trains embeddings, norms and the head).
+        let sets = [
+            format!("train.steps={steps}"),
+            "train.batch_size=8".into(),
+            "dist.bucket_mb=4".into(),
+            format!("dist.overlap={overlap}"),
+            "model.trainable=\"matrices\"".into(),
+        ];
         let (args, out) = run_args(tmp.path(), &model, name, "finetune", &sets);
         let delay = format!("{delay_ms}:{buckets}");
         let (ok, err) = mpirun(2, &args, &[("UNLEARN_COMM_DELAY_MS", &delay), ("OMP_NUM_THREADS", "1")]);

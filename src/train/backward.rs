@@ -196,8 +196,11 @@ pub fn forward_backward(
     }
 
     // Head and loss, differentiated w.r.t. the final hidden state and the head's own weights.
+    // The head is its own segment on a detached copy of the final hidden state: differentiating
+    // the loss for a tied (trainable) embedding would otherwise walk the kept graph of every layer
+    // down to the lookup, freeing it before the layer segments and counting the lookup twice.
     let top = xs[n_layers].take().expect("final hidden state");
-    let h = if recompute { top.detach().set_requires_grad(true) } else { top };
+    let h = top.detach().set_requires_grad(true);
     let loss = {
         let logits = model.head(&h);
         loss_fn(&logits)?
@@ -215,8 +218,8 @@ pub fn forward_backward(
     }
     drop((loss, grads, inputs));
 
-    // Layers from the top; the recomputed path keeps `h` as the last layer's output.
-    let mut y_top = Some(h);
+    // Layers from the top: the kept graph continues from the last layer's real output.
+    let mut y_top = Some(top);
     for l in (0..n_layers).rev() {
         binder.bind(model, Some(l), true)?;
         if l > 0 {
