@@ -6,7 +6,7 @@ Sections (--sections, comma separated; default all):
         ngdiff and mean-teacher on SmolLM2-135M, fp32 CPU, batch 4 x 256 tokens of MUSE-News text;
         GFLOP/s and the share of the fp32 GEMM peak measured in the same run.
   mpi   weak scaling np=1 vs np=2 (one thread per rank, same per-rank batch) and the exposed
-        communication share (UNLEARN_COMM_TIMING=1: time inside collectives / step time).
+        communication share (comm_wait_s: time blocked on collectives / step time).
   eval  TOFU evaluation throughput (questions/s) of `unlearn eval tofu` vs benches/torch_eval.py
         (transformers `generate` + the same scoring) on the same questions and batch sizes.
   gpu   7B-geometry layers in bf16 on a CUDA device (tokens/s, MFU against the measured bf16
@@ -406,7 +406,7 @@ out_dir = "{run_dir}"
             gate = str(self.work / f"{name}-{{rank}}.gate")
             gates = [gate.replace("{rank}", str(r)) for r in range(np_)]
             cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(np_), str(self.bin), "run", "--config", str(cfg_path)]
-            procs.append((np_, run_dir, Gated(name, cmd, self.env(1, UNLEARN_STEP_GATE=gate, UNLEARN_COMM_TIMING=1), self.work,
+            procs.append((np_, run_dir, Gated(name, cmd, self.env(1, UNLEARN_STEP_GATE=gate), self.work,
                                               run_dir / "metrics.jsonl", gates, rss=False)))
         log(f"mpi: weak scaling np=1 vs np=2, 1 thread per rank, {per_rank} x {self.a.max_len} tokens per rank, ZeRO-{self.a.mpi_zero}")
         lines = lockstep([p for _, _, p in procs], self.a.steps, self.a.step_timeout * 2)
@@ -415,11 +415,11 @@ out_dir = "{run_dir}"
             p.finish()
             ls = lines[p.name][self.a.warmup :]
             step = statistics.median(l["elapsed_s"] for l in ls)
-            comm = statistics.median(l.get("comm_s") or 0.0 for l in ls)
+            comm = statistics.median(l["comm_wait_s"] for l in ls)
             # CPU seconds per rank and step: less sensitive to a busy machine than wall time
             # (but Open MPI polls while it waits, so waiting counts as CPU time too).
             cpu = statistics.median((l["cpu_user_s"] + l["cpu_sys_s"]) / np_ for l in ls)
-            res[f"np{np_}"] = {"step_s": [l["elapsed_s"] for l in lines[p.name]], "comm_s": [l.get("comm_s") for l in lines[p.name]],
+            res[f"np{np_}"] = {"step_s": [l["elapsed_s"] for l in lines[p.name]], "comm_s": [l["comm_wait_s"] for l in lines[p.name]],
                                "median_step_s": step, "median_comm_s": comm, "comm_share": comm / step, "median_cpu_per_rank_s": cpu}
             subprocess.run(["rm", "-rf", str(run_dir)], check=True)
         res["efficiency"] = res["np1"]["median_step_s"] / res["np2"]["median_step_s"]

@@ -15,7 +15,6 @@ pub mod local;
 pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
-pub mod timed;
 pub mod watchdog;
 pub mod world;
 pub mod zero;
@@ -53,11 +52,6 @@ pub trait Collective {
     /// Stop every rank now (MPI_Abort / NCCL abort); used when one rank fails, so that no rank
     /// hangs in a collective waiting for a dead peer.
     fn abort(&self, code: i32) -> !;
-    /// Seconds spent in collectives since the last call, when timing was asked for
-    /// (`UNLEARN_COMM_TIMING=1`, see [`timed`]); `None` otherwise.
-    fn take_collective_seconds(&self) -> Option<f64> {
-        None
-    }
 
     // Collectives that run while the caller computes. Each takes (shallow clones of) its tensors
     // and keeps them alive until the returned handle is waited on; until then the caller must
@@ -167,14 +161,8 @@ pub fn init(backend: &str, device: tch::Device) -> Result<Comm> {
 }
 
 /// Bring up `backend` (`auto` picks from the device and the environment), check that it sees the
-/// ranks the launcher started, and start the watchdog with `timeout` per collective. With
-/// `UNLEARN_COMM_TIMING=1` the collectives are timed (benches: exposed-communication share).
+/// ranks the launcher started, and start the watchdog with `timeout` per collective.
 pub fn init_backend(backend: Backend, device: tch::Device, timeout: std::time::Duration) -> Result<Comm> {
-    let comm = init_untimed(backend, device, timeout)?;
-    Ok(if timed::requested() { Rc::new(timed::Timed::wrap(comm)) } else { comm })
-}
-
-fn init_untimed(backend: Backend, device: tch::Device, timeout: std::time::Duration) -> Result<Comm> {
     let under_launcher = launcher_world_size() > 1;
     let comm = match backend {
         Backend::None => {

@@ -83,9 +83,6 @@ pub struct StepLog {
     pub clip: f64,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
-    /// Seconds of this step spent in collectives (only with `UNLEARN_COMM_TIMING=1`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub comm_s: Option<f64>,
     /// Seconds the step spent blocked on collectives (MPI; NCCL waits are on the device): the
     /// communication it did not hide behind compute.
     pub comm_wait_s: f64,
@@ -473,7 +470,6 @@ impl Trainer {
             tokens_per_s: 0.0,
             elapsed_s: 0.0,
             comm_wait_s: 0.0,
-            comm_s: None,
             autolr: None,
             collectives: None,
             skipped: false,
@@ -558,7 +554,6 @@ impl Trainer {
         log.tokens_per_s = tokens as f64 / elapsed.max(1e-9);
         log.elapsed_s = elapsed;
         log.comm_wait_s = crate::dist::take_blocked_seconds();
-        log.comm_s = self.comm.take_collective_seconds();
         log.collectives = self.tally.as_ref().map(|t| t.take());
         log
     }
