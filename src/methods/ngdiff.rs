@@ -63,7 +63,12 @@ impl Method for NgDiff {
         let (f, r) = (f.expect("forget gradient"), r.expect("retain gradient"));
         let n_f = stats.sq_forget.sqrt();
         let n_r = stats.sq_retain.sqrt();
-        Ok(Direction { d: r / (n_r + self.eps) - f / (n_f + self.eps), clip: 1.0 })
+        // d = r/(‖r‖+ε) − f/(‖f‖+ε) with one new buffer: written as one expression it held three
+        // (two scaled copies and their difference) at once, on top of both accumulators.
+        let mut d = r / (n_r + self.eps);
+        let minus_n_f = Tensor::from(-(n_f + self.eps)).to_kind(d.kind()).to_device(d.device());
+        let _ = d.f_addcdiv_(f, &minus_n_f)?;
+        Ok(Direction { d, clip: 1.0 })
     }
     fn autolr(&mut self) -> Option<&mut AutoLr> {
         self.autolr.as_mut()
