@@ -33,7 +33,15 @@ fn unlearn(np: usize, args: &[&str]) -> String {
 /// A GA run on the tiny model that evaluates TOFU forget01 (first 4 questions) every step.
 fn write_config(dir: &Path, model: &Path, out: &Path, lr: f64, steps: u64, extra: &str) -> PathBuf {
     let tofu = shared_data().join("tofu");
-    write_run_config(dir, model, out, lr, steps, 1, &format!("[eval.tofu]\nforget = \"forget01\"\ndata = {tofu:?}\nmax_samples = 4\n{extra}"))
+    write_run_config(
+        dir,
+        model,
+        out,
+        lr,
+        steps,
+        1,
+        &format!("[eval.tofu]\nforget = \"forget01\"\ndata = {tofu:?}\nmax_samples = 4\n{extra}"),
+    )
 }
 
 /// A GA run on the tiny model (TOFU forget01 and retain, 8 records each) that evaluates `evals`
@@ -306,6 +314,7 @@ fn nll_table(extra: &str) -> String {
 /// In-run values at `step` (`bench.metric`) against `unlearn eval <bench> <args>` on the model saved at that step, bit for bit.
 fn assert_equal_to_unlearn_eval(np: usize, out: &Path, step: u64, bench: &str, args: &[&str], ev: &Path) -> usize {
     let logged = logged_eval(out, step);
+    assert!(logged.iter().all(|(_, v)| v.is_some_and(f64::is_finite)), "step {step}: every logged {bench} metric is a number: {logged:?}");
     let dir = out.join(format!("evals/step-{step}"));
     let mut all = vec!["eval", bench, "--model", s(&dir), "--out", s(ev), "--device", "cpu"];
     all.extend(args);
