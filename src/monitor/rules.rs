@@ -109,21 +109,26 @@ impl Rules {
         &self.h
     }
 
-    /// Continue from a checkpoint's history. The retain model's report is read again at every
-    /// start: a report that changed since would make the restored closeness values meaningless.
-    pub fn resume(&mut self, h: History) -> Result<()> {
+    /// Continue from a checkpoint's history, its retain-model values included: the run goes on
+    /// deciding against the values it started with (a retain model measured in the run may give
+    /// other last bits at another world size). Returns a note for each value that differs now.
+    pub fn resume(&mut self, h: History) -> Vec<String> {
         let (now, then) = (&self.h.reference, &h.reference);
-        if let Some(k) = now.keys().chain(then.keys()).find(|k| now.get(*k).map(|v| v.to_bits()) != then.get(*k).map(|v| v.to_bits())) {
-            let show = |v: Option<&f64>| v.map_or("absent".to_string(), |v| format!("{v:?}"));
-            return Err(crate::other!(
-                "stop.reference: the retain model's report changed since the checkpoint was written (`{k}`: {} then, {} now); \
-                 resume with the report the run started with, or start over (--overwrite)",
-                show(then.get(k)),
-                show(now.get(k))
-            ));
-        }
+        let notes = now
+            .keys()
+            .chain(then.keys().filter(|k| !now.contains_key(*k)))
+            .filter(|k| now.get(*k).map(|v| v.to_bits()) != then.get(*k).map(|v| v.to_bits()))
+            .map(|k| {
+                let show = |v: Option<&f64>| v.map_or("absent".to_string(), |v| format!("{v:?}"));
+                format!(
+                    "the retain model's `{k}` is {} now, {} in the checkpoint: the checkpoint's value is kept",
+                    show(now.get(k)),
+                    show(then.get(k))
+                )
+            })
+            .collect();
         self.h = h;
-        Ok(())
+        notes
     }
 
     /// Closeness of `metric`'s value to the retain model's (higher is closer).
