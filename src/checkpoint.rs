@@ -5,7 +5,10 @@
 //! * `shard-00000-of-00002.safetensors`: this shard's fp32 master weights (`master`), optimizer
 //!   state (`optim.*`) and EMA teacher (`teacher`), each a flat vector;
 //! * `meta.json`: step, flat layout (which parameter pieces each shard holds), optimizer scalars,
-//!   loader positions, AutoLR state.
+//!   loader positions, AutoLR state;
+//! * with in-run evaluation, the monitor's history (`monitor` in meta.json, see
+//!   `monitor::resume`) and the utility floor's last good weights (`monitor.last_good`, a flat
+//!   shard like `master`).
 //!
 //! Each rank writes its shard into `step-N.tmp/` (fsynced); after a barrier rank 0 writes
 //! meta.json, renames the directory into place and updates `checkpoints/latest`. A crash at any
@@ -61,6 +64,18 @@ impl Parts<'_> {
     }
 }
 
+/// State of the run outside the trainer that a checkpoint carries (the in-run evaluation's, see
+/// `monitor::resume`): a JSON value, meta.json's `monitor`, and flat shard tensors laid out like
+/// `master` and named `monitor.*`.
+#[derive(Default)]
+pub struct Attached {
+    pub meta: Option<serde_json::Value>,
+    pub tensors: Vec<(String, Tensor)>,
+}
+
+/// Prefix of the attached tensors' names.
+const ATTACHED: &str = "monitor.";
+
 /// What is written: flat shard tensors by name (all of length `layout.shard_len()`) and meta.json.
 struct State {
     tensors: Vec<(String, Tensor)>,
@@ -79,6 +94,10 @@ pub struct Meta {
     pub autolr: Option<AutoLr>,
     pub method: String,
     pub tool_version: String,
+    /// [`Attached::meta`]; absent when the run evaluates nothing (and in checkpoints written
+    /// before runs kept their evaluation history).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<serde_json::Value>,
 }
 
 pub fn step_dir(root: &Path, step: u64) -> PathBuf {
@@ -91,13 +110,17 @@ fn shard_file(shard: usize, shards: usize) -> String {
 
 /// Save the run's `parts` under `root/step-N` and keep the last `keep` checkpoints (collective:
 /// every rank calls it).
-pub fn save(root: &Path, parts: &mut Parts, comm: &dyn Collective, keep: usize) -> Result<PathBuf> {
+pub fn save(root: &Path, parts: &mut Parts, attached: &Attached, comm: &dyn Collective, keep: usize) -> Result<PathBuf> {
     let mut tensors = vec![("master".to_string(), parts.master.shallow_clone())];
     for (n, t) in parts.optim.state() {
         tensors.push((format!("optim.{n}"), t));
     }
     if let Some(t) = parts.method.teacher_shard() {
         tensors.push(("teacher".to_string(), t.shallow_clone()));
+    }
+    for (n, t) in &attached.tensors {
+        debug_assert!(n.starts_with(ATTACHED) && t.numel() as i64 == parts.layout.shard_len(), "{n}");
+        tensors.push((n.clone(), t.shallow_clone()));
     }
     let meta = Meta {
         step: parts.step,
@@ -110,12 +133,14 @@ pub fn save(root: &Path, parts: &mut Parts, comm: &dyn Collective, keep: usize) 
         autolr: parts.method.autolr().cloned(),
         method: parts.method_name.to_string(),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        monitor: attached.meta.clone(),
     };
     save_state(root, &State { tensors, meta }, comm, keep)
 }
 
-/// Restore `parts` from the checkpoint in `dir` (written at any world size); returns its step.
-pub fn restore(dir: &Path, parts: &mut Parts) -> Result<u64> {
+/// Restore `parts` from the checkpoint in `dir` (written at any world size); returns its step and
+/// what was attached to it (this rank's shards of the attached tensors).
+pub fn restore(dir: &Path, parts: &mut Parts) -> Result<(u64, Attached)> {
     let ck = Loaded::open(dir)?;
     if ck.meta.method != parts.method_name {
         return Err(crate::other!("{}: checkpoint of method `{}`, config says `{}`", dir.display(), ck.meta.method, parts.method_name));
@@ -144,7 +169,13 @@ pub fn restore(dir: &Path, parts: &mut Parts) -> Result<u64> {
     if let (Some(a), Some(saved)) = (parts.method.autolr(), ck.meta.autolr.clone()) {
         *a = saved;
     }
-    Ok(ck.meta.step)
+    let mut attached = Attached { meta: ck.meta.monitor.clone(), tensors: vec![] };
+    for n in ck.tensor_names().into_iter().filter(|n| n.starts_with(ATTACHED)) {
+        let mut t = Tensor::zeros([layout.shard_len()], (Kind::Float, parts.master.device()));
+        ck.read_shard(&n, layout, rank, &mut t)?;
+        attached.tensors.push((n, t));
+    }
+    Ok((ck.meta.step, attached))
 }
 
 fn save_state(root: &Path, state: &State, comm: &dyn Collective, keep: usize) -> Result<PathBuf> {

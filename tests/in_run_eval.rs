@@ -304,6 +304,177 @@ fn bad_rules_name_the_key() {
     }
 }
 
+/// `run --config cfg --resume out` (the command a requeued job repeats) with its steps gated
+/// (`UNLEARN_STEP_GATE`): `steps` steps run and are evaluated, then SIGTERM arrives and one more
+/// step is let through, so the run checkpoints that step (before evaluating it, as a preemption
+/// does) and exits with the preempted code.
+fn preempt_after(cfg: &Path, out: &Path, steps: usize) {
+    use std::io::{BufRead, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let gate = out.with_extension("gate");
+    assert!(Command::new("mkfifo").arg(&gate).status().unwrap().success());
+    let mut child = Command::new(unlearn_bin())
+        .args(["run", "--config", s(cfg), "--resume", s(out)])
+        .env("UNLEARN_STEP_GATE", &gate)
+        .env("OMP_NUM_THREADS", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut text = String::new();
+    // The run opens the gate at its first step, after evaluating step 0.
+    let mut fifo = loop {
+        match std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&gate) {
+            Ok(f) => break f,
+            Err(_) => {
+                assert!(child.try_wait().unwrap().is_none(), "the run ended before its first step");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    };
+    fifo.write_all(&vec![0u8; steps]).unwrap();
+    while !text.contains(&format!("eval step {steps} (")) {
+        assert!(err.read_line(&mut text).unwrap() > 0, "the run ended before evaluating step {steps}:\n{text}");
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    fifo.write_all(&[0]).unwrap();
+    std::io::Read::read_to_string(&mut err, &mut text).unwrap();
+    let code = child.wait().unwrap().code();
+    assert_eq!(code, Some(75), "the preempted run's exit code:\n{text}");
+    let at = steps + 1;
+    assert!(text.contains(&format!("checkpoint after step {at}")), "{text}");
+    assert!(!text.contains(&format!("eval step {at} (")), "the checkpointed step was evaluated before the exit:\n{text}");
+    std::fs::remove_file(&gate).unwrap();
+}
+
+/// Every file of a model directory but the record and model card (which name the run's own
+/// out_dir and command), and the record's outcome.
+fn model_dir(dir: &Path) -> (Vec<(String, Vec<u8>)>, Value) {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !["record.json", "README.md"].contains(&p.file_name().unwrap().to_str().unwrap()))
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect();
+    files.sort();
+    let record: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("record.json")).unwrap()).unwrap();
+    (files, record["outcome"].clone())
+}
+
+/// metrics.jsonl of a resumed run holds each evaluation once, and the run's stop once.
+fn assert_each_eval_once(out: &Path, last: u64) {
+    let all = lines(out);
+    for step in 0..=last {
+        let n = all.iter().filter(|l| l["step"] == step && l.get("eval").is_some()).count();
+        assert_eq!(n, 1, "{}: step {step} evaluated {n} times in metrics.jsonl", out.display());
+    }
+    assert!(all.iter().all(|l| l["step"].as_u64().unwrap() <= last), "no line after the stop");
+    stop_line(out);
+}
+
+/// The trajectory of a 3-step GA run (its `evals/step-N/` models kept), and the retain model's
+/// report: the state of step 2, as in the test above.
+fn trajectory(tmp: &Path, model: &Path, with_reference: bool) -> (PathBuf, PathBuf) {
+    let base = tmp.join("base");
+    unlearn(1, &["run", "--config", s(&write_config(tmp, model, &base, 2.0, 3, CHEAP))]);
+    let reference = tmp.join("reference");
+    if with_reference {
+        #[rustfmt::skip]
+        unlearn(1, &["eval", "tofu", "--model", s(&base.join("evals/step-2")), "--out", s(&reference), "--forget", "forget01",
+            "--data", s(&shared_data().join("tofu")), "--max-samples", "4", "--sets", "forget,retain", "--no-rouge", "--device", "cpu"]);
+    }
+    (base, reference.join("report.json"))
+}
+
+const CHEAP: &str = "sets = [\"forget\", \"retain\"]\nno_rouge = true\n";
+
+/// Reach the retain model (patience 2): closest at step 2, stop at step 4; preempted after step
+/// 3, whose checkpoint holds the closest state and one evaluation of patience.
+#[test]
+fn a_preempted_run_resumes_the_reach_rule_and_best() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = make_tiny(&tmp.path().join("model"), 7);
+    let (base, reference) = trajectory(tmp.path(), &model, true);
+    let reach = format!("{CHEAP}[stop]\nreach = \"tofu.forget_prob\"\nreference = {reference:?}\npatience = 2\n");
+    preempted_equals_uninterrupted(tmp.path(), &model, &base, "reach_retain", &reach, 4, 2);
+}
+
+/// Utility floor: the retain probability falls below the floor at step 3 and final/ keeps step 2;
+/// preempted after step 3, whose checkpoint holds step 0's baseline and step 2's weights.
+#[test]
+fn a_preempted_run_resumes_the_utility_floor_and_its_last_good_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = make_tiny(&tmp.path().join("model"), 7);
+    let (base, _) = trajectory(tmp.path(), &model, false);
+    let rprob: Vec<f64> =
+        (0..=3).map(|step| eval_values(&base, step).into_iter().find(|(k, _)| k == "tofu.retain_prob").unwrap().1).collect();
+    let ratio = (rprob[2] + rprob[3]) / 2.0 / rprob[0];
+    let floor = format!("{CHEAP}[stop]\nutility = \"tofu.retain_prob\"\nutility_floor = {ratio}\n");
+    preempted_equals_uninterrupted(tmp.path(), &model, &base, "utility_floor", &floor, 3, 2);
+}
+
+/// A preempted run resumed with the same command stops at the same step by the same rule and
+/// keeps the same best/ and final/ as the uninterrupted run (`rule` stops it at `stop_step`;
+/// the preemption comes after `before` evaluated steps). A resumed config with other rules is
+/// refused, naming the key.
+fn preempted_equals_uninterrupted(tmp: &Path, model: &Path, base: &Path, rule: &str, extra: &str, stop_step: u64, before: usize) {
+    let full = tmp.join(format!("{rule}-full"));
+    let full_cfg = write_config(tmp, model, &full, 2.0, 6, extra);
+    let full_log = unlearn(1, &["run", "--config", s(&full_cfg)]);
+    let stop = stop_line(&full);
+    assert_eq!((stop["rule"].as_str(), stop["step"].as_u64()), (Some(rule), Some(stop_step)), "{stop}");
+
+    let out = tmp.join(format!("{rule}-preempted"));
+    let cfg = write_config(tmp, model, &out, 2.0, 6, extra);
+    preempt_after(&cfg, &out, before);
+    let ckpt = out.join(format!("checkpoints/step-{:06}", before + 1));
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["monitor"]["evaluated"], before as u64, "the checkpoint holds the evaluations before it: {}", meta["monitor"]);
+    if rule == "utility_floor" {
+        assert_eq!(meta["monitor"]["last_good"], 2, "{}", meta["monitor"]);
+        assert!(meta["tensors"].as_array().unwrap().iter().any(|t| t == "monitor.last_good"), "{}", meta["tensors"]);
+    }
+    // Other rules on resume: refused, naming the key, with the checkpoint and metrics untouched.
+    let metrics_before = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let (key, set) =
+        if rule == "reach_retain" { ("stop.patience", "stop.patience=3") } else { ("stop.utility_floor", "stop.utility_floor=0.5") };
+    let (ok, _, err) = run_unlearn(&["run", "--config", s(&cfg), "--resume", s(&out), "--set", set]);
+    assert!(!ok && err.contains(key) && err.contains("--overwrite"), "a resume with {set} was not refused by name:\n{err}");
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(), metrics_before);
+    assert!(ckpt.join("meta.json").is_file());
+
+    let log = unlearn(1, &["run", "--config", s(&cfg), "--resume", s(&out)]);
+    assert!(log.contains(&format!("resumed from {}", ckpt.display())), "{log}");
+    let (a, b) = (stop_line(&full), stop_line(&out));
+    assert_eq!(a, b, "{rule}: the resumed run stopped otherwise");
+    assert_each_eval_once(&out, stop_step);
+    for step in 0..=stop_step {
+        assert_eq!(eval_values(&full, step), eval_values(&out, step), "{rule}: evaluation of step {step}");
+    }
+    let done =
+        |l: &str| l.lines().find(|l| l.contains("done:")).map(|l| l[l.find("done:").unwrap()..l.find(", model").unwrap()].to_string());
+    assert_eq!(done(&full_log), done(&log), "the final log line");
+    assert!(done(&log).unwrap().contains(&format!("stop rule `{rule}` at step {stop_step}")), "{log}");
+    assert_eq!(model_dir(&full.join("final")), model_dir(&out.join("final")), "{rule}: final/ and its outcome");
+    let outcome = final_outcome(&out);
+    if rule == "reach_retain" {
+        assert_eq!(outcome["best_step"], 2, "{outcome}");
+        assert_eq!(model_dir(&full.join("best")), model_dir(&out.join("best")), "best/ and its outcome");
+        assert_eq!(weights(&out.join("best")), weights(&base.join("evals/step-2")), "best/ is the closest state");
+    } else {
+        assert_eq!(outcome["final_step"], 2, "{outcome}");
+        assert_eq!(weights(&out.join("final")), weights(&base.join("evals/step-2")), "final/ is the last good state");
+    }
+    println!(
+        "{rule}: preempted after step {}, resumed: stop at step {stop_step} by `{rule}`, best_step {}, final_step {}, \
+             final/{} identical to the uninterrupted run's",
+        before + 1,
+        outcome["best_step"],
+        outcome["final_step"],
+        if rule == "reach_retain" { " and best/" } else { "" }
+    );
+}
+
 /// `[eval.nll]` (plus `extra` keys): the forget records the run trains on and a held-out retain
 /// slice, records 8..14 of the retain file whose first 8 the run trains on.
 fn nll_table(extra: &str) -> String {

@@ -3,10 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::checkpoint;
+use crate::checkpoint::{self, Attached};
 use crate::config::RunConfig;
 use crate::dist::{self, watchdog};
 use crate::fault::{self, Fault};
+use crate::monitor::resume::{self, Saved};
 use crate::monitor::{write_record, Monitor};
 use crate::progress::Progress;
 use crate::record::Record;
@@ -71,8 +72,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
     barrier(&*comm, "deciding how the run starts")?;
     watchdog::set_phase("loading the model and data");
     let mut trainer = Trainer::new(&cfg, comm.clone(), device)?;
+    let mut resumed = None;
     if let Start::Resume(dir) = &start {
-        trainer.restore(dir)?;
+        let attached = trainer.restore(dir)?;
         if trainer.step() > cfg.train.steps {
             return Err(crate::Error::config(
                 config_path.display().to_string(),
@@ -85,13 +87,15 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 ),
             ));
         }
+        resumed = resume::check(&cfg.monitor, attached, dir, &config_path.display().to_string())?;
     }
     let metrics = out.join("metrics.jsonl");
     if rank == 0 {
         match &start {
             Start::Resume(dir) => {
                 tracing::info!("resumed from {} at step {}", dir.display(), trainer.step());
-                truncate_metrics(&metrics, trainer.step())?;
+                let saved = resumed.as_ref().map(|r| &r.saved);
+                truncate_metrics(&metrics, trainer.step(), |line| Saved::keeps_line(saved, line))?;
             }
             Start::Fresh => out_dir::clear_earlier_run(&out)?,
         }
@@ -104,10 +108,16 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // rank 0 hashes the inputs once; final/ and best/ carry the record.
     let record = (rank == 0).then(|| Record::for_run(&cfg, comm.world())).transpose()?;
     let mut monitor = Monitor::new(&cfg, &mut trainer)?;
-    if let Some(m) = monitor.as_mut() {
-        log_lines(rank, &metrics, &mut events, &m.evaluate(&mut trainer, record.as_ref())?.0)?;
-    }
     let total = cfg.train.steps;
+    if let Some(m) = monitor.as_mut() {
+        if let Some(r) = resumed {
+            m.resume(r, rank == 0)?;
+        }
+        // Step 0's evaluation, or the checkpoint's step (evaluated after its checkpoint was written).
+        if m.due_at_start(trainer.step(), total) {
+            log_lines(rank, &metrics, &mut events, &m.evaluate(&mut trainer, record.as_ref())?.0)?;
+        }
+    }
     let every = cfg.train.checkpoint_every;
     let keep = cfg.train.keep_checkpoints;
     let log_every = cfg.train.log_every;
@@ -115,7 +125,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
     bar.inc(trainer.step().min(total));
     let mut gate = StepGate::from_env(rank)?;
     watchdog::set_phase("");
-    while trainer.step() < total {
+    let attached = |m: &Option<Monitor>| m.as_ref().map_or_else(Attached::default, Monitor::attached);
+    while trainer.step() < total && !monitor.as_ref().is_some_and(Monitor::stopped) {
         gate.wait()?;
         let log = trainer.train_step()?;
         if rank == 0 {
@@ -127,10 +138,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
         }
         bar.inc(1);
         if log.stop_requested && log.step < total {
-            return Err(stop(&mut trainer, &ckpt_root, keep));
+            return Err(stop(&mut trainer, &ckpt_root, keep, &attached(&monitor)));
         }
         if every > 0 && log.step % every == 0 && log.step < total {
-            let dir = trainer.save_checkpoint(&ckpt_root, keep)?;
+            let dir = trainer.save_checkpoint(&ckpt_root, keep, &attached(&monitor))?;
             if rank == 0 {
                 tracing::info!("checkpoint {}", dir.display());
             }
@@ -147,7 +158,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let final_ckpt = checkpoint::step_dir(&ckpt_root, trainer.step());
     if !final_ckpt.join("meta.json").exists() {
         watchdog::set_phase("writing the last checkpoint");
-        trainer.save_checkpoint(&ckpt_root, keep)?;
+        trainer.save_checkpoint(&ckpt_root, keep, &attached(&monitor))?;
     }
     let outcome = match monitor.as_mut() {
         Some(m) => {
@@ -161,7 +172,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
     trainer.save_model(&final_dir, &|tmp| write_record(tmp, record.as_ref(), outcome.as_ref()))?;
     if rank == 0 {
         let rss = crate::plan::rss::peak_rss_bytes().map_or(String::new(), |b| format!(", peak RSS {} MiB on rank 0", b >> 20));
-        tracing::info!("done: {} steps, model in {}{rss}", trainer.step(), final_dir.display());
+        let why = outcome.as_ref().map_or(String::new(), |o| {
+            format!(" (stop rule `{}` at step {})", o["stop"]["rule"].as_str().unwrap_or_default(), o["stop"]["step"])
+        });
+        tracing::info!("done: {} steps{why}, model in {}{rss}", trainer.step(), final_dir.display());
     }
     Ok(())
 }
@@ -187,14 +201,14 @@ fn barrier(comm: &dyn dist::Collective, what: &'static str) -> Result<()> {
 
 /// Every rank agreed in this step that some rank was asked to stop: checkpoint the step and
 /// return the "preempted" outcome (or the checkpoint's error).
-fn stop(trainer: &mut Trainer, ckpt_root: &Path, keep: usize) -> crate::Error {
+fn stop(trainer: &mut Trainer, ckpt_root: &Path, keep: usize, attached: &Attached) -> crate::Error {
     let step = trainer.step();
     let signal = signals::requested().map_or_else(|| "a signal to another rank".to_string(), signals::name);
     if let Some(s) = signals::requested() {
         tracing::warn!("{} received: writing a checkpoint after step {step} and exiting", signals::name(s));
     }
     watchdog::set_phase("checkpoint on a stop request");
-    match trainer.save_checkpoint(ckpt_root, keep) {
+    match trainer.save_checkpoint(ckpt_root, keep, attached) {
         Ok(checkpoint) => crate::Error::Preempted { signal, step, checkpoint },
         Err(e) => e,
     }
@@ -245,15 +259,18 @@ impl StepGate {
     }
 }
 
-/// Keep the metrics lines up to `step` (a resumed run rewrites the steps after its checkpoint).
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+/// Keep the metrics lines up to `step` that `keep` accepts (a resumed run rewrites the steps after
+/// its checkpoint, and the evaluations its checkpoint does not hold).
+fn truncate_metrics(path: &Path, step: u64, keep: impl Fn(&serde_json::Value) -> bool) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
     let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io(path, e))?;
     let kept: String = text
         .lines()
-        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l).ok().is_some_and(|v| v["step"].as_u64().is_some_and(|s| s <= step) && keep(&v))
+        })
         .map(|l| format!("{l}\n"))
         .collect();
     crate::model::weights::write_atomic(path, kept.as_bytes())

@@ -5,8 +5,11 @@
 //! `unlearn eval`'s sharding, so the numbers equal `unlearn eval` on the saved model. Every rank
 //! gets the whole outcome and takes the same decisions ([`rules`]); rank 0 appends them to
 //! metrics.jsonl. The trainer calls [`Monitor::evaluate`] from one place in its step loop.
+//! Checkpoints carry what the rules have seen ([`resume`]), so a preempted run decides as an
+//! uninterrupted one.
 
 pub mod config;
+pub mod resume;
 pub mod rules;
 
 use std::collections::BTreeMap;
@@ -16,6 +19,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 use tch::Tensor;
 
+use crate::checkpoint::Attached;
 use crate::cli::eval::{check_same_tokenizer, config_and_tokenizer};
 use crate::config::RunConfig;
 use crate::data::{Template, Tokenizer};
@@ -28,7 +32,8 @@ use crate::record::{write_model_card, Record};
 use crate::train::Trainer;
 use crate::Result;
 use config::MonitorCfg;
-use rules::{Evaluation, Rules, StopEvent};
+use resume::{Resumed, Saved, LAST_GOOD};
+use rules::{Evaluation, Rules, StopEvent, StopRule};
 
 /// A benchmark with its data read, and `unlearn eval`'s batching for it.
 struct Prepared {
@@ -48,7 +53,8 @@ pub struct Monitor {
     /// The last state above the utility floor (only with that rule).
     last_good: Option<(u64, Tensor)>,
     stop: Option<StopEvent>,
-    last: Option<Evaluation>,
+    /// The last evaluated step.
+    evaluated: Option<u64>,
 }
 
 /// What the in-run evaluation decided, for record.json and the log.
@@ -117,13 +123,49 @@ impl Monitor {
             out: cfg.train.out_dir.clone(),
             last_good: None,
             stop: None,
-            last: None,
+            evaluated: None,
         }))
     }
 
     /// Whether the state after `step` is evaluated (`total` = train.steps).
     pub fn due(&self, step: u64, total: u64) -> bool {
         step.is_multiple_of(self.cfg.eval.every) || step == total
+    }
+
+    /// Whether the state the run starts from (step 0, or a checkpoint's) is still to be evaluated.
+    pub fn due_at_start(&self, step: u64, total: u64) -> bool {
+        self.stop.is_none() && self.evaluated.is_none_or(|e| e < step) && self.due(step, total)
+    }
+
+    /// A stop rule has fired: the run trains no further.
+    pub fn stopped(&self) -> bool {
+        self.stop.is_some()
+    }
+
+    /// What a checkpoint written now keeps of the evaluation (see [`resume`]).
+    pub fn attached(&self) -> Attached {
+        let last_good = self.last_good.as_ref().map(|(step, t)| (*step, t.shallow_clone()));
+        let saved = Saved::new(&self.cfg, self.rules.history(), self.evaluated, self.stop.as_ref(), last_good.as_ref().map(|l| l.0));
+        Attached {
+            meta: Some(serde_json::to_value(&saved).expect("the monitor state serializes")),
+            tensors: last_good.map(|(_, t)| (LAST_GOOD.to_string(), t)).into_iter().collect(),
+        }
+    }
+
+    /// Continue from a checkpoint's evaluation state (checked by [`resume::check`]).
+    pub fn resume(&mut self, r: Resumed, rank0: bool) -> Result<()> {
+        for note in self.rules.resume(r.saved.history) {
+            if rank0 {
+                tracing::warn!("{note}");
+            }
+        }
+        if let (Some(s), true) = (&r.saved.stop, rank0) {
+            tracing::info!("stop rule `{}` fired at step {} (before the checkpoint this run resumed from): {}", s.rule, s.step, s.detail);
+        }
+        self.evaluated = r.saved.evaluated;
+        self.stop = r.saved.stop;
+        self.last_good = r.saved.last_good.zip(r.last_good);
+        Ok(())
     }
 
     /// Evaluate the current student (collective), apply the rules, write `best/` (and
@@ -180,7 +222,7 @@ impl Monitor {
                 );
             }
         }
-        self.last = Some(e);
+        self.evaluated = Some(step);
         if let Some(s) = d.stop {
             lines.push(self.fired(s, rank0));
             return Ok((lines, true));
@@ -205,7 +247,7 @@ impl Monitor {
             Some(_) => None,
             None => {
                 let s = StopEvent {
-                    rule: "max_steps",
+                    rule: StopRule::MaxSteps,
                     step: trainer.step(),
                     detail: format!("train.steps = {total} reached"),
                     restored_step: None,

@@ -39,6 +39,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
+use crate::checkpoint::Attached;
 use crate::config::{DataSource, ReduceMode, RunConfig};
 use crate::data::loader::{local_batch, Loader, LocalBatch};
 use crate::data::{read_records, tokenize_all, Example, Record, Template, Tokenizer};
@@ -634,17 +635,20 @@ impl Trainer {
         (parts, &*self.comm)
     }
 
-    /// Write a checkpoint of the current step under `root` (collective), keeping the last `keep`.
-    pub fn save_checkpoint(&mut self, root: &Path, keep: usize) -> Result<PathBuf> {
+    /// Write a checkpoint of the current step under `root` (collective), keeping the last `keep`,
+    /// with the run's `attached` state (the in-run evaluation's history).
+    pub fn save_checkpoint(&mut self, root: &Path, keep: usize, attached: &Attached) -> Result<PathBuf> {
         let (mut parts, comm) = self.checkpoint_parts();
-        crate::checkpoint::save(root, &mut parts, comm, keep)
+        crate::checkpoint::save(root, &mut parts, attached, comm, keep)
     }
 
-    /// Continue from a checkpoint written at any world size.
-    pub fn restore(&mut self, dir: &Path) -> Result<()> {
+    /// Continue from a checkpoint written at any world size; returns the state attached to it.
+    pub fn restore(&mut self, dir: &Path) -> Result<Attached> {
         let (mut parts, _) = self.checkpoint_parts();
-        self.step = crate::checkpoint::restore(dir, &mut parts)?;
-        self.sync_replicas()
+        let (step, attached) = crate::checkpoint::restore(dir, &mut parts)?;
+        self.step = step;
+        self.sync_replicas()?;
+        Ok(attached)
     }
 }
 
