@@ -32,18 +32,31 @@ fn unlearn(np: usize, args: &[&str]) -> String {
 
 /// A GA run on the tiny model that evaluates TOFU forget01 (first 4 questions) every step.
 fn write_config(dir: &Path, model: &Path, out: &Path, lr: f64, steps: u64, extra: &str) -> PathBuf {
+    let tofu = shared_data().join("tofu");
+    write_run_config(
+        dir,
+        model,
+        out,
+        lr,
+        steps,
+        1,
+        &format!("[eval.tofu]\nforget = \"forget01\"\ndata = {tofu:?}\nmax_samples = 4\n{extra}"),
+    )
+}
+
+/// A GA run on the tiny model (TOFU forget01 and retain, 8 records each) that evaluates `evals`
+/// (its `[eval.<benchmark>]` tables and any rules) every `every` steps.
+fn write_run_config(dir: &Path, model: &Path, out: &Path, lr: f64, steps: u64, every: u64, evals: &str) -> PathBuf {
     let cfg = dir.join(format!("{}.toml", out.file_name().unwrap().to_string_lossy()));
     let forget = shared_data().join("tofu/forget01.json");
     let retain = shared_data().join("tofu/retain_perturbed.json");
-    let tofu = shared_data().join("tofu");
     std::fs::write(
         &cfg,
         format!(
             "[model]\npath = {model:?}\ntrainable = \"matrices\"\n[data]\nforget = {forget:?}\nretain = {retain:?}\nforget_limit = 8\nretain_limit = 8\n\
              [method]\nname = \"ga\"\n[optim]\nname = \"sgd\"\nlr = {lr}\n\
              [train]\nsteps = {steps}\nbatch_size = 4\nmax_len = 256\nseed = 3\nout_dir = {out:?}\n\
-             [eval]\nevery = 1\nsave_models = true\n\
-             [eval.tofu]\nforget = \"forget01\"\ndata = {tofu:?}\nmax_samples = 4\n{extra}"
+             [eval]\nevery = {every}\nsave_models = true\n{evals}"
         ),
     )
     .unwrap();
@@ -289,4 +302,98 @@ fn bad_rules_name_the_key() {
         assert!(err.contains(key) && err.contains(words), "{extra}: error does not name `{key}` / `{words}`:\n{err}");
         assert!(!out.exists(), "nothing written for a bad config");
     }
+}
+
+/// `[eval.nll]` (plus `extra` keys): the forget records the run trains on and a held-out retain
+/// slice, records 8..14 of the retain file whose first 8 the run trains on.
+fn nll_table(extra: &str) -> String {
+    let (forget, retain) = (shared_data().join("tofu/forget01.json"), shared_data().join("tofu/retain_perturbed.json"));
+    format!("[eval.nll]\nforget = {forget:?}\nretain = {retain:?}\nretain_offset = 8\nmax_samples = 6\nmax_len = 128\n{extra}")
+}
+
+/// In-run values at `step` (`bench.metric`) against `unlearn eval <bench> <args>` on the model saved at that step, bit for bit.
+fn assert_equal_to_unlearn_eval(np: usize, out: &Path, step: u64, bench: &str, args: &[&str], ev: &Path) -> usize {
+    let logged = logged_eval(out, step);
+    assert!(logged.iter().all(|(_, v)| v.is_some_and(f64::is_finite)), "step {step}: every logged {bench} metric is a number: {logged:?}");
+    let dir = out.join(format!("evals/step-{step}"));
+    let mut all = vec!["eval", bench, "--model", s(&dir), "--out", s(ev), "--device", "cpu"];
+    all.extend(args);
+    unlearn(np, &all);
+    let report = std::fs::read_to_string(ev.join("report.json")).unwrap();
+    for (k, v) in &logged {
+        let theirs = report_value(&report, k.strip_prefix(&format!("{bench}.")).unwrap());
+        assert_eq!(v.map(f64::to_bits), theirs.map(f64::to_bits), "np {np} step {step} {k}: in run {v:?}, unlearn eval {theirs:?}");
+    }
+    logged.len()
+}
+
+#[test]
+fn in_run_nll_equals_unlearn_eval_nll_np1_and_np2_and_reach_fires_on_forget_nll() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = make_tiny(&tmp.path().join("model"), 7);
+    let (forget, retain) = (shared_data().join("tofu/forget01.json"), shared_data().join("tofu/retain_perturbed.json"));
+    let args = ["--forget", s(&forget), "--retain", s(&retain), "--retain-offset", "8", "--max-samples", "6", "--max-len", "128"];
+    for np in [1, 2] {
+        let out = tmp.path().join(format!("run-np{np}"));
+        unlearn(np, &["run", "--config", s(&write_run_config(tmp.path(), &model, &out, 2.0, 4, 1, &nll_table("")))]);
+        for step in [0u64, 4] {
+            let n = assert_equal_to_unlearn_eval(np, &out, step, "nll", &args, &tmp.path().join(format!("eval-np{np}-{step}")));
+            assert_eq!(n, 2, "forget_nll and retain_nll logged");
+            println!("np {np} step {step}: nll.forget_nll and nll.retain_nll equal to unlearn eval nll bit for bit");
+        }
+        let f: Vec<f64> = (0..=4).map(|step| eval_values(&out, step).into_iter().find(|(k, _)| k == "nll.forget_nll").unwrap().1).collect();
+        println!("np {np}: forget_nll by step {f:?}");
+        assert!(f[4] > f[0], "gradient ascent raises the forget NLL");
+    }
+
+    // Reach the retain model measured in the run: the "retain model" is the np=1 run's state of
+    // step 2, so the run is closest there (distance 0) and, with patience 2, stops at step 4,
+    // with best/ = step 2's model.
+    let base = tmp.path().join("run-np1");
+    let out = tmp.path().join("reach");
+    let table = nll_table(&format!("retain_model = {:?}\n", base.join("evals/step-2")));
+    let cfg = write_run_config(tmp.path(), &model, &out, 2.0, 8, 1, &format!("{table}[stop]\nreach = \"nll.forget_nll\"\npatience = 2\n"));
+    unlearn(1, &["run", "--config", s(&cfg)]);
+    let stop = stop_line(&out);
+    assert_eq!((stop["rule"].as_str(), stop["step"].as_u64()), (Some("reach_retain"), Some(4)), "{stop}");
+    assert!(stop["detail"].as_str().unwrap().contains("step 2") && stop["detail"].as_str().unwrap().contains("= 0.0000"), "{stop}");
+    assert_eq!(final_outcome(&out)["best_step"], 2);
+    assert_eq!(weights(&out.join("best")), weights(&base.join("evals/step-2")), "best/ is the state the retain model is");
+    assert!(lines(&out).iter().all(|l| l["step"].as_u64().unwrap() <= 4), "no step after the rule fired");
+}
+
+#[test]
+fn in_run_muse_equals_unlearn_eval_muse_on_the_saved_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = make_tiny(&tmp.path().join("model"), 7);
+    let news = shared_data().join("muse/news");
+    // Every MUSE part with data here (no MMLU subsample in the shared data), cut to the tiny model's 256 positions.
+    let table = format!(
+        "[eval.muse]\ndata = {news:?}\nparts = [\"verbmem\", \"knowmem-f\", \"knowmem-r\", \"privleak\"]\nmax_samples = 2\n\
+         max_new_tokens_verbmem = 8\nmax_new_tokens_knowmem = 8\nmax_prompt_tokens = 96\nmax_text_tokens = 96\n"
+    );
+    let out = tmp.path().join("run");
+    unlearn(1, &["run", "--config", s(&write_run_config(tmp.path(), &model, &out, 2.0, 2, 2, &table))]);
+    let args = [
+        "--data",
+        s(&news),
+        "--parts",
+        "verbmem,knowmem-f,knowmem-r,privleak",
+        "--max-samples",
+        "2",
+        "--max-new-tokens-verbmem",
+        "8",
+        "--max-new-tokens-knowmem",
+        "8",
+        "--max-prompt-tokens",
+        "96",
+        "--max-text-tokens",
+        "96",
+    ];
+    for step in [0u64, 2] {
+        let n = assert_equal_to_unlearn_eval(1, &out, step, "muse", &args, &tmp.path().join(format!("eval-{step}")));
+        assert!(n >= 5, "verbmem_f, knowmem_f, knowmem_r, privleak_auc, privleak logged ({n})");
+        println!("step {step}: {n} MUSE metrics equal to unlearn eval muse bit for bit");
+    }
+    assert_ne!(eval_values(&out, 0), eval_values(&out, 2), "the evaluated states differ");
 }

@@ -6,7 +6,7 @@ use crate::config::parse_choice;
 use crate::data::template::template_for;
 use crate::data::{read_records, tokenize_all, Overflow, Template, TemplateKind, Tokenizer};
 use crate::eval::metrics::MinKRounding;
-use crate::eval::score::{summarize, token_logprobs, write_scores};
+use crate::eval::score::{mean_nll, summarize, token_logprobs, write_scores};
 use crate::model::{load_model, parse_device, parse_kind};
 use crate::Result;
 
@@ -67,7 +67,7 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
         return Err(crate::other!("{}: sample {}: the NLL is {}: {cause}; nothing written", args.data.display(), bad.index, bad.nll));
     }
     write_scores(&args.out, &scores)?;
-    let mean = scores.iter().map(|s| s.nll).sum::<f64>() / scores.len() as f64;
+    let mean = mean_nll(&scores);
     tracing::info!("scored {} samples -> {}", scores.len(), args.out.display());
     // The summary on stdout, for scripts: mean per-sample NLL and the sample count.
     println!("mean_nll {mean:.6} samples {}", scores.len());

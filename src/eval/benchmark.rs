@@ -72,6 +72,11 @@ pub trait Benchmark {
     fn measure_reference(&mut self, _ctx: &EvalCtx) -> Result<()> {
         Ok(())
     }
+    /// The reference model's values of this benchmark's metrics, by metric name, once
+    /// [`Benchmark::measure_reference`] has measured them: what the reach rule compares with.
+    fn reference_metrics(&self) -> BTreeMap<String, f64> {
+        BTreeMap::new()
+    }
     /// Evaluate `ctx`'s model (every rank together; every rank gets the whole outcome).
     fn evaluate(&self, ctx: &EvalCtx) -> Result<Outcome>;
 }

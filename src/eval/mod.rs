@@ -42,6 +42,8 @@ macro_rules! benchmarks {
 benchmarks! {
     /// MUSE: VerbMem, KnowMem (forget, retain), PrivLeak and MMLU.
     Muse => muse::MuseArgs,
+    /// Forget and retain NLL (teacher-forced, as `unlearn score`) on slices of data files.
+    Nll => nll::NllArgs,
     /// TOFU: Forget Quality, Model Utility and their components.
     Tofu => tofu::TofuArgs,
 }

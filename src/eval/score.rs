@@ -59,6 +59,12 @@ pub fn summarize(index: usize, logprobs: &[f64], rounding: MinKRounding) -> Samp
     }
 }
 
+/// The summary `unlearn score` prints and `eval nll` reports: the mean over samples of each
+/// sample's mean NLL per target token (Python's `sum / len`).
+pub fn mean_nll(scores: &[SampleScore]) -> f64 {
+    scores.iter().map(|s| s.nll).sum::<f64>() / scores.len() as f64
+}
+
 /// Write scores as JSON lines, atomically.
 pub fn write_scores(path: &Path, scores: &[SampleScore]) -> Result<()> {
     crate::model::weights::write_atomic(path, json_lines(scores).as_bytes())

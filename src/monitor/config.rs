@@ -186,10 +186,12 @@ pub fn parse(root: &Section, model: &Path, out: &Path, check_paths: bool) -> Res
     }
     let patience = stop.int("patience", 2, 1)?;
     if let Some(m) = metric(&stop, "reach")? {
-        if reference.is_none() && !m.ends_with(".forget_quality") {
+        if reference.is_none() && !has_own_reference(&m, &cfg) {
             return Err(stop.err(
                 "reach",
-                format!("`{m}` is compared with the retain model's value: set stop.reference to its `unlearn eval` report"),
+                format!(
+                    "`{m}` is compared with the retain model's value: set stop.reference to its `unlearn eval` report (or retain_model in [eval.nll])"
+                ),
             ));
         }
         stop_cfg.reach = Some(Reach { metric: m, reference, patience });
@@ -210,7 +212,7 @@ pub fn parse(root: &Section, model: &Path, out: &Path, check_paths: bool) -> Res
     let best_cfg = match metric(&best, "metric")? {
         Some(m) => {
             let mode = best.choice("mode", BestMode::Max)?;
-            if mode == BestMode::Reach && stop_cfg.reach.as_ref().is_none_or(|r| r.reference.is_none()) && !m.ends_with(".forget_quality") {
+            if mode == BestMode::Reach && stop_cfg.reach.as_ref().is_none_or(|r| r.reference.is_none()) && !has_own_reference(&m, &cfg) {
                 return Err(best.err("mode", "\"reach\" compares with the retain model's report: set stop.reach and stop.reference"));
             }
             let ratio = best.float("guard_ratio", 0.95, Bound::UnitInterval)?;
@@ -227,6 +229,15 @@ pub fn parse(root: &Section, model: &Path, out: &Path, check_paths: bool) -> Res
         return Err(eval.err("every", "must be set (> 0): stop rules, [best] and [eval.<benchmark>] act on the in-run evaluation"));
     }
     Ok(MonitorCfg { eval: cfg, stop: stop_cfg, best: best_cfg })
+}
+
+/// Whether the retain model's value of metric `m` is known without `stop.reference`: Forget
+/// Quality is itself a comparison with the retain model, and a benchmark given `retain_model`
+/// measures that model's values at the start (`Benchmark::reference_metrics`; the monitor checks
+/// there that `m` is among them).
+fn has_own_reference(m: &str, cfg: &EvalCfg) -> bool {
+    m.ends_with(".forget_quality")
+        || m.split_once('.').is_some_and(|(b, _)| cfg.benchmarks.iter().any(|x| x.name == b && x.options.contains_key("retain_model")))
 }
 
 /// A metric must name a benchmark the run evaluates (its own name is checked at the first evaluation).

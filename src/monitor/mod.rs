@@ -99,10 +99,15 @@ impl Monitor {
             }
             benches.push(Prepared { name: b.name.clone(), bench, score: common.score_batching(), gen: common.gen_batching() });
         }
-        let reference = match cfg.monitor.reference() {
-            Some(p) => reference_values(p)?,
-            None => BTreeMap::new(),
-        };
+        let mut reference = BTreeMap::new();
+        for b in &benches {
+            reference.extend(b.bench.reference_metrics().into_iter().map(|(k, v)| (format!("{}.{k}", b.name), v)));
+        }
+        // An explicit stop.reference report wins over values measured on a benchmark's retain model.
+        if let Some(p) = cfg.monitor.reference() {
+            reference.extend(reference_values(p)?);
+        }
+        check_reference(&cfg.monitor, &reference)?;
         Ok(Some(Monitor {
             rules: Rules::new(&cfg.monitor, reference),
             cfg: cfg.monitor.clone(),
@@ -231,6 +236,23 @@ impl config::BestCfg {
             config::BestMode::Reach => "closest to the retain model:",
         }
     }
+}
+
+/// The reach rule (and `best.mode = "reach"`) needs the retain model's value of its metric, known
+/// before the first step: an error now rather than at the first evaluation.
+fn check_reference(cfg: &MonitorCfg, reference: &BTreeMap<String, f64>) -> Result<()> {
+    let reach = cfg.stop.reach.as_ref().map(|r| ("stop.reach", &r.metric));
+    let best = cfg.best.as_ref().filter(|b| b.mode == config::BestMode::Reach).map(|b| ("best.metric", &b.metric));
+    for (key, m) in reach.into_iter().chain(best) {
+        if !m.ends_with(".forget_quality") && !reference.contains_key(m) {
+            let known: Vec<&str> = reference.keys().map(String::as_str).collect();
+            return Err(crate::other!(
+                "{key} = `{m}`: the retain model's value is not known (stop.reference and the benchmarks' retain_model give: {}); the report must come from the same benchmark and options",
+                if known.is_empty() { "nothing".to_string() } else { known.join(", ") }
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The retain model's metrics from its `unlearn eval` report, as `benchmark.metric`.

@@ -13,8 +13,10 @@ Every subcommand reads and writes files, so the Rust side never depends on Pytho
   count-params (--config JSON | --model DIR)           parameter counts of a causal LM built on the meta
               device from its config (LlamaConfig unless JSON has "model_type"), or of DIR's safetensors:
               {"total", "matrices"} (matrices: *proj.weight, fused projections included; biases and norms not).
-  score       --model DIR --data FILE --out OUT.jsonl [--max-len N] [--limit N]
-              per-sample answer NLL, formatted exactly as unlearn's data pipeline documents.
+  score       --model DIR --data FILE --out OUT.jsonl [--max-len N] [--limit N] [--offset N]
+              per-sample answer NLL, formatted exactly as unlearn's data pipeline documents, of records
+              offset..offset+limit; a text record (a string or {"text"}) scores every token after the first of
+              tokenizer(text) cut at max-len.
 """
 import argparse
 import json
@@ -182,18 +184,24 @@ def cmd_score(a):
     tok = hf_tokenizer(a.model)
     eos = model.config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
-    recs = read_records(a.data)[: a.limit]
+    recs = read_records(a.data)
+    end = len(recs) if a.limit is None else a.offset + a.limit
     out = []
-    for i, r in enumerate(recs):
-        q = r.get("question", r.get("prompt"))
-        ans = r.get("answer", r.get("response"))
-        p_ids = tok("Question: " + q + "\nAnswer:")["input_ids"]
-        a_ids = tok(" " + ans, add_special_tokens=False)["input_ids"] + [eos]
-        ids = (p_ids + a_ids)[: a.max_len]
+    for i, r in list(enumerate(recs))[a.offset:end]:
+        if isinstance(r, str) or "text" in r:
+            ids = tok(r if isinstance(r, str) else r["text"], truncation=True, max_length=a.max_len)["input_ids"]
+            n_context = 1
+        else:
+            q = r.get("question", r.get("prompt"))
+            ans = r.get("answer", r.get("response"))
+            p_ids = tok("Question: " + q + "\nAnswer:")["input_ids"]
+            a_ids = tok(" " + ans, add_special_tokens=False)["input_ids"] + [eos]
+            ids = (p_ids + a_ids)[: a.max_len]
+            n_context = len(p_ids)
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0].float()
         lp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
-        lp = lp[len(p_ids) - 1:].double().numpy()
+        lp = lp[n_context - 1:].double().numpy()
         k = int(len(lp) * 0.4)
         mink = float(-np.mean(np.sort(lp)[:k])) if k > 0 else None
         out.append({"index": i, "tokens": len(lp), "nll": float(-lp.mean()), "sum_nll": float(-lp.sum()),
@@ -320,6 +328,7 @@ def main():
     sc.add_argument("--out", required=True)
     sc.add_argument("--max-len", type=int, default=512)
     sc.add_argument("--limit", type=int, default=None)
+    sc.add_argument("--offset", type=int, default=0)
     sc.set_defaults(f=cmd_score)
     ge = sub.add_parser("generate")
     ge.add_argument("--model", required=True)
