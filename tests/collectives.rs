@@ -5,7 +5,9 @@
 //! ZeRO-2: one reduce-scatter of the trainable buffer), NGDiff two; ZeRO-1 reduce-scatters;
 //! `micro-batch` reduces every pass; bf16 halves the bytes. Beside it: the micro-batch reduction
 //! computes what the per-step one does, and with an artificial delay in every gradient reduction
-//! the step time grows by much less than the delays add up to (they run under backward).
+//! the step time grows by much less than the delays add up to (they run under backward); likewise
+//! with a delay in every all-gather of the replica after the update (they run under the next
+//! step's forward).
 
 mod common;
 
@@ -327,15 +329,16 @@ fn bf16_reduction_moves_the_rank_equivalence_by_a_measured_amount() {
 
 /// Medians over the delayed and over the undelayed steps among steps 2.. of (step time, time
 /// blocked on collectives). Step 1 carries the set-up; with one reduction per bucket per step,
-/// `UNLEARN_COMM_DELAY_MS=MS:B` delays every other step, starting with step 1.
-fn paired(out: &Path) -> [(f64, f64); 2] {
+/// `UNLEARN_COMM_DELAY_MS=MS:B` delays every other step, starting with step 1 (`delayed_odd`);
+/// a delay waited for in the step after the one that issued it falls on the even steps.
+fn paired(out: &Path, delayed_odd: bool) -> [(f64, f64); 2] {
     let (mut delayed, mut plain) = (vec![], vec![]);
     for line in std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines() {
         let v: Value = serde_json::from_str(line).unwrap();
         let t = (v["elapsed_s"].as_f64().unwrap(), v["comm_wait_s"].as_f64().unwrap());
         match v["step"].as_u64().unwrap() {
             1 => {}
-            s if s % 2 == 1 => delayed.push(t),
+            s if (s % 2 == 1) == delayed_odd => delayed.push(t),
             _ => plain.push(t),
         }
     }
@@ -360,48 +363,109 @@ fn paired(out: &Path) -> [(f64, f64); 2] {
 /// also scheduled more eagerly afterwards), so the whole step times are printed, not asserted.
 #[test]
 fn reductions_overlap_with_backward_under_mpirun() {
+    // Each delay must end before backward has produced the next layer's bucket (a backlog would
+    // be exposed whatever the overlap). A layer's backward is about a twelfth of the step,
+    // measured first without delays on this machine; the delay is a quarter of that, because
+    // on a shared machine the measured runs' steps can be half as long as the calibration's
+    // (seen: 6.0 s then 3.9 s, when half a layer made the delays a backlog).
+    overlap_under_delays(&DelayCase {
+        what: "reduction",
+        var: "UNLEARN_COMM_DELAY_MS",
+        zero: 0,
+        step_share: 1.0 / 48.0,
+        steps: 15,
+        next_step: false,
+        hidden_max: 0.4,
+    });
+}
+
+/// With `UNLEARN_GATHER_DELAY_MS` the MPI communication thread sleeps before each tensor
+/// all-gather, here before the ZeRO-1 student replica's re-gather after every other update (one
+/// bucket per layer; the run has no other all-gather until the final model). With `dist.overlap`
+/// they are only started after the update and the next step's forward waits for each layer's
+/// bucket just before the layer runs, so the delays run under the forward of the layers below
+/// and the step waits for little more than the first layer's. With `dist.overlap = false` the
+/// update waits for all of them (the control). The delayed re-gather of step s is waited for in
+/// step s + 1 when overlapped and in step s itself otherwise, hence the parities below. Measured
+/// as in the test above: the time blocked on collectives, delayed against undelayed steps of
+/// one run.
+#[test]
+fn post_update_gathers_overlap_with_the_next_forward_under_mpirun() {
+    // A layer's forward is about a third of its forward and backward, so about a thirtieth of the
+    // step (measured first without delays); each delay is half of that, so that it ends before the
+    // forward reaches the next layer even when the measured steps run twice as fast as the
+    // calibration's on a shared machine.
+    overlap_under_delays(&DelayCase {
+        what: "re-gather after the update",
+        var: "UNLEARN_GATHER_DELAY_MS",
+        zero: 1,
+        step_share: 1.0 / 64.0,
+        steps: 11,
+        next_step: true,
+        hidden_max: 0.5,
+    });
+}
+
+/// An artificial delay before every other step's collectives of one kind, overlapped against the
+/// control `dist.overlap = false`.
+struct DelayCase {
+    /// The delayed collectives, for the messages.
+    what: &'static str,
+    /// The test hook that delays them (`MS:N`).
+    var: &'static str,
+    zero: u8,
+    /// Each delay as a share of the calibration run's step.
+    step_share: f64,
+    steps: u64,
+    /// Overlapped, the delayed collectives are waited for in the step after the one that issued them.
+    next_step: bool,
+    /// The most of the delays the overlapped run may still wait for.
+    hidden_max: f64,
+}
+
+/// A calibration run without delays, then the overlapped run and the control, each on 8 layers
+/// wide enough that one rank's step takes a good part of a second on one thread, with one bucket
+/// per layer (a layer here is 0.98 M fp32 elements, 3.75 MiB) and finetune training the layers'
+/// matrices only (its own default also trains embeddings, norms and the head), so that each step
+/// issues one delayed collective per layer.
+fn overlap_under_delays(c: &DelayCase) {
     let tmp = tempfile::tempdir().unwrap();
-    // 8 layers wide enough that one rank's backward takes a good part of a second on one thread.
     let cfg =
         r#"{"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4}"#;
     let model = make_tiny_model(&tmp.path().join("model"), cfg, 3, "bytebpe");
     let buckets = 8.0;
     let run = |name: &str, steps: u64, delay_ms: f64, overlap: bool| {
-        // One bucket per layer (a layer here is 0.98 M fp32 elements, 3.75 MiB).
-        // The layers' matrices only (finetune's own default also trains embeddings, norms and the head).
         let sets = [
             format!("train.steps={steps}"),
             "train.batch_size=8".into(),
+            format!("dist.zero={}", c.zero),
             "dist.bucket_mb=4".into(),
             format!("dist.overlap={overlap}"),
             "model.trainable=\"matrices\"".into(),
         ];
         let (args, out) = run_args(tmp.path(), &model, name, "finetune", &sets);
         let delay = format!("{delay_ms}:{buckets}");
-        let (ok, err) = mpirun(2, &args, &[("UNLEARN_COMM_DELAY_MS", &delay), ("OMP_NUM_THREADS", "1")]);
+        let (ok, err) = mpirun(2, &args, &[(c.var, &delay), ("OMP_NUM_THREADS", "1")]);
         assert!(ok, "{name} failed:\n{err}");
-        assert_eq!(layout(&out, steps).buckets, buckets, "one gradient bucket per layer");
-        paired(&out)
+        assert_eq!(layout(&out, steps).buckets, buckets, "one bucket per layer");
+        paired(&out, !(overlap && c.next_step))
     };
-    // Each delay must end before backward has produced the next layer's bucket (a backlog would
-    // be exposed whatever the overlap). A layer's backward is about a twelfth of the step,
-    // measured first without delays on this machine; the delay is a quarter of that, because
-    // on a shared machine the measured runs' steps can be half as long as the calibration's
-    // (seen: 6.0 s then 3.9 s, when half a layer made the delays a backlog).
     let [_, (step, _)] = run("calibration", 5, 0.0, true);
-    let delay_ms = (step * 1e3 / 48.0).round().max(5.0);
+    let delay_ms = (step * 1e3 * c.step_share).round().max(5.0);
     let sum = buckets * delay_ms / 1e3;
     let mut grow = vec![];
     for (name, overlap) in [("overlapped", true), ("waited where issued", false)] {
-        let [(step_d, wait_d), (step_p, wait_p)] = run(&name.replace(' ', "-"), 15, delay_ms, overlap);
+        let [(step_d, wait_d), (step_p, wait_p)] = run(&name.replace(' ', "-"), c.steps, delay_ms, overlap);
         println!(
-            "finetune np=2, {buckets} buckets, {delay_ms} ms before each reduction of every other step ({sum:.2} s), {name}: \
+            "finetune ZeRO-{} np=2, {buckets} buckets, {delay_ms} ms before each {} of every other step ({sum:.2} s), {name}: \
              step {step_p:.3} s -> {step_d:.3} s delayed, blocked {wait_p:.3} s -> {wait_d:.3} s (+{:.3} s = {:.0}% of the delays)",
+            c.zero,
+            c.what,
             wait_d - wait_p,
             100.0 * (wait_d - wait_p) / sum
         );
         grow.push(wait_d - wait_p);
     }
     assert!(grow[1] > 0.7 * sum, "the control did not wait for the delays ({:.3} s of {sum:.3} s): are they applied?", grow[1]);
-    assert!(grow[0] < 0.4 * sum, "overlapped reductions still cost {:.3} s of the {sum:.3} s of delays", grow[0]);
+    assert!(grow[0] < c.hidden_max * sum, "overlapped: each {} still costs {:.3} s of the {sum:.3} s of delays", c.what, grow[0]);
 }

@@ -50,12 +50,14 @@ struct Ctx {
     scratch_u16: Vec<u16>,
     bf16_sum: UnsafeUserOperation,
     delay: Delay,
+    gather_delay: Delay,
 }
 
-/// Test hook (`UNLEARN_COMM_DELAY_MS=MS[:N]`): sleep MS milliseconds before each gradient
-/// reduction (tensor all-reduce or reduce-scatter), or, with N, before N reductions in a row and
-/// then not before the next N, alternately (so that delayed and undelayed steps of one run can be
-/// compared under the same machine load).
+/// Test hooks (`UNLEARN_COMM_DELAY_MS=MS[:N]`, `UNLEARN_GATHER_DELAY_MS=MS[:N]`): sleep MS
+/// milliseconds before each gradient reduction (tensor all-reduce or reduce-scatter), resp. each
+/// tensor all-gather, or, with N, before N of them in a row and then not before the next N,
+/// alternately (so that delayed and undelayed steps of one run can be compared under the same
+/// machine load).
 #[derive(Default)]
 struct Delay {
     each: Option<Duration>,
@@ -64,13 +66,13 @@ struct Delay {
 }
 
 impl Delay {
-    fn from_env() -> Delay {
-        let Ok(v) = std::env::var("UNLEARN_COMM_DELAY_MS") else { return Delay::default() };
+    fn from_env(var: &str) -> Delay {
+        let Ok(v) = std::env::var(var) else { return Delay::default() };
         let (ms, run) = v.split_once(':').map_or((v.as_str(), None), |(a, b)| (a, b.parse().ok()));
         Delay { each: ms.parse::<u64>().ok().filter(|&m| m > 0).map(Duration::from_millis), run, count: 0 }
     }
 
-    fn before_reduction(&mut self) {
+    fn before(&mut self) {
         let Some(d) = self.each else { return };
         let on = self.run.is_none_or(|n| (self.count / n.max(1)).is_multiple_of(2));
         self.count += 1;
@@ -160,7 +162,7 @@ impl Mpi {
     pub fn init() -> Result<Self> {
         let world = super::world::mpi_world()?;
         let (rank, size) = (world.rank() as usize, world.size() as usize);
-        let delay = Delay::from_env();
+        let (delay, gather_delay) = (Delay::from_env("UNLEARN_COMM_DELAY_MS"), Delay::from_env("UNLEARN_GATHER_DELAY_MS"));
         let (jobs, queue) = channel::<Job>();
         let (ready_tx, ready) = channel::<()>();
         let thread = std::thread::Builder::new()
@@ -171,7 +173,7 @@ impl Mpi {
                 // SAFETY: bf16_sum reads and writes exactly `len` 16-bit words of each buffer.
                 let bf16_sum = unsafe { UnsafeUserOperation::commutative(bf16_sum) };
                 let _ = ready_tx.send(());
-                let mut ctx = Ctx { world, scratch_f32: vec![], scratch_u16: vec![], bf16_sum, delay };
+                let mut ctx = Ctx { world, scratch_f32: vec![], scratch_u16: vec![], bf16_sum, delay, gather_delay };
                 while let Ok(job) = queue.recv() {
                     job(&mut ctx);
                 }
@@ -270,7 +272,7 @@ unsafe fn u16_slice(t: &Tensor) -> &[u16] {
 }
 
 fn all_reduce_on(ctx: &mut Ctx, t: &mut Tensor) {
-    ctx.delay.before_reduction();
+    ctx.delay.before();
     let mut wire = Wire::of(t);
     match &mut wire {
         Wire::F32(w) => {
@@ -335,7 +337,7 @@ fn gather_pieces<T: Equivalence + Copy + Default>(world: &SimpleCommunicator, se
 }
 
 fn reduce_scatter_on(ctx: &mut Ctx, full: &Tensor, shard: &mut Tensor) {
-    ctx.delay.before_reduction();
+    ctx.delay.before();
     let send = Wire::of(full);
     let mut recv = Wire::out(&send, shard);
     let copy_back = recv.is_copy_of(shard);
@@ -358,6 +360,7 @@ fn reduce_scatter_on(ctx: &mut Ctx, full: &Tensor, shard: &mut Tensor) {
 }
 
 fn all_gather_on(ctx: &mut Ctx, shard: &Tensor, full: &mut Tensor) {
+    ctx.gather_delay.before();
     // Gathering moves values without arithmetic: bf16 travels as its bits whatever the target.
     let send = Wire::of(shard);
     let mut recv = Wire::out(&send, full);

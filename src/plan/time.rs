@@ -16,9 +16,10 @@
 //! bus bandwidth, plus a per-call latency. One collective runs at a time, in issue order (the MPI
 //! communication thread, the NCCL communication stream). The schedule replay then charges as
 //! *exposed* only the time compute waits: for a bucket's gathered weights (ZeRO-3, the gathered
-//! teacher, the fp32 probes; prefetched one layer ahead), for a free slot among the micro-batch
-//! reductions in flight, at the step's final wait for the gradient reductions, and for the
-//! collectives that block (the replicas' re-gather after the update, scalar all-reduces).
+//! teacher, the fp32 probes; prefetched one layer ahead; the replicas' re-gather after the
+//! update, which the next step's forward waits for layer by layer), for a free slot among the
+//! micro-batch reductions in flight, at the step's final wait for the gradient reductions, and for
+//! the collectives that block (scalar all-reduces; the re-gathers with `dist.overlap = false`).
 //!
 //! "Before" replays the same step as the trainer did before issue 11: one accumulator per
 //! objective, ZeRO-0/1 all-reducing it after the last micro-batch (ZeRO-1 keeping a shard of the
@@ -216,6 +217,9 @@ struct Sim {
     rows: Vec<CommRow>,
     /// End times of reductions in flight (micro-batch mode's cap).
     in_flight: std::collections::VecDeque<f64>,
+    /// The previous update's replica gathers still arriving (`dist.overlap`): (teacher's, layer,
+    /// end), waited for by the first forward that reaches the layer.
+    arriving: Vec<(bool, Option<usize>, f64)>,
 }
 
 impl Sim {
@@ -229,6 +233,15 @@ impl Sim {
             self.t = until;
         }
     }
+    /// Wait for `layer`'s post-update gather of the teacher's or the student's replica, if it is
+    /// still arriving.
+    fn arrive(&mut self, teacher: bool, layer: Option<usize>) {
+        if let Some(i) = self.arriving.iter().position(|a| a.0 == teacher && a.1 == layer) {
+            let end = self.arriving.remove(i).2;
+            self.wait(end);
+        }
+    }
+
     /// Queue `calls` collectives (a layer's buckets); returns when they end.
     fn issue(&mut self, what: &str, op: &'static str, bytes: f64, calls: f64, seconds: f64) -> f64 {
         let start = self.t.max(self.comm_free);
@@ -358,7 +371,7 @@ impl Model<'_> {
                 self.gathered(sim, d, "teacher gather", self.c, &order, &mut |sim, l| sim.work(if l.is_some() { fwd_layer } else { 0.0 }));
                 sim.work(tok * f.head_forward / rate);
             } else {
-                sim.work(tok * f.forward() / rate);
+                self.resident_forward(sim, true);
             }
         }
         let recompute = self.p.layer_wise();
@@ -384,7 +397,7 @@ impl Model<'_> {
                 reduce_layer(sim, l);
             });
         } else {
-            sim.work(tok * f.forward() / rate);
+            self.resident_forward(sim, false);
             sim.work(tok * f.head_backward / rate);
             for l in (0..self.n_layers).rev() {
                 sim.work(bwd_layer);
@@ -408,6 +421,21 @@ impl Model<'_> {
         reduce_layer(sim, None);
     }
 
+    /// A forward on a resident replica: layer by layer while the previous update's gathers into
+    /// it are arriving (each layer waits for its own), else in one piece.
+    fn resident_forward(&self, sim: &mut Sim, teacher: bool) {
+        let (f, tok, rate) = (self.f, self.tokens, self.rate);
+        if !sim.arriving.iter().any(|a| a.0 == teacher) {
+            sim.work(tok * f.forward() / rate);
+            return;
+        }
+        for l in self.order_forward() {
+            sim.arrive(teacher, l);
+            sim.work(tok * if l.is_some() { f.block_forward } else { 0.0 } / rate);
+        }
+        sim.work(tok * f.head_forward / rate);
+    }
+
     fn order_forward(&self) -> Vec<Option<usize>> {
         std::iter::once(None).chain((0..self.n_layers).map(Some)).collect()
     }
@@ -422,6 +450,30 @@ impl Model<'_> {
         let a = p.grad_accum;
         let sharded = self.shards > 1;
         let rs = if sharded { "reduce_scatter" } else { "all_reduce" };
+        // The compute replicas re-gathered after the update: waited for there, or (`dist.overlap`)
+        // started there and waited for layer by layer by the next step's first forward of each
+        // replica, which in the steady state this replay stands for means: issued as the step
+        // starts, in the order that forward reads the layers (the teacher's first when the first
+        // pass begins with the teacher forward, as the trainer issues them).
+        let regathers: Vec<(bool, &str)> = [(false, "student replica re-gather"), (true, "teacher replica re-gather")]
+            .into_iter()
+            .filter(|&(teacher, _)| sharded && if teacher { m.teacher() && p.teacher == TeacherMode::Replica } else { p.zero < 3 })
+            .collect();
+        let overlapped = d == Design::Now && p.overlap;
+        if overlapped {
+            let teacher_first = m.teacher_on.is_some() && m.teacher_on == objectives.first().copied();
+            let mut order = regathers.clone();
+            if teacher_first {
+                order.reverse();
+            }
+            for (teacher, what) in order {
+                for l in self.order_forward().into_iter().filter(|&l| self.layer_buckets(l) > 0.0) {
+                    let (bytes, calls) = (self.layer_elems(l) * self.c, self.layer_buckets(l));
+                    let end = sim.issue(what, "all_gather", bytes, calls, self.seconds("all_gather", bytes, calls));
+                    sim.arriving.push((teacher, l, end));
+                }
+            }
+        }
         for k in 0..a {
             for (j, &o) in objectives.iter().enumerate() {
                 let teacher = m.teacher_on == Some(o);
@@ -504,18 +556,13 @@ impl Model<'_> {
                 }
             }
         }
-        // Re-gathering the compute replicas after the update (waited for).
-        let regather = |sim: &mut Sim, what: &str| {
-            let (bytes, calls) = (self.layout.total as f64 * self.c, self.layout.buckets.len() as f64);
-            let s = self.seconds("all_gather", bytes, calls);
-            let e = sim.issue(what, "all_gather", bytes, calls, s);
-            sim.wait(e);
-        };
-        if sharded && p.zero < 3 {
-            regather(&mut sim, "student replica re-gather");
-        }
-        if sharded && m.teacher() && p.teacher == TeacherMode::Replica {
-            regather(&mut sim, "teacher replica re-gather");
+        if !overlapped {
+            for (_, what) in regathers {
+                let (bytes, calls) = (self.layout.total as f64 * self.c, self.layout.buckets.len() as f64);
+                let s = self.seconds("all_gather", bytes, calls);
+                let e = sim.issue(what, "all_gather", bytes, calls, s);
+                sim.wait(e);
+            }
         }
         let comm_s = sim.rows.iter().map(|r| r.seconds).sum();
         Replay { compute_s: sim.compute, comm_s, exposed_s: sim.exposed, step_s: sim.compute + sim.exposed, comm: sim.rows }

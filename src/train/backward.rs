@@ -23,7 +23,7 @@ use std::collections::HashSet;
 
 use tch::{Kind, Tensor};
 
-use super::params::{self, LayerGather};
+use super::params::{self, LayerGather, PendingGathers};
 use crate::data::Batch;
 use crate::dist::zero::FlatLayout;
 use crate::dist::Collective;
@@ -34,6 +34,9 @@ use crate::Result;
 pub enum Weights<'a> {
     /// Already bound to the model (resident flat buffer).
     Resident,
+    /// Bound to the model, with the all-gathers of the last update still arriving in the buffer
+    /// (`dist.overlap`): a layer waits for its own buckets just before it first runs.
+    Arriving(&'a mut PendingGathers),
     /// Gathered layer by layer from this rank's fp32 shard, cast to `kind`.
     Gathered { comm: &'a dyn Collective, shard: &'a Tensor, kind: Kind },
 }
@@ -50,7 +53,7 @@ pub trait GradSink {
 
 /// Binds a pass's layers in turn, gathering gathered weights one layer ahead.
 struct Binder<'w, 'a> {
-    w: &'w Weights<'a>,
+    w: &'w mut Weights<'a>,
     layout: &'w FlatLayout,
     /// The layer whose gather is in flight.
     ahead: Option<LayerGather>,
@@ -58,7 +61,7 @@ struct Binder<'w, 'a> {
 }
 
 impl<'w, 'a> Binder<'w, 'a> {
-    fn new(w: &'w Weights<'a>, layout: &'w FlatLayout) -> Self {
+    fn new(w: &'w mut Weights<'a>, layout: &'w FlatLayout) -> Self {
         Binder { w, layout, ahead: None, bound: HashSet::new() }
     }
 
@@ -67,9 +70,9 @@ impl<'w, 'a> Binder<'w, 'a> {
     }
 
     fn start(&self, model: &Llama, layer: Option<usize>) -> Result<Option<LayerGather>> {
-        match self.w {
+        match &*self.w {
             Weights::Gathered { comm, shard, kind } => params::start_gather(model.device(), self.layout, *comm, shard, layer, *kind),
-            Weights::Resident => Ok(None),
+            Weights::Resident | Weights::Arriving(_) => Ok(None),
         }
     }
 
@@ -82,8 +85,12 @@ impl<'w, 'a> Binder<'w, 'a> {
         Ok(())
     }
 
-    /// Make `layer`'s weights available (waiting for its prefetch, or gathering it now).
+    /// Make `layer`'s weights available (waiting for its prefetch or its post-update gather, or
+    /// gathering it now).
     fn bind(&mut self, model: &mut Llama, layer: Option<usize>, grad: bool) -> Result<()> {
+        if let Weights::Arriving(pending) = &mut *self.w {
+            return pending.wait_layer(layer);
+        }
         if !self.gathered() || !self.bound.insert(layer) {
             return Ok(());
         }
@@ -117,7 +124,7 @@ impl<'w, 'a> Binder<'w, 'a> {
 }
 
 /// Logits of a batch without grad (teacher, probes, reference log-likelihoods).
-pub fn forward_logits(model: &mut Llama, layout: &FlatLayout, w: &Weights, batch: &Batch) -> Result<Tensor> {
+pub fn forward_logits(model: &mut Llama, layout: &FlatLayout, w: &mut Weights, batch: &Batch) -> Result<Tensor> {
     let _guard = tch::no_grad_guard();
     if matches!(w, Weights::Resident) {
         return Ok(model.forward(&batch.input_ids, Some(&batch.attention_mask), None));
@@ -149,7 +156,7 @@ pub fn forward_logits(model: &mut Llama, layout: &FlatLayout, w: &Weights, batch
 pub fn forward_backward(
     model: &mut Llama,
     layout: &FlatLayout,
-    w: &Weights,
+    w: &mut Weights,
     recompute: bool,
     batch: &Batch,
     loss_fn: &mut dyn FnMut(&Tensor) -> Result<Tensor>,

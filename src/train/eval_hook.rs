@@ -12,17 +12,17 @@ impl Trainer {
     /// Run `f` on the current student as a whole model (collective: under ZeRO 3 every rank
     /// all-gathers the weights into a temporary replica first, released when `f` returns).
     pub fn with_eval_model<R>(&mut self, f: impl FnOnce(&Llama, &dyn Collective) -> Result<R>) -> Result<R> {
-        if self.student.replica().is_some() {
-            return f(&self.student.model, &*self.comm);
+        if !self.student.is_gathered() {
+            return f(self.student.ready()?, &*self.comm);
         }
         let full = net::gathered_replica(&self.layout, &*self.comm, &self.master, self.kind, self.device)?;
-        let mut model = self.student.model.shallow_copy();
+        let mut model = self.student.ready()?.shallow_copy();
         params::bind(&mut model, &self.layout, &full, 0, None, false);
         f(&model, &*self.comm)
     }
 
     pub fn model_config(&self) -> &Config {
-        self.student.model.config()
+        self.student.config()
     }
 
     pub fn kind(&self) -> Kind {
@@ -41,7 +41,8 @@ impl Trainer {
     /// Put a [`Trainer::snapshot`] back into the master and the replicas (collective). Only the
     /// weights: the run stops after it, so optimizer and method state are left as they are.
     pub fn restore_snapshot(&mut self, shard: &Tensor) -> Result<()> {
+        self.settle_replicas()?;
         tch::no_grad(|| self.master.copy_(shard));
-        self.student.sync(&self.layout, &*self.comm, &self.master)
+        self.student.sync(&self.layout, &*self.comm, &self.master, self.cfg.dist.overlap)
     }
 }

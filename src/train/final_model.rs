@@ -21,7 +21,8 @@ impl Trainer {
     /// directory before it is published: the directory appears complete or not at all.
     pub fn save_model(&mut self, out: &Path, extra: &dyn Fn(&Path) -> Result<()>) -> Result<()> {
         watchdog::set_phase(format!("writing the model directory {}", out.display()));
-        let cfg = self.student.model.config().clone();
+        self.settle_replicas()?;
+        let cfg = self.student.config().clone();
         let specs = param_specs(&cfg);
         let index = params::param_index(&self.layout);
         let mut writer = if self.is_main() {
@@ -36,7 +37,7 @@ impl Trainer {
             None
         };
         let frozen: std::collections::HashMap<String, Tensor> =
-            self.student.model.named_params().into_iter().filter(|(n, _)| !index.contains_key(n)).collect();
+            self.student.ready()?.named_params().into_iter().filter(|(n, _)| !index.contains_key(n)).collect();
         let mut cached: Option<(usize, Tensor)> = None;
         for (i, s) in specs.iter().enumerate() {
             if i == specs.len() / 2 {

@@ -30,7 +30,7 @@ impl Frozen {
     /// Its logits on `batch`, without grad (`layout` is the student's and goes unused: every
     /// weight of this model is resident).
     pub fn logits(&mut self, layout: &FlatLayout, batch: &Batch) -> Result<Tensor> {
-        forward_logits(&mut self.model, layout, &Weights::Resident, batch)
+        forward_logits(&mut self.model, layout, &mut Weights::Resident, batch)
     }
 }
 

@@ -192,16 +192,16 @@ impl Trainer {
         let replicas_are_shards = kind == Kind::Float && layout.shards == 1 && zero < 3;
         let master =
             if replicas_are_shards { full.shallow_clone() } else { params::master_shard(&cfg.model.path, &layout, shard_rank, device)? };
-        let student = if replicas_are_shards {
-            Net { model, residency: Residency::Shard(full) }
+        let mut student = if replicas_are_shards {
+            Net::new(model, Residency::Shard(full))
         } else if zero < 3 {
-            Net { model, residency: Residency::Replica(full) }
+            Net::new(model, Residency::Replica(full))
         } else {
             drop(full);
             for l in layout.layers() {
                 params::release(&mut model, &layout, l);
             }
-            Net { model, residency: Residency::Gathered }
+            Net::new(model, Residency::Gathered)
         };
 
         let spec = cfg.method.spec();
@@ -211,7 +211,7 @@ impl Trainer {
         let teacher = match spec.teacher() {
             true => {
                 let own_shard = method.teacher_shard().filter(|_| replicas_are_shards);
-                Some(teacher_net(&student, cfg.dist.teacher, own_shard, &layout, &*comm, &master, kind, device)?)
+                Some(teacher_net(&mut student, cfg.dist.teacher, own_shard, &layout, &*comm, &master, kind, device)?)
             }
             false => None,
         };
@@ -330,8 +330,8 @@ impl Trainer {
         if self.spec.teacher_on == Some(obj) {
             let teacher = self.teacher.as_mut().expect("teacher model");
             let shard = self.method.teacher_shard().expect("teacher shard");
-            let w = teacher.weights(&*self.comm, shard, self.kind);
-            aux.teacher_logits = Some(forward_logits(&mut teacher.model, &self.layout, &w, &batch.batch)?);
+            let (model, mut w) = teacher.pass(&*self.comm, shard, self.kind);
+            aux.teacher_logits = Some(forward_logits(model, &self.layout, &mut w, &batch.batch)?);
         }
         if let Some(frozen) = self.frozen.as_mut().filter(|f| f.on == obj) {
             aux.frozen_logits = Some(frozen.logits(&self.layout, &batch.batch)?);
@@ -363,19 +363,40 @@ impl Trainer {
             blocking: !self.cfg.dist.overlap,
             sq_norm: self.local_sq[k].as_mut(),
         };
-        let w = self.student.weights(&*self.comm, &self.master, self.kind);
-        forward_backward(&mut self.student.model, &self.layout, &w, self.layer_wise, &batch.batch, &mut loss_fn, &mut sink)?;
+        let (model, mut w) = self.student.pass(&*self.comm, &self.master, self.kind);
+        forward_backward(model, &self.layout, &mut w, self.layer_wise, &batch.batch, &mut loss_fn, &mut sink)?;
         Ok(value)
     }
 
     /// Copy the master shard into the student's replica and the teacher shard into the
-    /// teacher's (all-gathers when sharded; nothing for gathered weights).
+    /// teacher's (all-gathers when sharded; nothing for gathered weights). With `dist.overlap`
+    /// the gathers are started here and the next step's forward waits for each layer's just
+    /// before it runs; they are issued in the order that forward reads them (the teacher's first
+    /// when the step's first pass begins with the teacher forward).
     fn sync_replicas(&mut self) -> Result<()> {
-        self.student.sync(&self.layout, &*self.comm, &self.master)?;
-        if let (Some(teacher), Some(shard)) = (self.teacher.as_mut(), self.method.teacher_shard()) {
-            teacher.sync(&self.layout, &*self.comm, shard)?;
+        let overlap = self.cfg.dist.overlap;
+        let teacher_first = self.spec.teacher_on.is_some() && self.spec.teacher_on == self.objectives.first().map(|o| o.obj);
+        let sync_teacher = |tr: &mut Trainer| match (tr.teacher.as_mut(), tr.method.teacher_shard()) {
+            (Some(teacher), Some(shard)) => teacher.sync(&tr.layout, &*tr.comm, shard, overlap),
+            _ => Ok(()),
+        };
+        if teacher_first {
+            sync_teacher(self)?;
+        }
+        self.student.sync(&self.layout, &*self.comm, &self.master, overlap)?;
+        if !teacher_first {
+            sync_teacher(self)?;
         }
         Ok(())
+    }
+
+    /// Wait for every replica gather still in flight: before the shards they read are written
+    /// (update, teacher EMA, AutoLR probe points, restores), and wherever a run may end (a
+    /// checkpoint, which a stop writes; a model directory, which the end of a run writes), so
+    /// that no collective is left in flight.
+    fn settle_replicas(&mut self) -> Result<()> {
+        self.student.settle()?;
+        self.teacher.as_mut().map_or(Ok(()), Net::settle)
     }
 
     /// One optimizer step.
@@ -409,6 +430,9 @@ impl Trainer {
             }
         }
 
+        // The update writes the shards the replicas' post-update gathers read: none may be in
+        // flight (every pass of the step has waited for them, so this costs nothing).
+        self.settle_replicas()?;
         // The only wait for the gradient reductions.
         let (comm, layout, dtype) = (&*self.comm, &self.layout, self.reduce_dtype);
         let shards: Vec<Tensor> = self.accs.iter_mut().map(|a| a.finish(layout, comm, dtype)).collect::<Result<_>>()?;
@@ -600,13 +624,13 @@ impl Trainer {
         tch::no_grad(|| self.optim.step(&mut self.master, d, lr))?; // the probe step (state updated: GeN quirk)
         let delta = &self.master - &w_t;
         let batches: Vec<LocalBatch> = (0..self.cfg.train.grad_accum).map(|_| self.draw(Objective::Retain)).collect();
-        let mut model = net::probe_model(&self.student.model, &self.layout);
+        let mut model = net::probe_model(self.student.ready()?, &self.layout);
         let mut at = |tr: &mut Trainer, r: f64| -> Result<f64> {
             tch::no_grad(|| tr.master.copy_(&(&w_t + &delta * r)));
-            let w = Weights::Gathered { comm: &*tr.comm, shard: &tr.master, kind: Kind::Float };
+            let mut w = Weights::Gathered { comm: &*tr.comm, shard: &tr.master, kind: Kind::Float };
             let mut total = 0.0;
             for b in &batches {
-                let logits = forward_logits(&mut model, &tr.layout, &w, &b.batch)?;
+                let logits = forward_logits(&mut model, &tr.layout, &mut w, &b.batch)?;
                 total += methods::batch_nll(&logits, b).double_value(&[]);
             }
             let mut v = [total / batches.len() as f64];
@@ -620,8 +644,11 @@ impl Trainer {
         Ok(self.method.autolr().expect("autolr").update(l_minus, l_zero, l_plus))
     }
 
-    /// What a checkpoint holds, borrowed from the trainer, and the communicator to write it with.
-    fn checkpoint_parts(&mut self) -> (crate::checkpoint::Parts<'_>, &dyn Collective) {
+    /// What a checkpoint holds, borrowed from the trainer, and the communicator to write it with
+    /// (no gather in flight: a restore writes the master they read, and a checkpoint is where a
+    /// stopped run leaves off).
+    fn checkpoint_parts(&mut self) -> Result<(crate::checkpoint::Parts<'_>, &dyn Collective)> {
+        self.settle_replicas()?;
         let parts = crate::checkpoint::Parts {
             step: self.step,
             method_name: self.cfg.method.name(),
@@ -632,19 +659,19 @@ impl Trainer {
             method: &mut *self.method,
             loaders: self.objectives.iter_mut().map(|s| (s.obj, &mut s.loader)).collect(),
         };
-        (parts, &*self.comm)
+        Ok((parts, &*self.comm))
     }
 
     /// Write a checkpoint of the current step under `root` (collective), keeping the last `keep`,
     /// with the run's `attached` state (the in-run evaluation's history).
     pub fn save_checkpoint(&mut self, root: &Path, keep: usize, attached: &Attached) -> Result<PathBuf> {
-        let (mut parts, comm) = self.checkpoint_parts();
+        let (mut parts, comm) = self.checkpoint_parts()?;
         crate::checkpoint::save(root, &mut parts, attached, comm, keep)
     }
 
     /// Continue from a checkpoint written at any world size; returns the state attached to it.
     pub fn restore(&mut self, dir: &Path) -> Result<Attached> {
-        let (mut parts, _) = self.checkpoint_parts();
+        let (mut parts, _) = self.checkpoint_parts()?;
         let (step, attached) = crate::checkpoint::restore(dir, &mut parts)?;
         self.step = step;
         self.sync_replicas()?;

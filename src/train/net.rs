@@ -3,11 +3,11 @@
 use tch::{Device, Kind, Tensor};
 
 use super::backward::Weights;
-use super::params;
+use super::params::{self, PendingGathers};
 use crate::config::TeacherMode;
 use crate::dist::zero::FlatLayout;
 use crate::dist::Collective;
-use crate::model::Llama;
+use crate::model::{Config, Llama};
 use crate::Result;
 
 /// Where a model's trainable weights live between passes.
@@ -23,34 +23,77 @@ pub(super) enum Residency {
     Gathered,
 }
 
-/// A model the trainer runs (student or teacher).
+/// A model the trainer runs (student or teacher). The model is reached only through
+/// [`Net::pass`] (a pass that waits for each layer's post-update gathers as it reaches the layer)
+/// or [`Net::ready`] (every gather completed first), so no reader can see a replica that is still
+/// being gathered into.
 pub(super) struct Net {
-    pub model: Llama,
-    pub residency: Residency,
+    model: Llama,
+    residency: Residency,
+    /// The replica's gathers issued after the last update and not yet waited for.
+    arriving: PendingGathers,
 }
 
 impl Net {
-    /// How a pass gets the trainable weights: resident, or gathered per layer from `shard`.
-    pub fn weights<'a>(&self, comm: &'a dyn Collective, shard: &'a Tensor, kind: Kind) -> Weights<'a> {
-        match self.residency {
-            Residency::Replica(_) | Residency::Shard(_) => Weights::Resident,
-            Residency::Gathered => Weights::Gathered { comm, shard, kind },
-        }
+    pub fn new(model: Llama, residency: Residency) -> Net {
+        Net { model, residency, arriving: PendingGathers::default() }
     }
 
-    pub fn replica(&self) -> Option<&Tensor> {
-        match &self.residency {
+    /// The model for a pass and how the pass gets the trainable weights: resident, arriving
+    /// (each layer waits for its post-update gathers just before it runs), or gathered per layer
+    /// from `shard`.
+    pub fn pass<'a>(&'a mut self, comm: &'a dyn Collective, shard: &'a Tensor, kind: Kind) -> (&'a mut Llama, Weights<'a>) {
+        let w = match self.residency {
+            Residency::Replica(_) if !self.arriving.is_empty() => Weights::Arriving(&mut self.arriving),
+            Residency::Replica(_) | Residency::Shard(_) => Weights::Resident,
+            Residency::Gathered => Weights::Gathered { comm, shard, kind },
+        };
+        (&mut self.model, w)
+    }
+
+    /// The model with every resident weight in place (waits for the gathers still in flight).
+    pub fn ready(&mut self) -> Result<&mut Llama> {
+        self.settle()?;
+        Ok(&mut self.model)
+    }
+
+    /// The model's configuration (no weights read).
+    pub fn config(&self) -> &Config {
+        self.model.config()
+    }
+
+    pub fn is_gathered(&self) -> bool {
+        matches!(self.residency, Residency::Gathered)
+    }
+
+    /// The resident replica (waits for the gathers still in flight).
+    pub fn replica(&mut self) -> Result<Option<&Tensor>> {
+        self.settle()?;
+        Ok(match &self.residency {
             Residency::Replica(t) | Residency::Shard(t) => Some(t),
             Residency::Gathered => None,
-        }
+        })
+    }
+
+    /// Wait for the replica's post-update gathers: before anything reads the replica outside a
+    /// pass, and before the shards they read from are written (a collective is never left in
+    /// flight).
+    pub fn settle(&mut self) -> Result<()> {
+        self.arriving.wait_all()
     }
 
     /// Copy `shard` into the compute replica (all-gather when sharded); nothing when gathered or
-    /// when the replica is the shard.
-    pub fn sync(&mut self, layout: &FlatLayout, comm: &dyn Collective, shard: &Tensor) -> Result<()> {
+    /// when the replica is the shard. With `overlap` the gathers are only started: the next pass
+    /// waits for each layer's as it reaches the layer, anyone else for all of them.
+    pub fn sync(&mut self, layout: &FlatLayout, comm: &dyn Collective, shard: &Tensor, overlap: bool) -> Result<()> {
+        self.settle()?;
         if let Residency::Replica(full) = &mut self.residency {
-            let all: Vec<usize> = (0..layout.buckets.len()).collect();
-            tch::no_grad(|| layout.gather_buckets(comm, shard, full, &all, 0))?;
+            if overlap && layout.shards > 1 {
+                self.arriving = PendingGathers::start(layout, comm, shard, full)?;
+            } else {
+                let all: Vec<usize> = (0..layout.buckets.len()).collect();
+                tch::no_grad(|| layout.gather_buckets(comm, shard, full, &all, 0))?;
+            }
         }
         Ok(())
     }
@@ -61,7 +104,7 @@ impl Net {
 /// method's fp32 teacher shard, where the replicas are the shards) or gathered per pass.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn teacher_net(
-    student: &Net,
+    student: &mut Net,
     mode: TeacherMode,
     own_shard: Option<&Tensor>,
     layout: &FlatLayout,
@@ -70,26 +113,26 @@ pub(super) fn teacher_net(
     kind: Kind,
     device: Device,
 ) -> Result<Net> {
-    let mut model = student.model.shallow_copy();
+    let mut model = student.ready()?.shallow_copy();
     match (mode, own_shard) {
         (TeacherMode::Replica, Some(shard)) => {
             let shard = shard.shallow_clone();
             params::bind(&mut model, layout, &shard, 0, None, false);
-            Ok(Net { model, residency: Residency::Shard(shard) })
+            Ok(Net::new(model, Residency::Shard(shard)))
         }
         (TeacherMode::Replica, None) => {
-            let full = match student.replica() {
+            let full = match student.replica()? {
                 Some(f) => f.copy(),
                 None => gathered_replica(layout, comm, master, kind, device)?,
             };
             params::bind(&mut model, layout, &full, 0, None, false);
-            Ok(Net { model, residency: Residency::Replica(full) })
+            Ok(Net::new(model, Residency::Replica(full)))
         }
         (TeacherMode::Gather, _) => {
             for l in layout.layers() {
                 params::release(&mut model, layout, l);
             }
-            Ok(Net { model, residency: Residency::Gathered })
+            Ok(Net::new(model, Residency::Gathered))
         }
     }
 }

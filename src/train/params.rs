@@ -116,6 +116,47 @@ impl LayerGather {
     }
 }
 
+/// The all-gathers of a resident replica issued after an update (`dist.overlap`), per layer in the
+/// order a forward reads them, so that the next forward waits for each layer's buckets only just
+/// before the layer runs. Whoever reads the replica outside a pass waits for them all first
+/// ([`PendingGathers::wait_all`]); the shards they read must not be written before that.
+#[derive(Default)]
+pub struct PendingGathers {
+    layers: Vec<(Option<usize>, Vec<crate::dist::Handle>)>,
+}
+
+impl PendingGathers {
+    /// Start gathering every bucket of the fp32 `shard` into the replica `full`, layer by layer in
+    /// forward order (embeddings and head first: the forward binds them before layer 0).
+    pub fn start(layout: &FlatLayout, comm: &dyn Collective, shard: &Tensor, full: &Tensor) -> Result<Self> {
+        let mut order = layout.layers();
+        order.sort_by_key(|l| l.map_or(0, |l| l + 1));
+        let mut layers = vec![];
+        for layer in order {
+            let handles = tch::no_grad(|| layout.start_gather_buckets(comm, shard, full, &layout.layer_buckets(layer), 0))?;
+            layers.push((layer, handles));
+        }
+        Ok(PendingGathers { layers })
+    }
+
+    /// Wait for `layer`'s buckets (nothing when they have arrived).
+    pub fn wait_layer(&mut self, layer: Option<usize>) -> Result<()> {
+        match self.layers.iter().position(|(l, _)| *l == layer) {
+            Some(i) => crate::dist::wait_all(self.layers.remove(i).1),
+            None => Ok(()),
+        }
+    }
+
+    /// Wait for every bucket still in flight (all of them, even after an error).
+    pub fn wait_all(&mut self) -> Result<()> {
+        crate::dist::wait_all(std::mem::take(&mut self.layers).into_iter().flat_map(|(_, h)| h))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+}
+
 /// Drop a gathered layer's weights (replace them by empty tensors) to free its buffer.
 pub fn release(model: &mut Llama, layout: &FlatLayout, layer: Option<usize>) {
     let index = param_index(layout);

@@ -11,7 +11,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::backward::{forward_logits, Weights};
-use super::{Net, ObjectiveState, Residency};
+use super::{Net, ObjectiveState};
 use crate::data::{collate, Batch, Example};
 use crate::dist::zero::FlatLayout;
 use crate::dist::Collective;
@@ -56,7 +56,7 @@ impl Passes for Runner<'_> {
             PassModel::Load(dir) => Some(load_model(dir, self.kind, self.device)?.model),
             PassModel::Student => None,
         };
-        let student_gathers = separate.is_none() && matches!(self.student.residency, Residency::Gathered);
+        let student_gathers = separate.is_none() && self.student.is_gathered();
         let mut out = vec![0f64; examples.len()];
         let bar = Progress::new(mine.len() as u64, label);
         for k in 0..batches {
@@ -67,10 +67,10 @@ impl Passes for Runner<'_> {
             let rows: Vec<&Example> = if chunk.is_empty() { vec![&examples[0]] } else { chunk.iter().map(|&i| &examples[i]).collect() };
             let batch = collate(&rows, self.pad_id, self.device);
             let logits = match separate.as_mut() {
-                Some(m) => forward_logits(m, self.layout, &Weights::Resident, &batch)?,
+                Some(m) => forward_logits(m, self.layout, &mut Weights::Resident, &batch)?,
                 None => {
-                    let w = self.student.weights(self.comm, self.master, self.kind);
-                    forward_logits(&mut self.student.model, self.layout, &w, &batch)?
+                    let (model, mut w) = self.student.pass(self.comm, self.master, self.kind);
+                    forward_logits(model, self.layout, &mut w, &batch)?
                 }
             };
             if chunk.is_empty() {

@@ -1,6 +1,5 @@
 //! The cross-rank check of the replicated weights (`dist.verify_every`).
 
-use super::net::Net;
 use super::Trainer;
 use crate::Result;
 
@@ -11,7 +10,7 @@ impl Trainer {
         let Ok(v) = std::env::var("UNLEARN_FAULT_PERTURB") else { return };
         let Some((r, s)) = v.split_once(':') else { return };
         if r.parse() == Ok(self.comm.rank()) && s.parse() == Ok(step) {
-            if let Some(full) = self.student.replica() {
+            if let Ok(Some(full)) = self.student.replica() {
                 tch::no_grad(|| {
                     let _ = full.narrow(0, 0, 1).f_add_scalar_(1e-3);
                 });
@@ -20,10 +19,15 @@ impl Trainer {
     }
 
     /// Fail loudly if the replicated buffers differ across ranks.
-    pub(super) fn verify_replicas(&self) -> Result<()> {
-        let replicas = [("student", self.student.replica()), ("teacher", self.teacher.as_ref().and_then(Net::replica))];
-        for (name, t) in replicas {
+    pub(super) fn verify_replicas(&mut self) -> Result<()> {
+        let student = self.student.replica()?.map(|t| t.shallow_clone());
+        let teacher = match self.teacher.as_mut() {
+            Some(t) => t.replica()?.map(|t| t.shallow_clone()),
+            None => None,
+        };
+        for (name, t) in [("student", student), ("teacher", teacher)] {
             let Some(t) = t else { continue };
+            let t = &t;
             let (sum, sq) = crate::dist::zero::checksum(t);
             let mut v = [sum, sq, -sum, -sq];
             self.comm.all_reduce_max_f64(&mut v)?;
