@@ -464,8 +464,13 @@ fn overlap_under_delays(c: &DelayCase) {
             wait_d - wait_p,
             100.0 * (wait_d - wait_p) / sum
         );
-        grow.push(wait_d - wait_p);
+        grow.push((wait_d - wait_p, step_d - step_p));
     }
-    assert!(grow[1] > 0.7 * sum, "the control did not wait for the delays ({:.3} s of {sum:.3} s): are they applied?", grow[1]);
+    // The control shows that the delays are real and waited for: its step grows by them. Its
+    // blocked time may grow by less: where the collective is waited for at once, a rank that gets
+    // there first would have waited for the slower one anyway, and sleeps through that wait.
+    let control = grow[1].0.max(grow[1].1);
+    assert!(control > 0.7 * sum, "the control did not wait for the delays ({control:.3} s of {sum:.3} s): are they applied?");
+    let grow: Vec<f64> = grow.iter().map(|g| g.0).collect();
     assert!(grow[0] < c.hidden_max * sum, "overlapped: each {} still costs {:.3} s of the {sum:.3} s of delays", c.what, grow[0]);
 }
