@@ -88,8 +88,10 @@ struct Slice {
     key: &'static str,
     path: PathBuf,
     offset: usize,
-    /// Record index in the file, its text (for samples.jsonl) and its example.
-    samples: Vec<(usize, String, Example)>,
+    /// Record index in the file and its text (for samples.jsonl), one per example.
+    samples: Vec<(usize, String)>,
+    /// What is scored, kept apart so that each evaluation borrows them instead of copying.
+    examples: Vec<Example>,
 }
 
 impl Slice {
@@ -99,7 +101,7 @@ impl Slice {
             return Err(Error::format(path, format!("has {} records, so a {key} offset of {offset} leaves none to evaluate", records.len())));
         }
         let end = limit.map_or(records.len(), |n| records.len().min(offset + n));
-        let mut samples = vec![];
+        let (mut samples, mut examples) = (vec![], vec![]);
         for (i, rec) in records.iter().enumerate().take(end).skip(offset) {
             let ex = tokenize(model.tok, model.template, rec, max_len, Overflow::Truncate).map_err(|e| Error::format(path, format!("record {i}: {e}")))?;
             let text = match rec {
@@ -107,22 +109,21 @@ impl Slice {
                 Record::Text(t) => t.clone(),
             };
             // A text of fewer than two tokens has no target: it cannot be scored.
-            samples.extend(ex.into_iter().map(|e| (i, text.clone(), e)));
+            for e in ex {
+                samples.push((i, text.clone()));
+                examples.push(e);
+            }
         }
         if samples.is_empty() {
             return Err(Error::format(path, format!("records {offset}..{end} have no target token to score")));
         }
-        Ok(Slice { key, path: path.to_path_buf(), offset, samples })
-    }
-
-    fn examples(&self) -> Vec<Example> {
-        self.samples.iter().map(|(_, _, e)| e.clone()).collect()
+        Ok(Slice { key, path: path.to_path_buf(), offset, samples, examples })
     }
 
     /// Per-sample scores of `ctx`'s model (sharded; every rank gets them all).
     fn score(&self, ctx: &EvalCtx, label: &str) -> Result<Vec<SampleScore>> {
-        let lps = ctx.logprobs(&self.examples(), label)?;
-        Ok(lps.iter().zip(&self.samples).map(|(lp, (i, _, _))| summarize(*i, lp, MinKRounding::Floor)).collect())
+        let lps = ctx.logprobs(&self.examples, label)?;
+        Ok(lps.iter().zip(&self.samples).map(|(lp, (i, _))| summarize(*i, lp, MinKRounding::Floor)).collect())
     }
 
     fn records(&self) -> String {
@@ -181,7 +182,7 @@ impl Benchmark for Nll {
             );
             out.metrics.push((key.clone(), Metric::new(mean_nll(&scores), definition, scores.len(), "toward retain")));
             out.notes.push(format!("{}: {} samples, {tokens} target tokens ({})", s.key, scores.len(), s.records()));
-            for (sc, (_, text, _)) in scores.iter().zip(&s.samples) {
+            for (sc, (_, text)) in scores.iter().zip(&s.samples) {
                 out.samples.push(SampleRow::new(&key, sc.index, text, None, None, json!({"nll": sc.nll, "tokens": sc.tokens, "sum_nll": sc.sum_nll})));
             }
             out.timings_s.insert(key, t.elapsed().as_secs_f64());
